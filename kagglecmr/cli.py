@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import typer  # noqa: E402
+import typer
 
-from .errors import KaggleCMRError  # noqa: E402
+from .errors import KaggleCMRError
 
 app = typer.Typer(
     add_completion=False,
@@ -49,7 +48,7 @@ def make_folds(
     out: Path = typer.Option(Path("folds/folds.csv"), "--out", help="Folds CSV to write."),
     no_groups: bool = typer.Option(False, "--no-groups", help="Do not group near-duplicate images."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing folds file."),
-    config: Optional[str] = typer.Option(None, "--config", help="Config (for image size / classes)."),
+    config: str | None = typer.Option(None, "--config", help="Config (for image size / classes)."),
 ) -> None:
     """Stratified, grouped, deterministic k folds over train+val."""
     from .config import load_config
@@ -63,7 +62,7 @@ def make_folds(
 @app.command("score")
 def score(
     submission: Path = typer.Argument(..., help="Submission CSV (id,encoding)."),
-    truth: Optional[Path] = typer.Option(None, "--truth", help="Mask folder or solution CSV."),
+    truth: Path | None = typer.Option(None, "--truth", help="Mask folder or solution CSV."),
     data: Path = typer.Option(Path("data"), "--data", help="Dataset root whose train/val masks are the truth."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -86,16 +85,68 @@ def encode(
     run_encode(mask_dir, out=out, force=force, num_classes=num_classes)
 
 
+def _config(config: str | None, overrides: list[str] | None, **flags):
+    """Load ``--config`` and fold the common flags (``--epochs`` ...) into ``--set`` overrides."""
+    from .config import load_config
+
+    sets = list(overrides or [])
+    sets += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    return load_config(config or "default", sets)
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Config path or shipped name (default, demo, offline).")
+SetOpt = typer.Option(None, "--set", help="Override a config key: --set train.lr=3e-4 (repeatable).")
+
+
 @app.command("train")
-def train() -> None:
-    """Train folds (not implemented yet)."""
-    raise KaggleCMRError("train: not implemented yet")
+def train(
+    fold: str = typer.Option(..., "--fold", "-f", help="0, 0..4, 0,2,4 or all (full fit)."),
+    config: str | None = ConfigOpt,
+    data: Path = typer.Option(Path("data"), "--data", help="Dataset root."),
+    folds: Path = typer.Option(Path("folds/folds.csv"), "--folds", help="Folds CSV from make-folds."),
+    name: str | None = typer.Option(None, "--name", help="Run name (default: the config's name)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are written."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override train.epochs."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Override train.batch_size."),
+    lr: float | None = typer.Option(None, "--lr", help="Override train.lr."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    overrides: list[str] | None = SetOpt,
+    force: bool = typer.Option(False, "--force", help="Retrain folds that already finished."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="One log line per epoch, no progress bar."),
+) -> None:
+    """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions."""
+    from .train import run_train
+
+    cfg = _config(config, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
+                                       "train.device": device})
+    run_train(cfg, fold_spec=fold, data_root=data, folds_path=folds, name=name, runs_dir=runs_dir,
+              device=device, force=force, quiet=quiet)
 
 
 @app.command("ensemble")
-def ensemble() -> None:
-    """Ensemble folds into a submission (not implemented yet)."""
-    raise KaggleCMRError("ensemble: not implemented yet")
+def ensemble(
+    runs: list[Path] | None = typer.Option(None, "--runs", help="Run folders (repeatable; default: latest)."),
+    weights: list[float] | None = typer.Option(None, "--weights", help="One weight per --runs (repeatable)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the latest run."),
+    data: Path = typer.Option(Path("data"), "--data", help="Dataset root."),
+    split: str = typer.Option("test", "--split", help="test, val, train or oof (out-of-fold)."),
+    tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (config infer.tta)."),
+    tta_flips: str | None = typer.Option(None, "--tta-flips", help="Comma list, e.g. none,hflip."),
+    out: Path | None = typer.Option(None, "--out", help="CSV (default submissions/<run>-<split>-<time>.csv)."),
+    save_masks: Path | None = typer.Option(None, "--save-masks", help="Also write PNG masks + contact sheet."),
+    postprocess: str = typer.Option("auto", "--postprocess", help="auto (tuned on OOF), none, or a plan JSON."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+) -> None:
+    """Average fold softmax (+ flip TTA), OOF-tuned postprocessing, leaderboard-ready CSV."""
+    from .ensemble import run_ensemble
+
+    if split not in ("test", "val", "train", "oof"):
+        raise KaggleCMRError(f"--split {split}: expected test, val, train or oof")
+    flips = [f.strip() for f in tta_flips.split(",") if f.strip()] if tta_flips else None
+    run_ensemble(runs=runs, runs_dir=runs_dir, data_root=data, split=split, tta=tta or bool(flips),
+                 tta_flips=flips, out=out, save_masks=save_masks, postprocess=postprocess, weights=weights,
+                 device=device, batch_size=batch_size)
 
 
 def main() -> None:

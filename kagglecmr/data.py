@@ -61,7 +61,7 @@ class Split:
         pos = {i: k for k, i in enumerate(self.ids)}
         return np.array([pos[i] for i in ids], dtype=np.int64)
 
-    def subset(self, ids) -> "Split":
+    def subset(self, ids) -> Split:
         idx = self.index(ids)
         return Split(
             ids=[self.ids[k] for k in idx],

@@ -1,0 +1,209 @@
+"""Experiment configs: one YAML file per experiment, validated on load.
+
+Unknown keys and bad values are one-line :class:`~kagglecmr.errors.ConfigError` messages naming
+the file and the key.  ``--config`` takes a path or the bare name of a shipped config
+(``--config demo`` -> ``configs/demo.yaml``).  Command-line overrides use dotted keys
+(``--set train.lr=3e-4``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .data import DataSpec
+from .errors import ConfigError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    size: int = Field(96, ge=8, description="Image side the data must have (or is resized to).")
+    in_channels: int = Field(1, ge=1, le=4)
+    num_classes: int = Field(4, ge=2, description="Classes including background.")
+    resize: bool = False
+
+    def spec(self) -> DataSpec:
+        return DataSpec(size=self.size, in_channels=self.in_channels, num_classes=self.num_classes, resize=self.resize)
+
+
+class ModelConfig(_Section):
+    arch: str = "Unet"
+    encoder: str = "resnet34"
+    weights: str = Field("imagenet", description="imagenet | none | path to .safetensors/.pth")
+    input_size: int | None = Field(None, ge=8, description="Upscale inputs to this side inside the model.")
+    normalize: Literal["image", "fixed"] = "image"
+    params: dict[str, Any] = Field(default_factory=dict, description="Extra smp.create_model kwargs.")
+
+
+class LossConfig(_Section):
+    name: Literal["dice_ce", "dice_focal", "dice", "ce", "focal", "lovasz", "lovasz_ce", "tversky", "tversky_ce"] = "dice_ce"
+    dice_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+    class_weights: list[float] | None = None
+    tversky_alpha: float = Field(0.5, ge=0, le=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class AugmentConfig(_Section):
+    backend: Literal["auto", "albumentations", "torch"] = "auto"
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+    rot90: float = Field(0.0, ge=0, le=1)
+    affine: float = Field(0.7, ge=0, le=1, description="Probability of a random affine.")
+    rotate: float = Field(20.0, ge=0, le=180)
+    scale: tuple[float, float] = (0.85, 1.15)
+    translate: float = Field(0.06, ge=0, le=0.5)
+    elastic: float = Field(0.0, ge=0, le=1)
+    elastic_alpha: float = Field(8.0, ge=0)
+    elastic_sigma: float = Field(6.0, gt=0)
+    intensity: float = Field(0.5, ge=0, le=1, description="Probability of brightness/contrast jitter.")
+    brightness: float = Field(0.2, ge=0, le=1)
+    contrast: float = Field(0.2, ge=0, le=1)
+    gamma: float = Field(0.5, ge=0, le=1, description="Probability of a random gamma.")
+    gamma_range: tuple[float, float] = (0.8, 1.25)
+    noise: float = Field(0.0, ge=0, le=1, description="Probability of gaussian noise.")
+    noise_std: float = Field(0.03, ge=0)
+
+    @field_validator("scale", "gamma_range")
+    @classmethod
+    def _ordered(cls, v):
+        if v[0] <= 0 or v[0] > v[1]:
+            raise ValueError("must be (low, high) with 0 < low <= high")
+        return v
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(16, ge=2, description="At least 2 (BatchNorm).")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(2.0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max grad norm; 0 disables.")
+    ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of weights; 0 disables.")
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"
+    threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores.")
+    val_batch_size: int = Field(64, ge=1)
+
+
+class InferConfig(_Section):
+    tta: list[Literal["none", "hflip", "vflip", "hvflip"]] = Field(default_factory=lambda: ["none", "hflip", "vflip", "hvflip"])
+    batch_size: int = Field(64, ge=1)
+
+
+class Config(_Section):
+    name: str | None = None
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        cw = self.loss.class_weights
+        if cw is not None and len(cw) != self.data.num_classes:
+            raise ValueError(f"loss.class_weights has {len(cw)} values, data.num_classes is {self.data.num_classes}")
+        return self
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A path as given, else a bare name looked up in ./configs and the repo's configs/."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.parent != Path("."):
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        return p
+    for folder in (Path.cwd() / "configs", REPO_CONFIGS):
+        for suffix in (".yaml", ".yml"):
+            cand = folder / f"{p.name}{suffix}"
+            if cand.is_file():
+                return cand
+    if p.is_file():
+        return p
+    shipped = sorted(x.stem for x in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
+    raise ConfigError(f"{name_or_path}: no such config (shipped: {', '.join(shipped) or 'none'})")
+
+
+def _format_validation_error(src: str, err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(x) for x in e["loc"]) or "<root>"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{src}: {key}: {msg}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.setdefault(k, {}), dict):
+                raise ConfigError(f"--set {text}: {k} is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(name_or_path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load, apply ``--set`` overrides, validate.  ``None`` gives the built-in defaults."""
+    raw: dict = {}
+    src = "<defaults>"
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        src = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"{path}:{where} not valid YAML") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw.setdefault("name", path.stem)
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(src, err)) from None

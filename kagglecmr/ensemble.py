@@ -1,0 +1,264 @@
+"""``kagglecmr ensemble``: fold-averaged softmax with flip TTA, OOF-tuned postprocessing, leaderboard CSV.
+
+For every run (``runs/<name>``), the best checkpoint of each fold is loaded; a split's images are
+predicted by every fold model and TTA pass, the **softmax probabilities** are averaged (over TTA,
+folds, then runs with optional weights) and the argmax is the mask.  ``--split oof`` predicts each
+labelled image only with the fold models that did not train on it: the honest estimate, and what the
+postprocessing is chosen on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .data import DataSpec, Split, available_splits, load_labelled, load_split
+from .errors import ConfigError, KaggleCMRError
+from .infer import TTA_FLIPS, predict_proba, to_tensor
+from .models import build_model
+from .runtime import amp_dtype, resolve_device, setup_threads
+from .score import dice_table, write_submission
+
+
+@dataclass
+class Run:
+    """The fold models of one training run, with the ids each fold held out."""
+
+    name: str
+    path: Path
+    cfg: Config
+    models: dict[int, torch.nn.Module]
+    holdout: dict[int, list[str]] = field(default_factory=dict)
+
+
+def latest_run(runs_dir: Path) -> Path:
+    runs_dir = Path(runs_dir)
+    cands = [d for d in runs_dir.glob("*") if d.is_dir() and any(d.glob("fold*/best.safetensors"))] \
+        if runs_dir.is_dir() else []
+    if not cands:
+        raise KaggleCMRError(f"{runs_dir}: no trained runs found (train --fold 0..4 first, or pass --runs)")
+    return max(cands, key=lambda d: max(p.stat().st_mtime for p in d.glob("fold*/best.safetensors")))
+
+
+def load_run(path: Path, device: torch.device) -> Run:
+    """Load ``best.safetensors`` of every fold; folds must be 0..n-1, each finished."""
+    from .train import load_best
+
+    path = Path(path)
+    if not path.is_dir():
+        raise KaggleCMRError(f"{path}: run folder not found")
+    fold_dirs = sorted((d for d in path.glob("fold*") if d.name[4:].isdigit()), key=lambda d: int(d.name[4:]))
+    if not fold_dirs:
+        raise KaggleCMRError(f"{path}: no fold folders (train --fold 0..4 first)")
+    n = int(fold_dirs[-1].name[4:]) + 1
+    models, holdout, cfg = {}, {}, None
+    for k in range(n):
+        d = path / f"fold{k}"
+        if not (d / "summary.json").is_file() or not (d / "best.safetensors").is_file():
+            raise KaggleCMRError(f"{path}: fold {k} is missing or unfinished (train --fold {k} --name {path.name})")
+        sd, meta = load_best(d / "best.safetensors")
+        try:
+            fcfg = Config.model_validate(meta["config"])
+        except Exception:
+            raise KaggleCMRError(f"{d / 'best.safetensors'}: checkpoint carries no valid config") from None
+        if cfg is not None and (fcfg.data.num_classes, fcfg.data.in_channels) != (cfg.data.num_classes, cfg.data.in_channels):
+            raise KaggleCMRError(f"{d}: fold has {fcfg.data.num_classes} classes / {fcfg.data.in_channels} channels, "
+                                 f"fold 0 has {cfg.data.num_classes} / {cfg.data.in_channels}")
+        cfg = cfg or fcfg
+        model = build_model(fcfg, weights="none", check_size=False)
+        model.load_state_dict(sd)
+        models[k] = model.to(device).to(memory_format=torch.channels_last).eval()
+        if (d / "oof.npz").is_file():
+            with np.load(d / "oof.npz") as z:
+                holdout[k] = [str(i) for i in z["ids"]]
+    return Run(path.name, path, cfg, models, holdout)
+
+
+def check_compatible(runs: list[Run]) -> None:
+    ref = runs[0].cfg.data
+    for r in runs[1:]:
+        d = r.cfg.data
+        if (d.num_classes, d.in_channels, d.size) != (ref.num_classes, ref.in_channels, ref.size):
+            raise KaggleCMRError(f"{r.path}: {d.num_classes} classes, {d.in_channels} channels, {d.size} px; "
+                                 f"{runs[0].path} has {ref.num_classes}, {ref.in_channels}, {ref.size}")
+
+
+def tta_passes(runs: list[Run], tta: bool, flips: list[str] | None) -> list[str]:
+    """The TTA set: ``--tta-flips`` or the config's ``infer.tta``; warns about flips never trained on."""
+    if not tta:
+        return ["none"]
+    passes = flips or list(runs[0].cfg.infer.tta)
+    bad = [p for p in passes if p not in TTA_FLIPS]
+    if bad:
+        raise ConfigError(f"--tta-flips: unknown pass '{bad[0]}' (valid: {', '.join(TTA_FLIPS)})")
+    for r in runs:
+        a = r.cfg.augment
+        unseen = [p for p in passes if (p in ("hflip", "hvflip") and a.hflip == 0)
+                  or (p in ("vflip", "hvflip") and a.vflip == 0)]
+        if unseen:
+            print(f"warning: TTA pass(es) {', '.join(unseen)} use flips run {r.name} never saw in training "
+                  f"augmentation", flush=True)
+    return passes
+
+
+def _weights(runs: list[Run], weights: list[float] | None) -> np.ndarray:
+    if weights is None:
+        return np.ones(len(runs)) / len(runs)
+    if len(weights) != len(runs) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--weights: need {len(runs)} non-negative weights, one per run")
+    w = np.asarray(weights, dtype=np.float64)
+    return w / w.sum()
+
+
+def predict_images(runs: list[Run], images: np.ndarray, device, passes, weights, batch_size) -> np.ndarray:
+    """Mean softmax of every fold model of every run (weighted by run) over ``passes``."""
+    x = to_tensor(images, device)  # uploaded once, shared by every model
+    total = None
+    for r, w in zip(runs, weights):
+        p = predict_proba(list(r.models.values()), x, device, tta=passes, batch_size=batch_size,
+                          amp=amp_dtype(r.cfg.train.amp, device))
+        total = p * w if total is None else total + p * w
+    return total
+
+
+def predict_oof(runs: list[Run], data: Split, device, passes, weights, batch_size) -> np.ndarray:
+    """Each labelled image predicted only by the fold models that held it out."""
+    out = np.zeros((len(data), runs[0].cfg.data.num_classes, *data.images.shape[1:3]), dtype=np.float32)
+    pos = {i: k for k, i in enumerate(data.ids)}
+    for r, w in zip(runs, weights):
+        covered = set()
+        for k, model in r.models.items():
+            ids = [i for i in r.holdout.get(k, []) if i in pos]
+            if not ids:
+                continue
+            idx = np.array([pos[i] for i in ids])
+            out[idx] += w * predict_proba(model, data.images[idx], device, tta=passes, batch_size=batch_size,
+                                          amp=amp_dtype(r.cfg.train.amp, device))
+            covered.update(ids)
+        missing = [i for i in data.ids if i not in covered]
+        if missing:
+            raise KaggleCMRError(f"{r.path}: {len(missing)} labelled images are in no fold's hold-out "
+                                 f"(e.g. {missing[0]}); were the folds made on this data?")
+    return out
+
+
+def _score_line(table: np.ndarray) -> str:
+    per = " ".join(f"{k + 1}:{table[:, k].mean():.4f}" for k in range(table.shape[1]))
+    return f"{table.mean():.4f} [{per}]"
+
+
+def report_oof(probs: np.ndarray, labelled: Split, passes, num_classes: int) -> np.ndarray:
+    """Print the OOF score and the number of empty truth rows; returns the argmax masks."""
+    pred = probs.argmax(1).astype(np.uint8)
+    table = dice_table(pred, labelled.masks, num_classes)
+    print(f"OOF Dice ({len(labelled)} images, TTA {'+'.join(passes)}): {_score_line(table)}", flush=True)
+    empty = (labelled.masks[:, None] == np.arange(1, num_classes)[None, :, None, None]).sum((2, 3)) == 0
+    print(f"OOF empty truth rows: {int(empty.sum())} of {empty.size}", flush=True)
+    return pred
+
+
+def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int) -> dict:
+    """Tune the per-class plan on OOF masks with the leaderboard metric and print the result."""
+    from .postprocess import apply_plan, describe_plan, tune_plan
+
+    plan, _, _, _ = tune_plan(pred, labelled.masks, num_classes)
+    after = dice_table(apply_plan(pred, plan, num_classes), labelled.masks, num_classes)
+    print(f"postprocessing chosen on OOF: {describe_plan(plan)} -> OOF Dice {_score_line(after)}", flush=True)
+    return plan
+
+
+def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str, tta: bool,
+                 tta_flips: list[str] | None, out: Path | None, save_masks: Path | None, postprocess: str,
+                 weights: list[float] | None, device: str, batch_size: int = 64) -> dict:
+    from .postprocess import apply_plan, save_plan
+    from .rle import label_to_rows
+
+    t0 = time.time()
+    dev = resolve_device(device)
+    setup_threads(0)
+    run_paths = list(runs) if runs else [latest_run(runs_dir)]
+    loaded = [load_run(p, dev) for p in run_paths]
+    check_compatible(loaded)
+    w = _weights(loaded, weights)
+    passes = tta_passes(loaded, tta, tta_flips)
+    cfg = loaded[0].cfg
+    spec = DataSpec(size=cfg.data.size, in_channels=cfg.data.in_channels, num_classes=cfg.data.num_classes,
+                    resize=cfg.data.resize)
+    n_models = sum(len(r.models) for r in loaded)
+    print(f"ensemble of {n_models} models from {', '.join(r.name for r in loaded)} | TTA {'+'.join(passes)} | "
+          f"device {dev}", flush=True)
+
+    from .postprocess import describe_plan, load_plan
+
+    has_labels = any(s in available_splits(data_root) for s in ("train", "val"))
+    labelled = load_labelled(data_root, spec) if has_labels else None
+    plan = oof_probs = None
+    if postprocess not in ("auto", "none"):
+        plan = load_plan(postprocess, cfg.data.num_classes)
+        print(f"postprocessing from {postprocess}: {describe_plan(plan)}", flush=True)
+    if labelled is not None and (split == "oof" or postprocess == "auto"):
+        oof_probs = predict_oof(loaded, labelled, dev, passes, w, batch_size)
+        oof_pred = report_oof(oof_probs, labelled, passes, cfg.data.num_classes)
+        if postprocess == "auto":
+            plan = choose_postprocessing(oof_pred, labelled, cfg.data.num_classes)
+            if len(loaded) == 1:
+                save_plan(plan, loaded[0].path / "postprocess.json")
+    elif postprocess == "auto":
+        print("note: no labelled images, so no out-of-fold postprocessing", flush=True)
+
+    if split == "oof":
+        if labelled is None:
+            raise KaggleCMRError(f"{data_root}: --split oof needs labelled images (train/ or val/ with masks)")
+        images = labelled
+        probs = oof_probs
+    else:
+        if split not in available_splits(data_root):
+            raise KaggleCMRError(f"{data_root}: split '{split}' has no image/ folder")
+        images = load_split(data_root, split, spec, labelled=False if split == "test" else None)
+        seen = {i for r in loaded for ids in r.holdout.values() for i in ids}
+        if split != "test" and any(i in seen for i in images.ids):
+            print(f"warning: the models trained on most '{split}' images; its score is optimistic "
+                  f"(use --split oof for an honest estimate)", flush=True)
+        probs = predict_images(loaded, images.images, dev, passes, w, batch_size)
+    pred = probs.argmax(1).astype(np.uint8)
+    if plan is not None:
+        pred = apply_plan(pred, plan, cfg.data.num_classes)
+    if images.masks is not None and split != "oof":
+        table = dice_table(pred, images.masks, cfg.data.num_classes)
+        print(f"{split} Dice: {_score_line(table)}", flush=True)
+
+    rows = [row for i, m in zip(images.ids, pred) for row in label_to_rows(i, m, cfg.data.num_classes)]
+    if out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("submissions") / f"{'+'.join(r.name for r in loaded)}-{split}-{stamp}.csv"
+    write_submission(rows, out, shape=pred.shape[1:], overwrite=False)
+    empty = {k: int(sum(1 for m in pred if not (m == k).any())) for k in range(1, cfg.data.num_classes)}
+    print(f"wrote {len(rows)} rows for {len(images)} images to {out} "
+          f"(empty rows per class: {', '.join(f'{k}: {v}' for k, v in empty.items())}) in {time.time() - t0:.1f}s",
+          flush=True)
+    if save_masks is not None:
+        write_masks(save_masks, images.ids, pred, images.images)
+    return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan}
+
+
+def write_masks(folder: Path, ids: list[str], pred: np.ndarray, images: np.ndarray) -> None:
+    """PNG masks valued 0..K-1 named ``<id>_mask.png`` plus an overlay contact sheet."""
+    import cv2
+
+    from .io import atomic_path
+    from .plots import contact_sheet
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, m in zip(ids, pred):
+        with atomic_path(folder / f"{i}_mask.png") as tmp:  # the temp name ends in .png too
+            if not cv2.imwrite(str(tmp), m):
+                raise KaggleCMRError(f"{folder}: cannot write PNG masks")
+    contact_sheet(images, pred, ids, folder / "contact_sheet.png")
+    print(f"wrote {len(ids)} masks and contact_sheet.png to {folder}", flush=True)

@@ -1,0 +1,47 @@
+"""Training losses from config, built from segmentation-models-pytorch's losses.
+
+``dice_ce`` (default) = ``dice_weight * Dice + ce_weight * CrossEntropy``; the other names combine
+Focal, Lovasz-softmax and Tversky the same way.  Logits are cast to float32 before the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import LossConfig
+
+
+class WeightedSum(nn.Module):
+    def __init__(self, terms: list[tuple[float, nn.Module]]):
+        super().__init__()
+        self.weights = [w for w, _ in terms]
+        self.terms = nn.ModuleList([t for _, t in terms])
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return sum(w * t(logits, target) for w, t in zip(self.weights, self.terms))
+
+
+def build_loss(cfg: LossConfig, num_classes: int) -> nn.Module:
+    from segmentation_models_pytorch import losses as L
+
+    weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
+    ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    dice = L.DiceLoss("multiclass", from_logits=True)
+    focal = L.FocalLoss("multiclass", gamma=cfg.focal_gamma)
+    lovasz = L.LovaszLoss("multiclass", from_logits=True)
+    tversky = L.TverskyLoss("multiclass", from_logits=True, alpha=cfg.tversky_alpha, beta=1 - cfg.tversky_alpha)
+    d, c = cfg.dice_weight, cfg.ce_weight
+    table = {
+        "dice_ce": [(d, dice), (c, ce)],
+        "dice_focal": [(d, dice), (c, focal)],
+        "dice": [(1.0, dice)],
+        "ce": [(1.0, ce)],
+        "focal": [(1.0, focal)],
+        "lovasz": [(1.0, lovasz)],
+        "lovasz_ce": [(d, lovasz), (c, ce)],
+        "tversky": [(1.0, tversky)],
+        "tversky_ce": [(d, tversky), (c, ce)],
+    }
+    return WeightedSum([(w, t) for w, t in table[cfg.name] if w > 0])

@@ -1,0 +1,267 @@
+"""Run-length encoding in the competition's format, and the ``encode`` command.
+
+A submission row encodes one class ``k`` of one image: the binary mask ``label == k`` is
+flattened column-major (``x.T.flatten()``, i.e. down the first column first), and every run of
+ones is written as ``start length`` with 1-based ``start``; pairs are separated by spaces and an
+empty mask is the empty string.  The row id is the image id, ``_mask`` and the class digit
+(``cmr7_mask2``).
+
+Decoding is strict: every malformed encoding raises :class:`~kagglecmr.errors.SubmissionError`
+with a one-line message (callers prefix the file and line).  Pure numpy; no torch.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .data import DataSpec, mask_id, natural_key, read_mask
+from .errors import DataError, KaggleCMRError, SubmissionError
+
+_IMAGE_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # no commas, quotes or whitespace, so ids need no CSV quoting
+IMAGE_ID_RE = re.compile(_IMAGE_ID, re.ASCII)
+ROW_ID_RE = re.compile(rf"(?P<image>{_IMAGE_ID})_mask(?P<k>[1-9][0-9]*)", re.ASCII)
+_MAX_DIGITS = 15  # far beyond any image, small enough that int64 arithmetic cannot overflow
+
+
+def quoted(text: str, limit: int = 40) -> str:
+    """A user-supplied string, quoted and escaped for a one-line message (long ones truncated)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _as_2d(mask) -> np.ndarray:
+    arr = np.asarray(mask)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2-D mask, got shape {arr.shape}")
+    return arr
+
+
+def encode_rle(mask) -> str:
+    """Encode a 2-D boolean (or 0/1) mask: column-major, 1-based ``start length`` pairs."""
+    pixels = _as_2d(mask).astype(bool).T.ravel()
+    padded = np.concatenate([[False], pixels, [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1]) + 1  # 1-based run starts and one-past-ends
+    edges[1::2] -= edges[::2]
+    return " ".join(map(str, edges.tolist()))
+
+
+def parse_rle(enc: str, num_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Check an encoding's syntax and return its ``(starts, lengths)`` (1-based, int64).
+
+    Raises :class:`SubmissionError` for an odd number of numbers, a token that is not a plain
+    decimal integer, a start or length below 1, runs that are unsorted or overlap, and (when
+    ``num_pixels`` is given) a run past the last pixel.
+    """
+    tokens = enc.split()
+    if len(tokens) % 2:
+        raise SubmissionError(f"encoding has an odd number of numbers ({len(tokens)}); expected 'start length' pairs")
+    for tok in tokens:
+        if not (tok.isascii() and tok.isdigit()):
+            raise SubmissionError(f"encoding token {quoted(tok, 20)} is not a non-negative integer")
+        if len(tok) > _MAX_DIGITS:
+            raise SubmissionError(f"encoding number {quoted(tok, 20)} is too large")
+    nums = np.array([int(t) for t in tokens], dtype=np.int64)
+    starts, lengths = nums[0::2], nums[1::2]
+    _check_runs(starts, lengths, num_pixels)
+    return starts, lengths
+
+
+def _check_runs(starts: np.ndarray, lengths: np.ndarray, num_pixels: int | None) -> None:
+    if (starts < 1).any():
+        raise SubmissionError(f"run start {int(starts[starts < 1][0])} is not >= 1 (starts are 1-based)")
+    if (lengths < 1).any():
+        i = int(np.flatnonzero(lengths < 1)[0])
+        raise SubmissionError(f"run at {int(starts[i])} has length {int(lengths[i])}; lengths must be >= 1")
+    ends = starts + lengths  # one past the last pixel of each run
+    unsorted = np.flatnonzero(starts[1:] < starts[:-1])
+    if unsorted.size:
+        i = int(unsorted[0])
+        raise SubmissionError(f"runs are not sorted: start {int(starts[i + 1])} follows start {int(starts[i])}")
+    overlap = np.flatnonzero(starts[1:] < ends[:-1])
+    if overlap.size:
+        i = int(overlap[0])
+        raise SubmissionError(
+            f"runs overlap: '{int(starts[i])} {int(lengths[i])}' reaches pixel {int(ends[i] - 1)}, "
+            f"next run starts at {int(starts[i + 1])}"
+        )
+    if num_pixels is not None and ends.size and ends[-1] - 1 > num_pixels:
+        raise SubmissionError(
+            f"run '{int(starts[-1])} {int(lengths[-1])}' ends at pixel {int(ends[-1] - 1)}, "
+            f"past the image's {num_pixels} pixels"
+        )
+
+
+def rle_extent(enc: str) -> int:
+    """Last pixel (1-based) an encoding covers, 0 for an empty one; checks the syntax."""
+    starts, lengths = parse_rle(enc)
+    return int(starts[-1] + lengths[-1] - 1) if starts.size else 0
+
+
+def decode_flat(enc: str, num_pixels: int) -> np.ndarray:
+    """Decode to a flat column-major boolean array of ``num_pixels`` (strict, see :func:`parse_rle`)."""
+    starts, lengths = parse_rle(enc, num_pixels)
+    steps = np.zeros(num_pixels + 1, dtype=np.int8)
+    np.add.at(steps, starts - 1, 1)  # add.at: touching runs share an index
+    np.add.at(steps, starts - 1 + lengths, -1)
+    return np.cumsum(steps[:-1]) > 0
+
+
+def decode_rle(enc: str, shape: tuple[int, int]) -> np.ndarray:
+    """Decode an encoding to a boolean mask of ``shape`` ``(H, W)``; inverse of :func:`encode_rle`."""
+    h, w = shape
+    return decode_flat(enc, h * w).reshape(w, h).T
+
+
+# --------------------------------------------------------------------------- row ids
+
+
+def check_image_id(image_id: str) -> str:
+    """Return ``image_id`` if it can be part of a row id (letters, digits, ``_.-``), else raise."""
+    if not IMAGE_ID_RE.fullmatch(image_id):
+        raise SubmissionError(f"bad image id {quoted(image_id)}: use letters, digits, '_', '.', '-'")
+    return image_id
+
+
+def row_id(image_id: str, k: int) -> str:
+    """``("cmr7", 2)`` -> ``"cmr7_mask2"``."""
+    if int(k) < 1:
+        raise ValueError(f"class {k}: rows exist only for foreground classes >= 1")
+    return f"{check_image_id(image_id)}_mask{int(k)}"
+
+
+def parse_row_id(rid: str) -> tuple[str, int]:
+    """``"cmr7_mask2"`` -> ``("cmr7", 2)``; raises :class:`SubmissionError` for any other shape."""
+    m = ROW_ID_RE.fullmatch(rid)
+    if m is None:
+        raise SubmissionError(f"bad id {quoted(rid)}: expected <image id>_mask<class>, e.g. cmr1_mask1")
+    return m["image"], int(m["k"])
+
+
+def label_to_rows(image_id: str, label_mask, num_classes: int = 4) -> list[tuple[str, str]]:
+    """The ``num_classes - 1`` submission rows ``(id, encoding)`` of one label mask."""
+    labels = _as_2d(label_mask)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{image_id}: labels must lie in 0..{num_classes - 1}")
+    return [(row_id(image_id, k), encode_rle(labels == k)) for k in range(1, num_classes)]
+
+
+# --------------------------------------------------------------------------- mask folders
+
+
+def mask_folder_paths(folder: str | Path) -> dict[str, Path]:
+    """``{image id: png}`` of a mask folder (``cmrN_mask.png`` or ``cmrN.png``), in natural order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: mask folder not found")
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not (p.is_file() and p.suffix.lower() == ".png" and not p.name.startswith(".")):
+            continue
+        i = mask_id(p)
+        try:
+            check_image_id(i)
+        except SubmissionError as exc:
+            raise DataError(f"{p}: {exc}") from None
+        if i in found:
+            raise DataError(f"{p}: same image id '{i}' as {found[i].name}")
+        found[i] = p
+    if not found:
+        raise DataError(f"{folder}: no PNG masks in folder")
+    return dict(sorted(found.items(), key=lambda kv: natural_key(kv[0])))
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of a PNG whose chunk structure and CRCs are intact.
+
+    Checking the chunks here means a truncated or damaged file is reported once, as a
+    :class:`DataError`, instead of libpng also printing its own complaint on stderr.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    data = path.read_bytes()
+    if data[:8] != PNG_SIGNATURE:
+        raise DataError(f"{path}: not a readable PNG (not a PNG file)")
+    pos, size = 8, None
+    while True:
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 12 + length  # length, type, data, crc
+        if end > len(data):
+            raise DataError(f"{path}: not a readable PNG (truncated)")
+        kind = data[pos + 4 : pos + 8]
+        if zlib.crc32(data[pos + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            raise DataError(f"{path}: not a readable PNG (damaged {kind.decode('latin-1')!r} chunk)")
+        if size is None:
+            if kind != b"IHDR" or length < 8:
+                raise DataError(f"{path}: not a readable PNG (no IHDR header)")
+            size = int.from_bytes(data[pos + 12 : pos + 16], "big"), int.from_bytes(data[pos + 8 : pos + 12], "big")
+        if kind == b"IEND":
+            return size
+        pos = end
+
+
+def read_label_mask(path: str | Path, num_classes: int = 4) -> np.ndarray:
+    """``data.read_mask`` at the mask's own size (any square size; labels ``< num_classes``)."""
+    path = Path(path)
+    h, w = _png_size(path)
+    if h != w:
+        raise DataError(f"{path}: mask is {w}x{h}; only square masks are supported")
+    return read_mask(path, DataSpec(size=h, num_classes=num_classes))
+
+
+def masks_to_rows(paths: dict[str, Path], num_classes: int = 4) -> tuple[list[tuple[str, str]], tuple[int, int]]:
+    """Submission rows of label masks ``{image id: png}`` (all of one size), and that size ``(H, W)``."""
+    rows: list[tuple[str, str]] = []
+    shape: tuple[int, int] | None = None
+    first: Path | None = None
+    for i, p in paths.items():
+        m = read_label_mask(p, num_classes)
+        if shape is None:
+            shape, first = m.shape, p
+        elif m.shape != shape:
+            raise DataError(f"{p}: size {m.shape[1]}x{m.shape[0]} differs from {first.name} ({shape[1]}x{shape[0]})")
+        rows.extend(label_to_rows(i, m, num_classes))
+    if shape is None:
+        raise DataError("no masks given")
+    return rows, shape
+
+
+# --------------------------------------------------------------------------- command
+
+
+def run_encode(mask_dir: str | Path, out: str | Path, force: bool = False, num_classes: int = 4) -> int:
+    """``kagglecmr encode``: PNG label masks -> validated submission CSV; returns the rows written.
+
+    Rows are in natural image order (cmr2 before cmr10), classes ``1..num_classes-1`` within an
+    image.  The CSV is parsed back with the scorer's reader before it is written atomically; an
+    existing ``out`` is refused (and left untouched) unless ``force``.
+    """
+    from .score import write_submission  # score imports this module
+
+    out = Path(out)
+    if num_classes < 2:
+        raise KaggleCMRError(f"--num-classes {num_classes}: need at least 2 (background and one class)")
+    if out.exists() and not force:
+        raise KaggleCMRError(f"{out}: already exists (use --force to overwrite)")
+    rows, shape = masks_to_rows(mask_folder_paths(mask_dir), num_classes)
+    write_submission(rows, out, shape=shape, overwrite=force)
+    print(_encode_summary(rows, out, num_classes))
+    return len(rows)
+
+
+def _encode_summary(rows: list[tuple[str, str]], out: Path, num_classes: int) -> str:
+    empty = {k: 0 for k in range(1, num_classes)}
+    for rid, enc in rows:
+        if not enc:
+            empty[parse_row_id(rid)[1]] += 1
+    per_class = ", ".join(f"class {k}: {n}" for k, n in empty.items())
+    n_images = len(rows) // (num_classes - 1)
+    return f"wrote {out}: {len(rows)} rows ({n_images} images x {num_classes - 1} classes); empty rows {per_class}"
