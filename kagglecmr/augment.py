@@ -34,7 +34,8 @@ def build_albumentations(cfg: AugmentConfig, seed: int | None = None):
         A.VerticalFlip(p=cfg.vflip),
         A.RandomRotate90(p=cfg.rot90),
         A.Affine(
-            scale=cfg.scale, translate_percent=(-cfg.translate, cfg.translate), rotate=(-cfg.rotate, cfg.rotate),
+            scale=cfg.scale, keep_ratio=True,  # isotropic, as TorchAugment
+            translate_percent=(-cfg.translate, cfg.translate), rotate=(-cfg.rotate, cfg.rotate),
             interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
             border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=cfg.affine,
         ),
@@ -75,15 +76,27 @@ def _pixel_to_norm(h: int, w: int, device, dtype) -> torch.Tensor:
     return torch.tensor([[2.0 / w, 0, 1.0 / w - 1], [0, 2.0 / h, 1.0 / h - 1], [0, 0, 1]], device=device, dtype=dtype)
 
 
+def invert_affine(m: torch.Tensor) -> torch.Tensor:
+    """Closed-form inverse of ``[B,2,3]`` affine matrices (no cuSOLVER start-up on a GPU)."""
+    a, b, c = m[:, 0, 0], m[:, 0, 1], m[:, 0, 2]
+    d, e, f = m[:, 1, 0], m[:, 1, 1], m[:, 1, 2]
+    det = a * e - b * d
+    ia, ib, id_, ie = e / det, -b / det, -d / det, a / det
+    return torch.stack([torch.stack([ia, ib, -(ia * c + ib * f)], -1),
+                        torch.stack([id_, ie, -(id_ * c + ie * f)], -1)], 1)
+
+
 def theta_from_pixel_matrices(m: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """``[B,2,3]`` src->dst pixel matrices -> ``[B,2,3]`` thetas for ``F.affine_grid`` (dst -> src, normalised)."""
+    inv = invert_affine(m)  # dst pixel -> src pixel
     b = m.shape[0]
     full = torch.zeros(b, 3, 3, device=m.device, dtype=m.dtype)
-    full[:, :2] = m
+    full[:, :2] = inv
     full[:, 2, 2] = 1
     n = _pixel_to_norm(h, w, m.device, m.dtype)
-    theta = n @ torch.linalg.inv(full) @ torch.linalg.inv(n)
-    return theta[:, :2]
+    n_inv = torch.tensor([[w / 2.0, 0, (w - 1) / 2.0], [0, h / 2.0, (h - 1) / 2.0], [0, 0, 1]],
+                         device=m.device, dtype=m.dtype)
+    return (n @ full @ n_inv)[:, :2]
 
 
 def warp(x: torch.Tensor, y: torch.Tensor | None, grid: torch.Tensor):
@@ -126,7 +139,7 @@ class TorchAugment:
             y = torch.where(f[:, None, None], y.flip(-2), y)
         if c.rot90 > 0 and h == w:
             f = self._p(b, c.rot90, g, dev)
-            k = torch.randint(1, 4, (b,), generator=g, device=dev)
+            k = torch.randint(0, 4, (b,), generator=g, device=dev)  # 0..3, as albumentations' RandomRotate90
             for r in (1, 2, 3):
                 sel = f & (k == r)
                 x = torch.where(sel[:, None, None, None], torch.rot90(x, r, (-2, -1)), x)

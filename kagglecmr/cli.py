@@ -113,14 +113,14 @@ def train(
     overrides: list[str] | None = SetOpt,
     force: bool = typer.Option(False, "--force", help="Retrain folds that already finished."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="One log line per epoch, no progress bar."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Folds trained at once (processes; for GPUs)."),
 ) -> None:
     """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions."""
     from .train import run_train
 
-    cfg = _config(config, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
-                                       "train.device": device})
+    cfg = _config(config, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr})
     run_train(cfg, fold_spec=fold, data_root=data, folds_path=folds, name=name, runs_dir=runs_dir,
-              device=device, force=force, quiet=quiet)
+              device=device, force=force, quiet=quiet, jobs=jobs)
 
 
 @app.command("ensemble")

@@ -11,6 +11,7 @@ Every problem is a :class:`~kagglecmr.errors.DataError` whose one-line message n
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,11 +129,47 @@ def discover(root: str | Path, split: str, *, labelled: bool | None = None) -> l
 def _imread(path: Path, flags: int) -> np.ndarray:
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
-    buf = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(buf, flags) if buf.size else None
+    raw = Path(path).read_bytes()
+    if Path(path).suffix.lower() == ".png":
+        png_size(path, raw)  # damaged files fail here once, before libpng prints its own complaints
+    img = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), flags) if raw else None
     if img is None:
         raise DataError(f"{path}: not a readable PNG (corrupt or empty file)")
     return img
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path, data: bytes | None = None) -> tuple[int, int]:
+    """``(H, W)`` of a PNG whose chunk structure and CRCs are intact.
+
+    Checking the chunks here means a truncated or damaged file is reported once, as a
+    :class:`DataError`, instead of libpng also printing its own complaint on stderr.
+    """
+    path = Path(path)
+    if data is None:
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        data = path.read_bytes()
+    if data[:8] != PNG_SIGNATURE:
+        raise DataError(f"{path}: not a readable PNG (not a PNG file)")
+    pos, size = 8, None
+    while True:
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 12 + length  # length, type, data, crc
+        if end > len(data):
+            raise DataError(f"{path}: not a readable PNG (truncated)")
+        kind = data[pos + 4 : pos + 8]
+        if zlib.crc32(data[pos + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            raise DataError(f"{path}: not a readable PNG (damaged {kind.decode('latin-1')!r} chunk)")
+        if size is None:
+            if kind != b"IHDR" or length < 8:
+                raise DataError(f"{path}: not a readable PNG (no IHDR header)")
+            size = int.from_bytes(data[pos + 12 : pos + 16], "big"), int.from_bytes(data[pos + 8 : pos + 12], "big")
+        if kind == b"IEND":
+            return size
+        pos = end
 
 
 def _check_size(path: Path, arr: np.ndarray, spec: DataSpec, *, nearest: bool) -> np.ndarray:
@@ -205,8 +242,10 @@ def load_split(root: str | Path, split: str, spec: DataSpec = DataSpec(), *, lab
         img = read_image(ip, spec)
         if mp is not None:
             m = read_mask(mp, spec)
-            if m.shape != img.shape[:2]:
-                raise DataError(f"{mp}: mask size {m.shape[1]}x{m.shape[0]} differs from its image {img.shape[1]}x{img.shape[0]}")
+            # compare the sizes on disk: with resize on, both already have spec.size
+            (ih, iw), (mh, mw) = (png_size(ip), png_size(mp)) if spec.resize else (img.shape[:2], m.shape)
+            if (mh, mw) != (ih, iw):
+                raise DataError(f"{mp}: mask size {mw}x{mh} differs from its image {iw}x{ih}")
             masks.append(m)
         ids.append(i)
         images.append(img)
@@ -224,9 +263,10 @@ def load_split(root: str | Path, split: str, spec: DataSpec = DataSpec(), *, lab
 def concat(parts: list[Split]) -> Split:
     seen: dict[str, str] = {}
     for p in parts:
-        for i, s in zip(p.ids, p.splits):
+        for k, (i, s) in enumerate(zip(p.ids, p.splits)):
             if i in seen:
-                raise DataError(f"image id '{i}' appears in both {seen[i]}/ and {s}/")
+                where = f"{p.image_paths[k]}: " if p.image_paths else ""
+                raise DataError(f"{where}image id '{i}' appears in both {seen[i]}/ and {s}/")
             seen[i] = s
     masks = [p.masks for p in parts]
     return Split(

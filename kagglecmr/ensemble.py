@@ -180,6 +180,10 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     from .rle import label_to_rows
 
     t0 = time.time()
+    if out is not None and Path(out).exists():  # before minutes of inference, and before postprocess.json
+        raise KaggleCMRError(f"{out}: already exists (choose another --out)")
+    if split != "oof" and split not in available_splits(data_root):
+        raise KaggleCMRError(f"{data_root}: split '{split}' has no image/ folder")
     dev = resolve_device(device)
     setup_threads(0)
     run_paths = list(runs) if runs else [latest_run(runs_dir)]
@@ -236,7 +240,12 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     rows = [row for i, m in zip(images.ids, pred) for row in label_to_rows(i, m, cfg.data.num_classes)]
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path("submissions") / f"{'+'.join(r.name for r in loaded)}-{split}-{stamp}.csv"
+        base = f"{'+'.join(r.name for r in loaded)}-{split}-{stamp}"
+        out = Path("submissions") / f"{base}.csv"
+        n = 1
+        while out.exists():  # two runs within one second
+            n += 1
+            out = Path("submissions") / f"{base}-{n}.csv"
     write_submission(rows, out, shape=pred.shape[1:], overwrite=False)
     empty = {k: int(sum(1 for m in pred if not (m == k).any())) for k in range(1, cfg.data.num_classes)}
     print(f"wrote {len(rows)} rows for {len(images)} images to {out} "
@@ -248,7 +257,8 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
 
 
 def write_masks(folder: Path, ids: list[str], pred: np.ndarray, images: np.ndarray) -> None:
-    """PNG masks valued 0..K-1 named ``<id>_mask.png`` plus an overlay contact sheet."""
+    """PNG masks valued 0..K-1 named ``<id>_mask.png``, plus an overlay contact sheet beside the folder
+    (``<folder>_contact_sheet.png``), so the folder holds masks only (``score --truth``, ``encode``)."""
     import cv2
 
     from .io import atomic_path
@@ -260,5 +270,11 @@ def write_masks(folder: Path, ids: list[str], pred: np.ndarray, images: np.ndarr
         with atomic_path(folder / f"{i}_mask.png") as tmp:  # the temp name ends in .png too
             if not cv2.imwrite(str(tmp), m):
                 raise KaggleCMRError(f"{folder}: cannot write PNG masks")
-    contact_sheet(images, pred, ids, folder / "contact_sheet.png")
-    print(f"wrote {len(ids)} masks and contact_sheet.png to {folder}", flush=True)
+    sheet = contact_sheet_path(folder)
+    contact_sheet(images, pred, ids, sheet)
+    print(f"wrote {len(ids)} masks to {folder} and the contact sheet {sheet}", flush=True)
+
+
+def contact_sheet_path(mask_folder: Path) -> Path:
+    folder = Path(mask_folder).resolve()
+    return folder.with_name(f"{folder.name}_contact_sheet.png")

@@ -256,15 +256,18 @@ def _few(items, k: int = 5) -> str:
     return ", ".join(items[:k]) + (", ..." if len(items) > k else "")
 
 
-def _check_int_column(df: pd.DataFrame, col: str, path: Path) -> None:
-    if df[col].isna().any():
-        raise DataError(f"{path}: column '{col}' has empty values")
-    if not pd.api.types.is_integer_dtype(df[col]):
-        bad = df.loc[pd.to_numeric(df[col], errors="coerce").pipe(lambda s: s.isna() | (s % 1 != 0)), col]
-        raise DataError(f"{path}: column '{col}' must hold integers (found {bad.iloc[0]!r})")
+def _int_column(df: pd.DataFrame, col: str, path: Path) -> pd.Series:
+    """``df[col]`` as int64; a one-line DataError names the first empty or non-integer value."""
+    values = pd.to_numeric(df[col], errors="coerce")
+    bad = df[col][values.isna() | (values % 1 != 0)]
+    if len(bad):
+        raise DataError(f"{path}: column '{col}' must hold integers (row of id {df['id'][bad.index[0]]!r} "
+                        f"has {bad.iloc[0]!r})")
+    return values.astype(np.int64)
 
 
 def _validate_folds(df: pd.DataFrame, path: Path) -> None:
+    """Check columns, integer folds/groups, unique ids, folds 0..k-1 and unsplit groups (in place)."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected id,fold,... from make-folds)")
@@ -274,7 +277,7 @@ def _validate_folds(df: pd.DataFrame, path: Path) -> None:
         raise DataError(f"{path}: column 'id' has empty values")
     for col in ("fold", "group"):
         if col in df.columns:
-            _check_int_column(df, col, path)
+            df[col] = _int_column(df, col, path)
     dup = df["id"][df["id"].duplicated()].unique()
     if len(dup):
         raise DataError(f"{path}: duplicate ids {_few(dup)}")
@@ -296,7 +299,8 @@ def read_folds(path, ids=None) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"id": str, "split": str, "stratum": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable folds CSV ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: not a readable folds CSV ({reason})") from None
     _validate_folds(df, path)
     if ids is not None:
         want = set(map(str, ids))

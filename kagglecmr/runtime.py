@@ -40,11 +40,15 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return dev
 
 
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def setup_threads(threads: int = 0) -> int:
     """One pool of ``threads`` (0 = all cores) for torch; OpenCV single-threaded (no oversubscription)."""
     import cv2
 
-    n = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (threads or os.cpu_count() or 1)
+    n = threads or cpu_count()
     torch.set_num_threads(n)
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)

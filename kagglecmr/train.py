@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -36,10 +37,21 @@ from .infer import predict_proba, to_tensor
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .losses import build_loss
 from .models import build_model, count_parameters
-from .runtime import amp_dtype, autocast, environment, peak_memory_mb, resolve_device, seed_everything, setup_threads
+from .runtime import (
+    amp_dtype,
+    autocast,
+    cpu_count,
+    environment,
+    peak_memory_mb,
+    resolve_device,
+    seed_everything,
+    setup_threads,
+)
 from .score import dice_table
 
 FULL = "all"
+FULL_SEED_SLOT = 1_000_000  # stands in for the fold number when seeding the full fit (seeds must be >= 0)
+THREADS_ENV = "KAGGLECMR_THREADS"  # set for child processes of --jobs
 TIME_COLUMNS = ("time_s", "data_s", "model_s", "val_s")
 
 
@@ -263,14 +275,20 @@ def _prepare_dir(out_dir: Path, cfg: Config, force: bool) -> bool:
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = _config_for_resume(out_dir)
-    if saved is not None and saved != cfg.to_dict():
-        changed = sorted(_diff_keys(saved, cfg.to_dict()))
+    if saved is not None and _recipe(saved) != _recipe(cfg.to_dict()):
+        changed = sorted(_diff_keys(_recipe(saved), _recipe(cfg.to_dict())))
         raise KaggleCMRError(f"{out_dir}: holds a run with another config (differs in {', '.join(changed[:4])}); "
                              f"use --force to replace it or --name for a new run")
     if (out_dir / "summary.json").is_file():
         return True
     atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
     return False
+
+
+def _recipe(cfg: dict) -> dict:
+    """The config without where it runs (device, threads): those may change on resume."""
+    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("device", "threads")}
+    return cfg | {"train": train}
 
 
 def _diff_keys(a, b, prefix: str = "") -> list[str]:
@@ -297,9 +315,10 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     t_start = time.time()
     if _prepare_dir(out_dir, cfg, force):
         summary = json.loads((out_dir / "summary.json").read_text())
-        print(f"{out_dir}: already finished (best {summary['best_score']:.4f} at epoch {summary['best_epoch']}); "
-              f"--force retrains it", flush=True)
-        return FoldResult(fold, out_dir, summary["best_score"], summary["best_epoch"], skipped=True)
+        best = "" if summary["best_score"] is None else f"best {summary['best_score']:.4f} at "
+        print(f"{out_dir}: already finished ({best}epoch {summary['best_epoch']}); --force retrains it", flush=True)
+        best_score = float("nan") if summary["best_score"] is None else summary["best_score"]
+        return FoldResult(fold, out_dir, best_score, summary["best_epoch"], skipped=True)
 
     # ---- data: the fold's images as uint8 arrays in memory
     if fold == FULL:
@@ -314,7 +333,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     k_fg = cfg.data.num_classes - 1
 
     # ---- model, optimiser, schedule, loss
-    fold_num = -1 if fold == FULL else int(fold)
+    fold_num = FULL_SEED_SLOT if fold == FULL else int(fold)
     seed_everything(cfg.seed, fold_num)
     model = build_model(cfg).to(device)
     if cfg.train.channels_last:
@@ -420,9 +439,10 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
         sd, _ = load_best(best_path)
         model.load_state_dict(sd)
         probs = predict_proba(model, x_val, device, batch_size=cfg.train.val_batch_size, amp=dtype)
-        table = dice_table(probs.argmax(1), va.masks, cfg.data.num_classes)
+        labels = probs.argmax(1).astype(np.uint8)  # from float32: float16 rounding can flip near-ties
+        table = dice_table(labels, va.masks, cfg.data.num_classes)
         with atomic_path(out_dir / "oof.npz") as tmp, open(tmp, "wb") as fh:
-            np.savez_compressed(fh, ids=np.array(va.ids), probs=probs.astype(np.float16), dice=table)
+            np.savez_compressed(fh, ids=np.array(va.ids), probs=probs.astype(np.float16), labels=labels, dice=table)
     epochs_run = [r for r in history if r["epoch"] > start_epoch]
     summary = {
         "fold": fold, "best_score": None if math.isnan(best_score) else best_score, "best_epoch": best_epoch,
@@ -459,7 +479,10 @@ def _plot(out_dir: Path, history: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------ OOF summary
 def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> dict | None:
-    """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``."""
+    """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``.
+
+    Uses the argmax ``labels`` saved from the float32 probabilities (the masks the fold Dice was
+    computed on); the float16 ``probs`` are only a fallback for files written before ``labels``."""
     files = [run_dir / f"fold{k}" / "oof.npz" for k in range(n_folds)]
     if not all(f.is_file() for f in files):
         return None
@@ -467,7 +490,7 @@ def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> d
     for f in files:
         with np.load(f) as z:
             ids += [str(i) for i in z["ids"]]
-            preds.append(z["probs"].astype(np.float32).argmax(1).astype(np.uint8))
+            preds.append(z["labels"] if "labels" in z.files else z["probs"].astype(np.float32).argmax(1).astype(np.uint8))
     truth = data.subset(ids).masks
     table = dice_table(np.concatenate(preds), truth, num_classes)
     result = {"score": float(table.mean()), "images": len(ids), "rows": int(table.size),
@@ -478,11 +501,12 @@ def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> d
 
 # ----------------------------------------------------------------------------------------- entry
 def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name: str | None,
-              runs_dir: Path, device: str | None, force: bool, quiet: bool) -> list[FoldResult]:
+              runs_dir: Path, device: str | None, force: bool, quiet: bool, jobs: int = 1) -> list[FoldResult]:
     from .folds import read_folds
 
     dev = resolve_device(device or cfg.train.device)
-    setup_threads(cfg.train.threads)
+    threads = int(os.environ.get(THREADS_ENV, "0")) or cfg.train.threads
+    setup_threads(threads)
     name = name or cfg.name or "run"
     run_dir = Path(runs_dir) / name
     data = load_labelled(data_root, cfg.data.spec())
@@ -490,17 +514,22 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
     n_folds = int(folds_df["fold"].max()) + 1
     folds = parse_fold_spec(fold_spec, n_folds)
     print(f"run {run_dir} | {cfg.model.arch}/{cfg.model.encoder} | {len(data)} labelled images | "
-          f"device {dev} | folds {folds}", flush=True)
-    results = []
-    for fold in folds:
-        fcfg = cfg
-        if fold == FULL:
-            fcfg = cfg.model_copy(deep=True)
-            fcfg.train.epochs = full_fit_epochs(run_dir)
-        res = train_fold(fcfg, data, folds_df, fold, fold_dir(run_dir, fold), device=dev, force=force, quiet=quiet)
-        if not res.skipped and fold != FULL:
-            print(f"fold {fold}: best Dice {res.best_score:.4f} at epoch {res.best_epoch}", flush=True)
-        results.append(res)
+          f"device {dev} | folds {folds}" + (f" | {jobs} at a time" if jobs > 1 else ""), flush=True)
+    if jobs > 1 and len(folds) > 1 and FULL not in folds:
+        results = _train_parallel(cfg, folds, jobs, data_root=data_root, folds_path=folds_path, run_dir=run_dir,
+                                  device=str(dev), force=force)
+    else:
+        results = []
+        for fold in folds:
+            fcfg = cfg
+            if fold == FULL:
+                fcfg = cfg.model_copy(deep=True)
+                fcfg.train.epochs = full_fit_epochs(run_dir)
+            res = train_fold(fcfg, data, folds_df, fold, fold_dir(run_dir, fold), device=dev, force=force,
+                             quiet=quiet)
+            if not res.skipped and fold != FULL:
+                print(f"fold {fold}: best Dice {res.best_score:.4f} at epoch {res.best_epoch}", flush=True)
+            results.append(res)
     oof = oof_summary(run_dir, data, n_folds, cfg.data.num_classes)
     if oof is not None:
         per = " ".join(f"{k}:{v:.4f}" for k, v in oof["per_class"].items())
@@ -508,3 +537,35 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
               flush=True)
     return results
 
+
+def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, folds_path: Path, run_dir: Path,
+                    device: str, force: bool) -> list[FoldResult]:
+    """Train folds in ``jobs`` child processes at once (several folds share one GPU; CPU threads split)."""
+    import subprocess
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.yaml"
+    atomic_write_text(cfg_path, cfg.to_yaml())
+    env = os.environ | {THREADS_ENV: str(max(1, cpu_count() // jobs))}
+    base = [sys.executable, "-m", "kagglecmr", "train", "--config", str(cfg_path), "--data", str(data_root),
+            "--folds", str(folds_path), "--name", run_dir.name, "--runs-dir", str(run_dir.parent),
+            "--device", device, "--quiet"] + (["--force"] if force else [])
+    pending, running, failed = list(folds), [], []
+    while pending or running:
+        while pending and len(running) < jobs:
+            k = pending.pop(0)
+            running.append((k, subprocess.Popen([*base, "--fold", str(k)], env=env)))
+        time.sleep(0.2)
+        for item in list(running):
+            if item[1].poll() is not None:
+                running.remove(item)
+                if item[1].returncode != 0:
+                    failed.append(item[0])
+    if failed:
+        raise KaggleCMRError(f"{run_dir}: fold(s) {', '.join(map(str, failed))} failed (see the output above)")
+    results = []
+    for k in folds:
+        summary = json.loads((fold_dir(run_dir, k) / "summary.json").read_text())
+        results.append(FoldResult(k, fold_dir(run_dir, k), summary["best_score"], summary["best_epoch"]))
+        print(f"fold {k}: best Dice {summary['best_score']:.4f} at epoch {summary['best_epoch']}", flush=True)
+    return results
