@@ -137,6 +137,7 @@ def ensemble(
     postprocess: str = typer.Option("auto", "--postprocess", help="auto (tuned on OOF), none, or a plan JSON."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    full: bool = typer.Option(True, "--full/--no-full", help="Add the full-fit model (train --fold all) if any."),
 ) -> None:
     """Average fold softmax (+ flip TTA), OOF-tuned postprocessing, leaderboard-ready CSV."""
     from .ensemble import run_ensemble
@@ -146,7 +147,7 @@ def ensemble(
     flips = [f.strip() for f in tta_flips.split(",") if f.strip()] if tta_flips else None
     run_ensemble(runs=runs, runs_dir=runs_dir, data_root=data, split=split, tta=tta or bool(flips),
                  tta_flips=flips, out=out, save_masks=save_masks, postprocess=postprocess, weights=weights,
-                 device=device, batch_size=batch_size)
+                 device=device, batch_size=batch_size, with_full=full)
 
 
 def main() -> None:

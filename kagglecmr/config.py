@@ -96,6 +96,7 @@ class TrainConfig(_Section):
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     channels_last: bool = True
     compile: bool = False
+    cuda_graphs: bool = Field(True, description="On GPUs, replay the training step from a CUDA graph.")
     device: str = "auto"
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores.")
     val_batch_size: int = Field(64, ge=1)

@@ -46,8 +46,10 @@ def latest_run(runs_dir: Path) -> Path:
     return max(cands, key=lambda d: max(p.stat().st_mtime for p in d.glob("fold*/best.safetensors")))
 
 
-def load_run(path: Path, device: torch.device) -> Run:
-    """Load ``best.safetensors`` of every fold; folds must be 0..n-1, each finished."""
+def load_run(path: Path, device: torch.device, *, with_full: bool = False) -> Run:
+    """Load ``best.safetensors`` of every fold (0..n-1, each finished) and, with ``with_full``, of the
+    full fit (``full/``, from ``train --fold all``) when it exists.  The full fit holds nothing out, so it
+    never enters out-of-fold predictions."""
     from .train import load_best
 
     path = Path(path)
@@ -58,18 +60,19 @@ def load_run(path: Path, device: torch.device) -> Run:
         raise KaggleCMRError(f"{path}: no fold folders (train --fold 0..4 first)")
     n = int(fold_dirs[-1].name[4:]) + 1
     models, holdout, cfg = {}, {}, None
-    for k in range(n):
-        d = path / f"fold{k}"
+    dirs = [path / f"fold{k}" for k in range(n)] + ([path / "full"] if with_full and (path / "full").is_dir() else [])
+    for k, d in enumerate(dirs):
         if not (d / "summary.json").is_file() or not (d / "best.safetensors").is_file():
-            raise KaggleCMRError(f"{path}: fold {k} is missing or unfinished (train --fold {k} --name {path.name})")
+            raise KaggleCMRError(f"{path}: {d.name} is missing or unfinished "
+                                 f"(train --fold {'all' if d.name == 'full' else k} --name {path.name})")
         sd, meta = load_best(d / "best.safetensors")
         try:
             fcfg = Config.model_validate(meta["config"])
         except Exception:
             raise KaggleCMRError(f"{d / 'best.safetensors'}: checkpoint carries no valid config") from None
         if cfg is not None and (fcfg.data.num_classes, fcfg.data.in_channels) != (cfg.data.num_classes, cfg.data.in_channels):
-            raise KaggleCMRError(f"{d}: fold has {fcfg.data.num_classes} classes / {fcfg.data.in_channels} channels, "
-                                 f"fold 0 has {cfg.data.num_classes} / {cfg.data.in_channels}")
+            raise KaggleCMRError(f"{d}: {fcfg.data.num_classes} classes / {fcfg.data.in_channels} channels, "
+                                 f"fold0 has {cfg.data.num_classes} / {cfg.data.in_channels}")
         cfg = cfg or fcfg
         model = build_model(fcfg, weights="none", check_size=False)
         model.load_state_dict(sd)
@@ -175,7 +178,7 @@ def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int) -
 
 def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str, tta: bool,
                  tta_flips: list[str] | None, out: Path | None, save_masks: Path | None, postprocess: str,
-                 weights: list[float] | None, device: str, batch_size: int = 64) -> dict:
+                 weights: list[float] | None, device: str, batch_size: int = 64, with_full: bool = True) -> dict:
     from .postprocess import apply_plan, save_plan
     from .rle import label_to_rows
 
@@ -187,7 +190,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     dev = resolve_device(device)
     setup_threads(0)
     run_paths = list(runs) if runs else [latest_run(runs_dir)]
-    loaded = [load_run(p, dev) for p in run_paths]
+    loaded = [load_run(p, dev, with_full=with_full and split != "oof") for p in run_paths]
     check_compatible(loaded)
     w = _weights(loaded, weights)
     passes = tta_passes(loaded, tta, tta_flips)

@@ -158,7 +158,9 @@ def lr_lambda(cfg: Config, steps_per_epoch: int):
     return f
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: torch.nn.Module, *, capturable: bool = False) -> torch.optim.Optimizer:
+    """AdamW/Adam/SGD without weight decay on norms and biases.  ``capturable``: Adam state and the
+    learning rate live on the GPU as tensors, so the step can be replayed from a CUDA graph."""
     t = cfg.train
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -166,7 +168,73 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, nesterov=True)
     cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    if capturable:
+        device = next(model.parameters()).device
+        return cls(groups, lr=torch.tensor(t.lr, device=device), capturable=True)
     return cls(groups, lr=t.lr)
+
+
+def use_cuda_graphs(cfg: Config, device: torch.device, dtype) -> bool:
+    """Graph the training step on GPUs unless something in it needs the host (fp16 loss scaling,
+    torch.compile, SGD's float learning rate)."""
+    t = cfg.train
+    return (t.cuda_graphs and device.type == "cuda" and dtype != torch.float16 and not t.compile
+            and t.optimizer in ("adam", "adamw"))
+
+
+class GraphedStep:
+    """The whole training step (forward, loss, backward, clipping, optimiser, EMA) captured once in a
+    CUDA graph and replayed for every batch: one launch instead of hundreds, which is what a small
+    model on a big GPU is bound by.
+
+    Capture needs a few warm-up steps; every weight, buffer and optimiser/EMA state they touch is put
+    back afterwards, so graphing does not change what is trained.  If the step cannot be captured
+    (an op that synchronises with the host), :meth:`capture` returns ``None`` and training runs eagerly.
+    """
+
+    def __init__(self, step, state_tensors, x: torch.Tensor, y: torch.Tensor, optimizer):
+        self.step, self.state_tensors, self.optimizer = step, state_tensors, optimizer
+        self.x, self.y = x.clone(), y.clone()
+        self.lrs = [g["lr"] for g in optimizer.param_groups]
+
+    @classmethod
+    def capture(cls, step, state_tensors, x, y, optimizer, warmup: int = 3) -> GraphedStep | None:
+        g = cls(step, state_tensors, x, y, optimizer)
+        before = [t.detach().clone() for t in state_tensors()]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    optimizer.zero_grad(set_to_none=True)
+                    step(g.x, g.y)
+            torch.cuda.current_stream().wait_stream(side)
+            g.graph = torch.cuda.CUDAGraph()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(g.graph):
+                g.loss = step(g.x, g.y)
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
+            print(f"note: training step not captured in a CUDA graph ({type(exc).__name__}); running eagerly",
+                  flush=True)
+            g = None
+        with torch.no_grad():
+            for k, t in enumerate(state_tensors()):
+                if k < len(before):
+                    t.copy_(before[k])
+                else:  # created by the warm-up: fresh Adam moments and step counts start at 0
+                    t.zero_()
+        optimizer.zero_grad(set_to_none=g is None)
+        return g
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for t, group in zip(self.lrs, self.optimizer.param_groups):  # the scheduler may set a float
+            if group["lr"] is not t:
+                t.fill_(float(group["lr"]))
+                group["lr"] = t
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.loss
 
 
 # ---------------------------------------------------------------------------------------- batches
@@ -339,12 +407,37 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(cfg.train.amp, device)
-    optimizer = build_optimizer(cfg, model)
+    graphs = use_cuda_graphs(cfg, device, dtype)
+    optimizer = build_optimizer(cfg, model, capturable=graphs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and device.type == "cuda"))
     criterion = build_loss(cfg.loss, cfg.data.num_classes).to(device)
     ema = EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
-    step_fn = torch.compile(model) if cfg.train.compile else model
+    forward = torch.compile(model) if cfg.train.compile else model
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on a batch (gradients must be cleared before); returns the loss."""
+        with autocast(device, dtype):
+            logits = forward(x)
+        loss = criterion(logits, y)
+        scaler.scale(loss).backward()
+        if cfg.train.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update(model)
+        return loss.detach()
+
+    def state_tensors() -> list[torch.Tensor]:
+        """Everything a training step changes, in a stable order (for CUDA-graph warm-up undo)."""
+        out = list(model.state_dict(keep_vars=True).values())
+        out += list(ema.model.state_dict(keep_vars=True).values()) if ema is not None else []
+        out += [v for p in model.parameters() for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+        return out
+
+    graphed = None
     batches = BatchMaker(cfg, tr.images, tr.masks, device)
     x_val = to_tensor(va.images, device, cfg.train.channels_last) if va else None
     y_val = torch.from_numpy(va.masks).to(device).long() if va else None
@@ -360,6 +453,9 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.model.load_state_dict(state["ema"])
+        if graphs:  # the learning rate must stay a tensor on the GPU for the captured optimiser
+            for group in optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
         history, start_epoch = state["history"], state["epoch"]
         best_score, best_epoch = state["best_score"], state["best_epoch"]
         print(f"{out_dir}: resuming after epoch {start_epoch}", flush=True)
@@ -382,19 +478,15 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                 ta = time.perf_counter()
                 x, y = batches(perm[step * bs:(step + 1) * bs])
                 tb = time.perf_counter()
-                with autocast(device, dtype):
-                    logits = step_fn(x)
-                loss = criterion(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.train.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                if graphs and graphed is None:
+                    graphed = GraphedStep.capture(train_step, state_tensors, x, y, optimizer)
+                    graphs = graphed is not None
+                if graphed is not None:
+                    loss = graphed(x, y)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = train_step(x, y)
                 scheduler.step()
-                if ema is not None:
-                    ema.update(model)
                 loss_sum += loss.item()  # also synchronises, so model_s is honest on a GPU
                 data_s += tb - ta
                 model_s += time.perf_counter() - tb
@@ -402,7 +494,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
 
             # validate with the leaderboard metric (argmax masks, rows per image and class, empty/empty = 1)
             tv = time.time()
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / steps_per_epoch,
+            row = {"epoch": epoch + 1, "lr": float(optimizer.param_groups[0]["lr"]), "train_loss": loss_sum / steps_per_epoch,
                    "val_loss": float("nan"), "val_dice": float("nan")}
             row |= {f"dice_{k}": float("nan") for k in range(1, k_fg + 1)}
             eval_model = ema.model if ema is not None else model

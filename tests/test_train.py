@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import N_FOLDS, RUN_NAME, copy_run, tree_snapshot
+from conftest import N_FOLDS, N_TRAIN, N_VAL, RUN_NAME, copy_run, tree_snapshot
 
 from kagglecmr.config import load_config
 from kagglecmr.data import read_mask
@@ -294,6 +294,32 @@ def test_fold_all_trains_full_fit_with_median_best_epoch(project, tmp_path, main
     again = main_cli(*train_args(project, runs, "all"))  # a finished full fit is skipped like any fold
     assert again.returncode == 0, again.stderr
     assert "already finished" in again.stdout
+
+    # the test-set ensemble adds the full fit as one more model; --no-full and the OOF split leave it out
+    from kagglecmr.ensemble import load_run
+
+    cpu = torch.device("cpu")
+    assert len(load_run(run, cpu, with_full=True).models) == N_FOLDS + 1
+    assert len(load_run(run, cpu, with_full=False).models) == N_FOLDS
+    with_full = main_cli("ensemble", "--runs", run, "--data", project.data, "--postprocess", "none",
+                         "--out", tmp_path / "with_full.csv", "--device", "cpu")
+    assert with_full.returncode == 0, with_full.stderr
+    assert f"ensemble of {N_FOLDS + 1} models" in with_full.stdout
+    without = main_cli("ensemble", "--runs", run, "--data", project.data, "--postprocess", "none", "--no-full",
+                       "--out", tmp_path / "without.csv", "--device", "cpu")
+    assert f"ensemble of {N_FOLDS} models" in without.stdout
+
+
+def test_jobs_trains_folds_in_parallel_processes(project, tmp_path, cli):
+    runs = tmp_path / "runs"
+    proc = cli(*train_args(project, runs, "0..4"), "--jobs", "2", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 at a time" in proc.stdout
+    for k in range(N_FOLDS):
+        assert (runs / RUN_NAME / f"fold{k}" / "summary.json").is_file()
+    oof = json.loads((runs / RUN_NAME / "oof.json").read_text())
+    assert oof["images"] == N_TRAIN + N_VAL and 0 <= oof["score"] <= 1
+    assert "out-of-fold Dice" in proc.stdout
 
 
 def test_fold_all_without_cv_folds_is_an_error(project, tmp_path, main_cli, assert_cli_error):
