@@ -54,7 +54,7 @@ def parse_exp(text: str) -> tuple[str, str, list[str]]:
 def train_recipe(name, config, sets, args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "kagglecmr", "train", "--fold", args.folds_spec, "--config", config,
            "--data", str(args.data), "--folds", str(args.folds), "--runs-dir", str(args.runs_dir), "--name", name,
-           "--quiet", "--device", args.device]
+           "--quiet", "--device", args.device, "--jobs", str(args.jobs)]
     for s in sets:
         cmd += ["--set", s]
     log = open(Path(args.runs_dir) / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
@@ -89,7 +89,8 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
     ap.add_argument("--exp", action="append", required=True, help="NAME=CONFIG[:k=v,k=v] (repeatable)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--parallel", type=int, default=1, help="recipes trained at once")
+    ap.add_argument("--jobs", type=int, default=1, help="folds of one recipe trained at once (train --jobs)")
     ap.add_argument("--folds-spec", default="0..4")
     ap.add_argument("--out", type=Path, help="append the rows to this markdown file")
     args = ap.parse_args()

@@ -47,6 +47,7 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     name: Literal["dice_ce", "dice_focal", "dice", "ce", "focal", "lovasz", "lovasz_ce", "tversky", "tversky_ce"] = "dice_ce"
     dice_weight: float = Field(1.0, ge=0)
+    dice_per_image: bool = Field(False, description="Dice per image and class (the metric's rows) instead of per batch.")
     ce_weight: float = Field(1.0, ge=0)
     class_weights: list[float] | None = None
     tversky_alpha: float = Field(0.5, ge=0, le=1)

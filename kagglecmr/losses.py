@@ -23,12 +23,29 @@ class WeightedSum(nn.Module):
         return sum(w * t(logits, target) for w, t in zip(self.weights, self.terms))
 
 
+class PerImageDiceLoss(nn.Module):
+    """Soft Dice computed per image and foreground class, then averaged: the shape of the leaderboard
+    metric (a row per image and class).  ``smooth`` makes an empty truth with an empty prediction score
+    ~1, as the metric does, so slices without a structure teach the model to predict none."""
+
+    def __init__(self, num_classes: int, smooth: float = 1.0):
+        super().__init__()
+        self.num_classes, self.smooth = num_classes, smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        probs = logits.float().softmax(1)[:, 1:]
+        onehot = torch.nn.functional.one_hot(target, self.num_classes).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+        inter = (probs * onehot).sum((2, 3))
+        denom = probs.sum((2, 3)) + onehot.sum((2, 3))
+        return 1 - ((2 * inter + self.smooth) / (denom + self.smooth)).mean()
+
+
 def build_loss(cfg: LossConfig, num_classes: int) -> nn.Module:
     from segmentation_models_pytorch import losses as L
 
     weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
     ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    dice = L.DiceLoss("multiclass", from_logits=True)
+    dice = PerImageDiceLoss(num_classes) if cfg.dice_per_image else L.DiceLoss("multiclass", from_logits=True)
     focal = L.FocalLoss("multiclass", gamma=cfg.focal_gamma)
     lovasz = L.LovaszLoss("multiclass", from_logits=True)
     tversky = L.TverskyLoss("multiclass", from_logits=True, alpha=cfg.tversky_alpha, beta=1 - cfg.tversky_alpha)
