@@ -165,3 +165,14 @@ def labelled(project, tiny_cfg):
     from kagglecmr.data import load_labelled
 
     return load_labelled(project.data, tiny_cfg.data.spec())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and spinning OpenMP workers are slow on a busy 2-core box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

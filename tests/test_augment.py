@@ -31,13 +31,7 @@ PROBABILITIES = ("hflip", "vflip", "rot90", "affine", "elastic", "intensity", "g
 LABELS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from threads, and spinning OpenMP workers are slow on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
 
 def only(**on) -> AugmentConfig:

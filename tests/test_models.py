@@ -34,13 +34,7 @@ SMALL = ["model.arch=Unet", "model.encoder=resnet18", "model.weights=none", "mod
 FULL_DEPTH = ["model.params={}"]  # back to smp's defaults (depth 5) for architectures that need them
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from threads, and spinning OpenMP workers are slow on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
 
 def cfg(*overrides: str) -> Config:
