@@ -53,11 +53,12 @@ def main() -> None:
                   for k in range(args.folds)}
         run = Run("bench", Path("."), cfg, models)
         passes = list(cfg.infer.tta)
-        predict_images([run], images[:8], dev, passes, np.ones(1), cfg.infer.batch_size)  # warm-up
+        bs = cfg.infer.batch_size if dev.type == "cuda" else cfg.infer.cpu_batch_size
+        predict_images([run], images[:8], dev, passes, np.ones(1), bs)  # warm-up
         times = []
         for _ in range(args.repeats):
             t = time.perf_counter()
-            predict_images([run], images, dev, passes, np.ones(1), cfg.infer.batch_size)
+            predict_images([run], images, dev, passes, np.ones(1), bs)
             times.append(time.perf_counter() - t)
         best = min(times)
         results[amp] = best

@@ -136,7 +136,7 @@ def ensemble(
     save_masks: Path | None = typer.Option(None, "--save-masks", help="Also write PNG masks + contact sheet."),
     postprocess: str = typer.Option("auto", "--postprocess", help="auto (tuned on OOF), none, or a plan JSON."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward pass (default: config infer.*)."),
     full: bool = typer.Option(True, "--full/--no-full", help="Add the full-fit model (train --fold all) if any."),
 ) -> None:
     """Average fold softmax (+ flip TTA), OOF-tuned postprocessing, leaderboard-ready CSV."""

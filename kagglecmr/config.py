@@ -105,7 +105,8 @@ class TrainConfig(_Section):
 
 class InferConfig(_Section):
     tta: list[Literal["none", "hflip", "vflip", "hvflip"]] = Field(default_factory=lambda: ["none", "hflip", "vflip", "hvflip"])
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="Images per forward pass on a GPU.")
+    cpu_batch_size: int = Field(8, ge=1, description="Images per forward pass on a CPU (small = cache-friendly).")
 
 
 class Config(_Section):

@@ -178,7 +178,7 @@ def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int) -
 
 def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str, tta: bool,
                  tta_flips: list[str] | None, out: Path | None, save_masks: Path | None, postprocess: str,
-                 weights: list[float] | None, device: str, batch_size: int = 64, with_full: bool = True) -> dict:
+                 weights: list[float] | None, device: str, batch_size: int | None = None, with_full: bool = True) -> dict:
     from .postprocess import apply_plan, save_plan
     from .rle import label_to_rows
 
@@ -195,6 +195,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     w = _weights(loaded, weights)
     passes = tta_passes(loaded, tta, tta_flips)
     cfg = loaded[0].cfg
+    batch_size = batch_size or (cfg.infer.batch_size if dev.type == "cuda" else cfg.infer.cpu_batch_size)
     spec = DataSpec(size=cfg.data.size, in_channels=cfg.data.in_channels, num_classes=cfg.data.num_classes,
                     resize=cfg.data.resize)
     n_models = sum(len(r.models) for r in loaded)
