@@ -225,9 +225,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
             raise KaggleCMRError(f"{data_root}: --split oof needs labelled images (train/ or val/ with masks)")
         images = labelled
         probs = oof_probs
-    else:
-        if split not in available_splits(data_root):
-            raise KaggleCMRError(f"{data_root}: split '{split}' has no image/ folder")
+    else:  # the split's folder was checked on entry
         images = load_split(data_root, split, spec, labelled=False if split == "test" else None)
         seen = {i for r in loaded for ids in r.holdout.values() for i in ids}
         if split != "test" and any(i in seen for i in images.ids):

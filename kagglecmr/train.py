@@ -461,6 +461,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
         print(f"{out_dir}: resuming after epoch {start_epoch}", flush=True)
     env = environment(device) | {"parameters": count_parameters(model), "train_images": len(tr),
                                  "val_images": len(val_ids), "augment_backend": batches.backend,
+                                 "cuda_graphs": graphs,
                                  "amp": str(dtype).replace("torch.", "") if dtype else "float32"}
     atomic_write_json(out_dir / "env.json", env)
 
