@@ -15,6 +15,7 @@ import pandas as pd
 
 from kagglecmr.data import load_labelled
 from kagglecmr.score import dice_table
+from kagglecmr.train import read_oof_labels
 
 CLASSES = {1: "RV", 2: "Myo", 3: "LV"}
 
@@ -26,13 +27,9 @@ def main() -> None:
     ap.add_argument("--worst", type=int, default=12)
     args = ap.parse_args()
     data = load_labelled(args.data)
-    ids, preds, folds = [], [], []
-    for f in sorted(args.run.glob("fold*/oof.npz")):
-        with np.load(f) as z:
-            ids += [str(i) for i in z["ids"]]
-            labels = z["labels"] if "labels" in z else z["probs"].astype(np.float32).argmax(1)
-            preds.append(labels.astype(np.uint8))
-            folds += [f.parent.name] * len(z["ids"])
+    files = sorted(args.run.glob("fold*/oof.npz"))
+    ids, preds = read_oof_labels(files)
+    folds = [f.parent.name for f, p in zip(files, preds) for _ in range(len(p))]
     pred = np.concatenate(preds)
     truth = data.subset(ids).masks
     table = dice_table(pred, truth, 4)

@@ -571,19 +571,25 @@ def _plot(out_dir: Path, history: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------ OOF summary
-def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> dict | None:
-    """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``.
+def read_oof_labels(files: list[Path]) -> tuple[list[str], list[np.ndarray]]:
+    """Ids and argmax masks of ``oof.npz`` files (one uint8 ``[n, H, W]`` array per file).
 
-    Uses the argmax ``labels`` saved from the float32 probabilities (the masks the fold Dice was
-    computed on); the float16 ``probs`` are only a fallback for files written before ``labels``."""
-    files = [run_dir / f"fold{k}" / "oof.npz" for k in range(n_folds)]
-    if not all(f.is_file() for f in files):
-        return None
+    Uses the ``labels`` saved from the float32 probabilities (the masks the fold Dice was computed
+    on); the float16 ``probs`` are only a fallback for files written before ``labels``."""
     ids, preds = [], []
     for f in files:
         with np.load(f) as z:
             ids += [str(i) for i in z["ids"]]
             preds.append(z["labels"] if "labels" in z.files else z["probs"].astype(np.float32).argmax(1).astype(np.uint8))
+    return ids, preds
+
+
+def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> dict | None:
+    """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``."""
+    files = [run_dir / f"fold{k}" / "oof.npz" for k in range(n_folds)]
+    if not all(f.is_file() for f in files):
+        return None
+    ids, preds = read_oof_labels(files)
     truth = data.subset(ids).masks
     table = dice_table(np.concatenate(preds), truth, num_classes)
     result = {"score": float(table.mean()), "images": len(ids), "rows": int(table.size),

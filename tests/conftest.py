@@ -176,3 +176,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def truth_masks(project, ids):
+    """The demo dataset's true masks of ``ids`` (train/ or val/), stacked in that order."""
+    import numpy as np
+
+    from kagglecmr.data import read_mask
+
+    out = []
+    for i in ids:
+        split = "val" if (project.data / "val" / "mask" / f"{i}_mask.png").is_file() else "train"
+        out.append(read_mask(project.data / split / "mask" / f"{i}_mask.png"))
+    return np.stack(out)

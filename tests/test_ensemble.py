@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import N_FOLDS, N_TEST, copy_run, tree_snapshot
+from conftest import N_FOLDS, N_TEST, copy_run, tree_snapshot, truth_masks
 
 from kagglecmr import ensemble
 from kagglecmr.config import Config
@@ -64,13 +64,6 @@ def assert_labels_match(pred: np.ndarray, probs: np.ndarray, tol: float = 1e-4) 
 def read_mask_dir(folder: Path, ids) -> np.ndarray:
     return np.stack([read_mask(Path(folder) / f"{i}_mask.png") for i in ids])
 
-
-def truth_masks(project, ids) -> np.ndarray:
-    out = []
-    for i in ids:
-        split = "val" if (project.data / "val" / "mask" / f"{i}_mask.png").is_file() else "train"
-        out.append(read_mask(project.data / split / "mask" / f"{i}_mask.png"))
-    return np.stack(out)
 
 
 def oof_labels(project, fold_models) -> tuple[list[str], np.ndarray]:

@@ -22,10 +22,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import N_FOLDS, N_TRAIN, N_VAL, RUN_NAME, copy_run, tree_snapshot
+from conftest import N_FOLDS, N_TRAIN, N_VAL, RUN_NAME, copy_run, tree_snapshot, truth_masks
 
 from kagglecmr.config import load_config
-from kagglecmr.data import read_mask
 from kagglecmr.errors import KaggleCMRError
 from kagglecmr.score import dice_table
 from kagglecmr.train import TIME_COLUMNS, parse_fold_spec, run_train
@@ -123,7 +122,7 @@ def test_fold_artefacts(project, tiny_cfg, k):
     top2 = np.sort(probs.astype(np.float32), axis=1)[:, -2:]
     assert ((top2[:, 1] - top2[:, 0])[changed] <= 2e-3).all() and changed.mean() < 0.01
     assert dice.shape == (len(ids), 3)
-    np.testing.assert_allclose(dice, dice_table(labels, truth_of(project, ids), 4), atol=1e-12)
+    np.testing.assert_allclose(dice, dice_table(labels, truth_masks(project, ids), 4), atol=1e-12)
     # OOF predictions come from the best checkpoint: their Dice is the best epoch's validation Dice
     assert dice.mean() == pytest.approx(summary["best_score"], abs=1e-9)
 
@@ -132,13 +131,6 @@ def test_fold_artefacts(project, tiny_cfg, k):
     img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     assert img is not None and img.shape[0] > 100 and img.shape[1] > 100
 
-
-def truth_of(project, ids) -> np.ndarray:
-    out = []
-    for i in ids:
-        split = "val" if (project.data / "val" / "mask" / f"{i}_mask.png").is_file() else "train"
-        out.append(read_mask(project.data / split / "mask" / f"{i}_mask.png"))
-    return np.stack(out)
 
 
 def test_oof_json_matches_independent_recomputation(project):
@@ -149,7 +141,7 @@ def test_oof_json_matches_independent_recomputation(project):
             ids += [str(i) for i in z["ids"]]
             preds.append(z["labels"])
     assert sorted(ids) == sorted(pd.read_csv(project.folds, dtype={"id": str})["id"])  # every image exactly once
-    table = dice_table(np.concatenate(preds), truth_of(project, ids), 4)
+    table = dice_table(np.concatenate(preds), truth_masks(project, ids), 4)
     assert oof["score"] == pytest.approx(table.mean(), abs=1e-12)
     assert oof["rows"] == table.size == 3 * len(ids) and oof["images"] == len(ids)
     for c in (1, 2, 3):
