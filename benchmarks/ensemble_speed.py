@@ -53,7 +53,7 @@ def main() -> None:
                   for k in range(args.folds)}
         run = Run("bench", Path("."), cfg, models)
         passes = list(cfg.infer.tta)
-        bs = cfg.infer.batch_size if dev.type == "cuda" else cfg.infer.cpu_batch_size
+        bs = cfg.infer.batch_size_for(dev.type)
         predict_images([run], images[:8], dev, passes, np.ones(1), bs)  # warm-up
         times = []
         for _ in range(args.repeats):

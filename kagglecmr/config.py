@@ -108,6 +108,10 @@ class InferConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Images per forward pass on a GPU.")
     cpu_batch_size: int = Field(8, ge=1, description="Images per forward pass on a CPU (small = cache-friendly).")
 
+    def batch_size_for(self, device_type: str) -> int:
+        """Images per forward pass on a ``torch.device.type`` (``batch_size`` on a GPU, else ``cpu_batch_size``)."""
+        return self.batch_size if device_type == "cuda" else self.cpu_batch_size
+
 
 class Config(_Section):
     name: str | None = None

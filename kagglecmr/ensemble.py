@@ -195,7 +195,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     w = _weights(loaded, weights)
     passes = tta_passes(loaded, tta, tta_flips)
     cfg = loaded[0].cfg
-    batch_size = batch_size or (cfg.infer.batch_size if dev.type == "cuda" else cfg.infer.cpu_batch_size)
+    batch_size = batch_size or cfg.infer.batch_size_for(dev.type)
     spec = DataSpec(size=cfg.data.size, in_channels=cfg.data.in_channels, num_classes=cfg.data.num_classes,
                     resize=cfg.data.resize)
     n_models = sum(len(r.models) for r in loaded)

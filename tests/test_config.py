@@ -285,3 +285,9 @@ def test_to_yaml_round_trip(tmp_path, source):
     again = load_config(path)
     assert again == cfg
     assert again.to_yaml() == cfg.to_yaml()
+
+
+def test_inference_batch_size_depends_on_the_device():
+    infer = load_config(None, ["infer.batch_size=48", "infer.cpu_batch_size=4"]).infer
+    assert infer.batch_size_for("cuda") == 48
+    assert infer.batch_size_for("cpu") == 4
