@@ -42,11 +42,12 @@ def demo_data(
 
 @app.command("make-folds")
 def make_folds(
-    data: Path = typer.Option(Path("data"), "--data", help="Dataset root (train/ and optional val/)."),
+    data: Path = typer.Option(Path("data"), "--data", help="Dataset: a folder (train/image, train/mask, ...) or a dataset .yaml file."),
     n_folds: int = typer.Option(5, "--n-folds", help="Number of folds."),
     seed: int = typer.Option(42, "--seed", help="Random seed."),
     out: Path = typer.Option(Path("folds/folds.csv"), "--out", help="Folds CSV to write."),
-    no_groups: bool = typer.Option(False, "--no-groups", help="Do not group near-duplicate images."),
+    no_groups: bool = typer.Option(False, "--no-groups", help="No groups (neither the dataset's group regex nor "
+                                   "the near-duplicate guard)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing folds file."),
     config: str | None = typer.Option(None, "--config", help="Config (for image size / classes)."),
 ) -> None:
@@ -55,20 +56,27 @@ def make_folds(
     from .folds import run_make_folds
 
     cfg = load_config(config) if config else None
-    run_make_folds(data, n_folds=n_folds, seed=seed, out=out, groups=not no_groups, force=force,
-                   spec=cfg.data.spec() if cfg else None)
+    run_make_folds(data, n_folds=n_folds, seed=seed, out=out, groups=not no_groups, force=force, config=cfg)
 
 
 @app.command("score")
 def score(
     submission: Path = typer.Argument(..., help="Submission CSV (id,encoding)."),
     truth: Path | None = typer.Option(None, "--truth", help="Mask folder or solution CSV."),
-    data: Path = typer.Option(Path("data"), "--data", help="Dataset root whose train/val masks are the truth."),
+    data: Path = typer.Option(Path("data"), "--data", help="Dataset (folder or .yaml) whose masks are the truth "
+                              "and whose submission format the CSV is in."),
+    split: str | None = typer.Option(None, "--split", help="Score against this split's masks (e.g. test); "
+                                     "default: the labelled train/val masks of the submission's images."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Score a submission exactly as the leaderboard does (mean Dice over rows)."""
+    """Score a submission exactly as the leaderboard does (mean Dice over rows), plus IoU and pixel accuracy."""
     from .score import run_score
 
+    if split is not None or str(data).endswith((".yaml", ".yml")):
+        from .evaluate import run_score_dataset
+
+        run_score_dataset(submission, data=data, split=split, truth=truth, as_json=as_json)
+        return
     run_score(submission, truth=truth, data=data, as_json=as_json)
 
 
@@ -78,10 +86,17 @@ def encode(
     out: Path = typer.Option(Path("submission.csv"), "--out", help="CSV to write."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing CSV."),
     num_classes: int = typer.Option(4, "--num-classes", help="Classes including background."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset (.yaml): its submission format and mask values "
+                                     "(masks named like its mask pattern or <id>_mask.png / <id>.png)."),
 ) -> None:
     """Convert PNG label masks to a validated submission CSV (the course's converter)."""
     from .rle import run_encode
 
+    if data is not None:
+        from .evaluate import run_encode_dataset
+
+        run_encode_dataset(mask_dir, data=data, out=out, force=force)
+        return
     run_encode(mask_dir, out=out, force=force, num_classes=num_classes)
 
 
@@ -94,7 +109,8 @@ def _config(config: str | None, overrides: list[str] | None, **flags):
     return load_config(config or "default", sets)
 
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="Config path or shipped name (default, demo, offline).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="Config path or shipped name (default, demo, offline, warwick); "
+                         "default: the dataset file's recipe, else default.")
 SetOpt = typer.Option(None, "--set", help="Override a config key: --set train.lr=3e-4 (repeatable).")
 
 
@@ -102,7 +118,7 @@ SetOpt = typer.Option(None, "--set", help="Override a config key: --set train.lr
 def train(
     fold: str = typer.Option(..., "--fold", "-f", help="0, 0..4, 0,2,4 or all (full fit)."),
     config: str | None = ConfigOpt,
-    data: Path = typer.Option(Path("data"), "--data", help="Dataset root."),
+    data: Path = typer.Option(Path("data"), "--data", help="Dataset: a folder (train/image, train/mask, ...) or a dataset .yaml file."),
     folds: Path = typer.Option(Path("folds/folds.csv"), "--folds", help="Folds CSV from make-folds."),
     name: str | None = typer.Option(None, "--name", help="Run name (default: the config's name)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are written."),
@@ -115,10 +131,12 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="One log line per epoch, no progress bar."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Folds trained at once (processes; for GPUs)."),
 ) -> None:
-    """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions."""
+    """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions.
+    Without --config: the dataset file's recipe, else default."""
+    from .dataset import recipe_for
     from .train import run_train
 
-    cfg = _config(config, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr})
+    cfg = _config(config or recipe_for(data), overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr})
     run_train(cfg, fold_spec=fold, data_root=data, folds_path=folds, name=name, runs_dir=runs_dir,
               device=device, force=force, quiet=quiet, jobs=jobs)
 
@@ -128,12 +146,13 @@ def ensemble(
     runs: list[Path] | None = typer.Option(None, "--runs", help="Run folders (repeatable; default: latest)."),
     weights: list[float] | None = typer.Option(None, "--weights", help="One weight per --runs (repeatable)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the latest run."),
-    data: Path = typer.Option(Path("data"), "--data", help="Dataset root."),
+    data: Path = typer.Option(Path("data"), "--data", help="Dataset: a folder (train/image, train/mask, ...) or a dataset .yaml file."),
     split: str = typer.Option("test", "--split", help="test, val, train or oof (out-of-fold)."),
     tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (config infer.tta)."),
     tta_flips: str | None = typer.Option(None, "--tta-flips", help="Comma list, e.g. none,hflip."),
     out: Path | None = typer.Option(None, "--out", help="CSV (default submissions/<run>-<split>-<time>.csv)."),
-    save_masks: Path | None = typer.Option(None, "--save-masks", help="Also write PNG masks + contact sheet."),
+    save_masks: Path | None = typer.Option(None, "--save-masks", help="Also write PNG masks (the dataset's own "
+                                           "mask values, each image's own size) + contact sheet."),
     postprocess: str = typer.Option("auto", "--postprocess", help="auto (tuned on OOF), none, or a plan JSON."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward pass (default: config infer.*)."),

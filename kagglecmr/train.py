@@ -31,7 +31,7 @@ import yaml
 
 from . import augment as aug
 from .config import Config
-from .data import Split, load_labelled
+from .data import Split
 from .errors import KaggleCMRError
 from .infer import predict_proba, to_tensor
 from .io import atomic_path, atomic_write_json, atomic_write_text
@@ -82,12 +82,15 @@ def fold_dir(run_dir: Path, fold) -> Path:
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-def save_best(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, score: float) -> None:
-    """Model weights as safetensors, with the config and epoch in its metadata."""
+def save_best(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, score: float,
+              dataset: dict | None = None) -> None:
+    """Model weights as safetensors, with the config, epoch and dataset description in its metadata."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(cfg.to_dict()), "epoch": str(epoch), "score": repr(float(score))}
+    if dataset is not None:
+        meta["dataset"] = json.dumps(dataset)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -256,7 +259,7 @@ class BatchMaker:
             self.gen = torch.Generator(device=device)
         else:
             self.images, self.masks = images, masks
-            self.pipeline = aug.build_albumentations(cfg.augment)
+            self.pipeline = aug.build_albumentations(cfg.augment, square=images.shape[1] == images.shape[2])
 
     def reseed(self, seed: int) -> None:
         if self.backend == "torch":
@@ -379,7 +382,7 @@ def full_fit_epochs(run_dir: Path) -> int:
 
 
 def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, device: torch.device,
-               force: bool = False, quiet: bool = False) -> FoldResult:
+               force: bool = False, quiet: bool = False, dataset: dict | None = None) -> FoldResult:
     t_start = time.time()
     if _prepare_dir(out_dir, cfg, force):
         summary = json.loads((out_dir / "summary.json").read_text())
@@ -387,6 +390,8 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
         print(f"{out_dir}: already finished ({best}epoch {summary['best_epoch']}); --force retrains it", flush=True)
         best_score = float("nan") if summary["best_score"] is None else summary["best_score"]
         return FoldResult(fold, out_dir, best_score, summary["best_epoch"], skipped=True)
+    if dataset is not None:  # what the fold was trained on (Dataset.describe())
+        atomic_write_json(out_dir / "dataset.json", dataset)
 
     # ---- data: the fold's images as uint8 arrays in memory
     if fold == FULL:
@@ -510,7 +515,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
             if improved:
                 best_score = row["val_dice"] if va is not None else float("nan")
                 best_epoch = epoch + 1
-                save_best(best_path, eval_model, cfg, best_epoch, best_score)
+                save_best(best_path, eval_model, cfg, best_epoch, best_score, dataset)
             row["best"] = bool(improved)
             row |= {"time_s": time.time() - t0, "data_s": data_s, "model_s": model_s, "val_s": time.time() - tv}
             history.append(row)
@@ -601,6 +606,7 @@ def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> d
 # ----------------------------------------------------------------------------------------- entry
 def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name: str | None,
               runs_dir: Path, device: str | None, force: bool, quiet: bool, jobs: int = 1) -> list[FoldResult]:
+    from .dataset import prepare
     from .folds import read_folds
 
     dev = resolve_device(device or cfg.train.device)
@@ -608,7 +614,7 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
     setup_threads(threads)
     name = name or cfg.name or "run"
     run_dir = Path(runs_dir) / name
-    data = load_labelled(data_root, cfg.data.spec())
+    cfg, ds, data = prepare(cfg, data_root)  # data keys from the dataset (folder or dataset file)
     folds_df = read_folds(folds_path, ids=data.ids)
     n_folds = int(folds_df["fold"].max()) + 1
     folds = parse_fold_spec(fold_spec, n_folds)
@@ -625,7 +631,7 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
                 fcfg = cfg.model_copy(deep=True)
                 fcfg.train.epochs = full_fit_epochs(run_dir)
             res = train_fold(fcfg, data, folds_df, fold, fold_dir(run_dir, fold), device=dev, force=force,
-                             quiet=quiet)
+                             quiet=quiet, dataset=ds.describe())
             if not res.skipped and fold != FULL:
                 print(f"fold {fold}: best Dice {res.best_score:.4f} at epoch {res.best_epoch}", flush=True)
             results.append(res)
