@@ -219,11 +219,13 @@ def make_folds(split: Split, n_folds: int = 5, seed: int = 42, groups: bool = Tr
                      axis=1)
 
 
-def fold_table(df: pd.DataFrame) -> str:
+def fold_table(df: pd.DataFrame, class_names: list[str] | None = None) -> str:
     """Human-readable per-fold summary: images, groups, val images, class presence, mean size."""
     has_cols = [c for c in df.columns if c.startswith("has_")]
     names = {c: CMR_CLASS_NAMES.get(int(c[4:]), f"class{c[4:]}") if len(has_cols) == 3 else f"class{c[4:]}"
              for c in has_cols}
+    if class_names is not None and class_names[1:] != [f"class{k}" for k in range(1, len(class_names))]:
+        names = {c: class_names[int(c[4:])] if int(c[4:]) < len(class_names) else names[c] for c in has_cols}
     size_col = next((c for c in ("lv_myo_area", "fg_area") if c in df.columns), None)
     show_val = "split" in df.columns and (df["split"] != "train").any()
     header = ["fold", "images"] + (["groups"] if "group" in df.columns else []) + (["val"] if show_val else [])
@@ -355,6 +357,6 @@ def run_make_folds(data, n_folds: int = 5, seed: int = 42, out=Path("folds/folds
     else:
         grouping = "groups: none, no grouping (--no-groups)"
     print(f"make-folds: {len(df)} labelled images ({per_split}) -> {n_folds} folds, seed {seed}; {grouping}")
-    print(fold_table(df))
+    print(fold_table(df, ds.classes))
     print(f"wrote {out}")
     return df
