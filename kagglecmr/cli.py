@@ -134,7 +134,7 @@ def train(
     """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions.
     Without --config: the dataset file's recipe, else default."""
     from .dataset import recipe_for
-    from .train import run_train
+    from .runs import run_train
 
     cfg = _config(config or recipe_for(data), overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr})
     run_train(cfg, fold_spec=fold, data_root=data, folds_path=folds, name=name, runs_dir=runs_dir,

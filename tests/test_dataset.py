@@ -321,7 +321,7 @@ def test_augmentation_keeps_non_square_shapes(backend):
     import torch
 
     from kagglecmr.config import AugmentConfig
-    from kagglecmr.train import BatchMaker
+    from kagglecmr.batches import BatchMaker
 
     cfg = load_config("demo", ["augment.rot90=1.0", "augment.elastic=0.5", f"augment.backend={backend}"])
     assert isinstance(cfg.augment, AugmentConfig)
