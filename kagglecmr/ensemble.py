@@ -288,7 +288,7 @@ def score_report(split: str, pred: dict, truth: dict, ds) -> str:
         from .score import score_label_maps
     except ImportError:  # before the submission module: Dice only
         table = np.concatenate([dice_table(pred[i], truth[i], ds.num_classes) for i in truth])
-        return f"{split} Dice ({len(truth)} images): {_score_line(table)}"
+        return f"{split} Dice: {_score_line(table)} ({len(truth)} images)"
     kw = {} if ds.submission is None else {"fmt": ds.submission}
     r = score_label_maps(pred, truth, ds.num_classes, **kw)
     names = ds.classes
@@ -297,8 +297,8 @@ def score_report(split: str, pred: dict, truth: dict, ds) -> str:
         return " ".join(f"{names[int(c)] if str(c).isdigit() and int(c) < len(names) else c}:{v:.4f}"
                         for c, v in d.items())
 
-    return (f"{split} ({len(truth)} images) Dice {r.score:.4f} [{per(r.per_class)}] | IoU {r.iou:.4f} "
-            f"[{per(r.per_class_iou)}] | pixel accuracy {r.pixel_accuracy:.4f} [{per(r.per_class_pixel_accuracy)}]")
+    return (f"{split} Dice: {r.score:.4f} [{per(r.per_class)}] | IoU {r.iou:.4f} [{per(r.per_class_iou)}] | "
+            f"pixel accuracy {r.pixel_accuracy:.4f} [{per(r.per_class_pixel_accuracy)}] ({len(truth)} images)")
 
 
 def write_masks(folder: Path, ids: list[str], pred, images: np.ndarray, *, ds=None, preview=None) -> None:
