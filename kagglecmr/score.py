@@ -333,8 +333,8 @@ def score_label_maps(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], 
         by_shape.setdefault(t.shape, []).append(i)
     conf: dict[str, np.ndarray] = {}
     for ids in by_shape.values():
-        stacked = _confusion(np.stack([np.asarray(pred[i]) for i in ids]), np.stack([np.asarray(truth[i]) for i in ids]),
-                             num_classes)
+        stack = [np.stack([np.asarray(maps[i]) for i in ids]) for maps in (pred, truth)]
+        stacked = _confusion(*stack, num_classes)
         conf.update(zip(ids, stacked))
     counts, correct, total = {}, 0, 0
     for i in truth:  # rows in truth order, classes in row order, as the CSV path

@@ -63,7 +63,8 @@ def _template_parts(template: str) -> list[tuple[str, str | None]]:
     parts = []
     for literal, name, spec, conversion in parsed:
         if not _LITERAL.fullmatch(literal):
-            raise _Problem("id", f"template {quoted(template)}: literal text may hold only letters, digits, '_', '.', '-'")
+            raise _Problem("id", f"template {quoted(template)}: literal text may hold only letters, digits, "
+                                 "'_', '.', '-'")
         if name is not None and (name not in PLACEHOLDERS or spec or conversion):
             raise _Problem("id", f"template {quoted(template)}: unknown placeholder {{{name}}} "
                                  "(use {id} and {class} or {name})")
@@ -78,8 +79,9 @@ def _template_parts(template: str) -> list[tuple[str, str | None]]:
         sep = parts[1][0]
         edge = sep[-1:] if names[1] == "class" else sep[:1]
         if not edge or edge.isdigit():
-            raise _Problem("id", f"template {quoted(template)}: put text that does not "
-                                 f"{'end' if names[1] == 'class' else 'start'} with a digit between {{id}} and {{class}}")
+            where = "end" if names[1] == "class" else "start"
+            raise _Problem("id", f"template {quoted(template)}: put text that does not {where} with a digit "
+                                 "between {id} and {class}")
     return parts
 
 
@@ -100,6 +102,8 @@ class SubmissionFormat:
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
         self._check(None)  # a _Problem is a ValueError
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(int(k) for k in self.classes))
 
     # ------------------------------------------------------------------ validation
 
@@ -140,7 +144,8 @@ class SubmissionFormat:
         if "name" in placeholders:
             if names is None:
                 raise _Problem("id", f"template {quoted(self.id)} uses {{name}} but the classes have no names")
-            bad = [n for n in names if not _NAME.fullmatch(n)]
+            ks = self.classes if self.classes is not None else range(1, len(names))
+            bad = [names[k] for k in ks if k < len(names) and not _NAME.fullmatch(names[k])]
             if bad:
                 raise _Problem("id", f"{{name}}: class name {quoted(bad[0])} cannot be part of an id "
                                      "(use letters, digits, '_', '.', '-')")
