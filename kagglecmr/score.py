@@ -325,20 +325,12 @@ def score_label_maps(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], 
     """
     _check_same_ids(pred, truth, "score_label_maps", "images", ValueError)
     classes = fmt.row_classes(num_classes)
-    by_shape: dict[tuple[int, int], list[str]] = {}
-    for i, t in truth.items():
+    counts, correct, total = {}, 0, 0
+    for i, t in truth.items():  # rows in truth order, classes in row order, as the CSV path
         p, t = np.asarray(pred[i]), np.asarray(t)
         if t.ndim != 2 or p.shape != t.shape:
             raise ValueError(f"{i}: prediction shape {p.shape} differs from truth shape {t.shape} (or is not 2-D)")
-        by_shape.setdefault(t.shape, []).append(i)
-    conf: dict[str, np.ndarray] = {}
-    for ids in by_shape.values():
-        stack = [np.stack([np.asarray(maps[i]) for i in ids]) for maps in (pred, truth)]
-        stacked = _confusion(*stack, num_classes)
-        conf.update(zip(ids, stacked))
-    counts, correct, total = {}, 0, 0
-    for i in truth:  # rows in truth order, classes in row order, as the CSV path
-        c = conf[i]
+        c = _confusion(p[None], t[None], num_classes)[0]  # one image at a time: any size, little memory
         n = int(c.sum())
         correct, total = correct + int(np.trace(c)), total + n
         for k in classes:
