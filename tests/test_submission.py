@@ -12,7 +12,15 @@ from hypothesis.extra.numpy import arrays
 
 from kagglecmr.errors import ConfigError, SubmissionError
 from kagglecmr.rle import label_to_rows, parse_row_id
-from kagglecmr.score import read_submission, run_score, score_label_maps, score_rows, write_submission
+from kagglecmr.score import (
+    parse_submission,
+    read_submission,
+    run_score,
+    score_label_maps,
+    score_rows,
+    submission_text,
+    write_submission,
+)
 from kagglecmr.submission import CMR, SubmissionFormat
 
 NAMES = ("background", "Fish", "Flower", "Sugar")
@@ -304,3 +312,37 @@ def test_run_score_in_another_format(tmp_path, capsys):
     assert set(result.row_dice) == {"car_01", "car_02"} and "score" in capsys.readouterr().out
     with pytest.raises(SubmissionError, match="header is 'img,rle_mask', expected 'id,encoding'"):
         run_score(sub, truth=tmp_path / "masks", num_classes=2)
+
+
+formats = st.builds(
+    lambda template, order, start, classes: SubmissionFormat.from_dict(
+        {"id": template, "order": order, "start": start, "classes": classes}, num_classes=4, class_names=NAMES),
+    st.sampled_from(["{id}_mask{class}", "{class}-{id}", "{id}.{name}"]),
+    st.sampled_from(["column", "row"]),
+    st.sampled_from([0, 1]),
+    st.sampled_from([None, [3], [2, 1]]),
+)
+label_sets = st.lists(labels, min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(formats, label_sets, label_sets)
+def test_csv_path_equals_label_maps_in_any_format(fmt, truths, preds):
+    truth = {f"im_{j}": t for j, t in enumerate(truths)}
+    pred = {}
+    for j, (i, t) in enumerate(truth.items()):  # a prediction of each truth's size
+        p = preds[j % len(preds)]
+        pred[i] = np.resize(p, t.shape).astype(np.uint8)
+    shapes = {i: t.shape for i, t in truth.items()}
+    rows = [r for i, m in pred.items() for r in fmt.rows(i, m, 4)]
+    sub = parse_submission(submission_text(rows, fmt), "s", shapes, fmt)
+    sol = {r: e for i, t in truth.items() for r, e in fmt.rows(i, t, 4)}
+    by_csv = score_rows(sub, sol, shapes, fmt=fmt)
+    by_maps = score_label_maps(pred, truth, 4, fmt)
+    assert by_csv.row_dice == pytest.approx(by_maps.row_dice)
+    assert by_csv.per_class_iou == pytest.approx(by_maps.per_class_iou)
+    assert by_csv.per_class_pixel_accuracy == pytest.approx(by_maps.per_class_pixel_accuracy)
+    assert set(by_csv.per_class) == {str(k) for k in fmt.row_classes(4)}
+    for rid, enc in sub.items():  # every row decodes to its class mask at its image's size
+        i, k = fmt.parse_row_id(rid)
+        np.testing.assert_array_equal(fmt.decode(enc, shapes[i]), pred[i] == k)
