@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -294,8 +295,6 @@ def test_direct_construction_is_validated():
 
 
 def test_run_score_in_another_format(tmp_path, capsys):
-    import cv2
-
     fmt = SubmissionFormat.from_dict({"id": "{id}", "header": ["img", "rle_mask"], "order": "row", "start": 0},
                                      num_classes=2)
     rng = np.random.default_rng(4)
