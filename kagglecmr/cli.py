@@ -72,7 +72,7 @@ def score(
     """Score a submission exactly as the leaderboard does (mean Dice over rows), plus IoU and pixel accuracy."""
     from .score import run_score
 
-    if split is not None or str(data).endswith((".yaml", ".yml")):
+    if split is not None or str(data).endswith((".yaml", ".yml")) or (data / "dataset.yaml").is_file():
         from .evaluate import run_score_dataset
 
         run_score_dataset(submission, data=data, split=split, truth=truth, as_json=as_json)

@@ -207,6 +207,17 @@ def test_shipped_cmr_file_matches_the_folder(tmp_path):
     run_make_folds(REPO / "configs" / "datasets" / "cmr.yaml", out=tmp_path / "b.csv")
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
 
+    # the same submission scores the same through both (a CSV of the true masks, some rows wrong)
+    from kagglecmr.evaluate import run_score_dataset
+    from kagglecmr.score import run_score, write_submission
+
+    rows = [(rid, "" if n % 7 == 0 else enc) for n, (i, m) in enumerate(zip(sa.ids, sa.masks))
+            for rid, enc in b.submission.rows(i, m, 4)]
+    write_submission(rows, tmp_path / "sub.csv", shape=(96, 96))
+    folder, file = run_score(tmp_path / "sub.csv", data=REAL_CMR), run_score_dataset(tmp_path / "sub.csv",
+                                                                                        data=REPO / "configs" / "datasets" / "cmr.yaml")
+    assert folder.to_dict() == file.to_dict() and folder.score < 1.0
+
 
 def test_config_pins_must_agree_with_the_dataset(tmp_path):
     ds = load_dataset(two_folder(tmp_path))
@@ -320,8 +331,8 @@ def test_conflicting_pin_in_train_writes_nothing(tmp_path, main_cli, assert_cli_
 def test_augmentation_keeps_non_square_shapes(backend):
     import torch
 
-    from kagglecmr.config import AugmentConfig
     from kagglecmr.batches import BatchMaker
+    from kagglecmr.config import AugmentConfig
 
     cfg = load_config("demo", ["augment.rot90=1.0", "augment.elastic=0.5", f"augment.backend={backend}"])
     assert isinstance(cfg.augment, AugmentConfig)
