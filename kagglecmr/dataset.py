@@ -67,11 +67,12 @@ class Dataset:
     channels: list[int]  # kept channels of the decoded RGB(A) images
     source_channels: int
     size: tuple[int, int]
-    submission: Any = None  # SubmissionFormat (None: the CMR format of kagglecmr.rle)
+    submission: Any = None  # kagglecmr.submission.SubmissionFormat (the CMR format by default)
     group: str | None = None
     recipe: str | None = None
     folder: bool = False
     resized: bool = False
+    size_error: str | None = None  # images differ in size and nothing says which to use (yet)
     notes: list[str] = field(default_factory=list)
     _items: dict[str, list] = field(default_factory=dict, repr=False)
     _masked: dict[str, bool] = field(default_factory=dict, repr=False)
@@ -128,6 +129,8 @@ class Dataset:
 
     def load(self, split: str, labelled: bool | None = None) -> Split:
         """Decode a split at the model size (masks when it has them, or as ``labelled`` says)."""
+        if self.size_error:
+            raise DataError(self.size_error)
         items = self.items(split)
         use_masks = self.has_masks(split) if labelled is None else labelled
         if use_masks and not self.has_masks(split):
@@ -166,15 +169,14 @@ class Dataset:
         return out
 
     def describe(self) -> dict:
-        fmt = self.submission.to_dict() if self.submission is not None else "cmr"
         return {
             "name": self.name, "path": str(self.path), "root": str(self.root), "form": "folder" if self.folder else "file",
             "classes": list(self.classes), "num_classes": self.num_classes,
             "source_channels": self.source_channels, "channels": list(self.channels), "in_channels": self.in_channels,
             "dropped_channels": [c for c in range(self.source_channels) if c not in self.channels],
-            "size": list(self.size), "resized": self.resized,
+            "size": list(self.size) if self.size else None, "resized": self.resized,
             "mask_values": {str(v): k for v, k in sorted(self.mask_values.items())},
-            "submission": fmt, "group": self.group, "recipe": self.recipe, "notes": list(self.notes),
+            "submission": self.submission.to_dict(), "group": self.group, "recipe": self.recipe, "notes": list(self.notes),
             "splits": {s: {"images": len(self._items[s]), "masks": self.has_masks(s)} for s in self.split_names()},
         }
 
@@ -252,10 +254,8 @@ def _mask_map(path: Path, items, masked, spec_map, k: int | None, folder: bool) 
 
 
 def _submission_format(d: dict | None, num_classes: int, names: list[str], source: str):
-    try:
-        from .submission import SubmissionFormat
-    except ImportError:  # the submission module is not there yet: the CMR format of kagglecmr.rle
-        return None
+    from .submission import SubmissionFormat
+
     try:
         return SubmissionFormat.from_dict(d, num_classes=num_classes, class_names=names, source=source)
     except ConfigError as exc:
@@ -288,13 +288,18 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
         [ip for _, ip, _ in items["train"]]
     train_images = [(p, D.decode_image(p)) for p in labelled]
     source, channels, notes = _channels(path, train_images, spec.channels)
-    size, resized = _size(path, items, train_images, spec.size)
+    try:
+        size, resized, size_error = *_size(path, items, train_images, spec.size), None
+    except DataError as exc:  # the folder form may still be resized by a config (data.size + data.resize)
+        if not folder:
+            raise
+        size, resized, size_error = None, False, str(exc).replace("set size:", "set data.size and data.resize: true")
     k = len(spec.classes) if spec.classes else None
     mapping, k = _mask_map(path, items, masked, spec.mask_values, k, folder)
     names = list(spec.classes) if spec.classes else ["background"] + [f"class{c}" for c in range(1, k)]
     ds = Dataset(name=spec.name or (path.name if folder else path.stem), path=path, root=root, classes=names,
                  mask_values=mapping, channels=channels, source_channels=source, size=size,
-                 group=spec.group, recipe=spec.recipe, folder=folder, resized=resized, notes=notes,
+                 group=spec.group, recipe=spec.recipe, folder=folder, resized=resized, size_error=size_error, notes=notes,
                  _items=items, _masked=masked)
     ds.submission = _submission_format(spec.submission, k, names, str(path))
     return ds
@@ -318,10 +323,14 @@ def apply_dataset(cfg, ds: Dataset):
         raise ConfigError(f"{where}: data.in_channels={d.in_channels} conflicts with {ds.path} "
                           f"({ds.in_channels} channel(s) {ds.channels})")
     if d.size is not None and d.hw != ds.size:
+        if not d.resize and ds.size_error:
+            raise DataError(ds.size_error)
         if not d.resize:
             raise ConfigError(f"{where}: data.size={d.size} conflicts with {ds.path} (images are "
                               f"{ds.size[1]}x{ds.size[0]}; set size: in the dataset, or data.resize: true)")
-        ds.size, ds.resized = d.hw, True
+        ds.size, ds.resized, ds.size_error = d.hw, True, None
+    if ds.size_error:
+        raise DataError(ds.size_error)
     out = cfg.model_copy(deep=True)
     h, w = ds.size
     out.data.size = h if h == w else [h, w]

@@ -241,7 +241,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
         print(score_report(split, dict(zip(images.ids, labels)), truth, ds), flush=True)
 
     fmt = ds.submission
-    rows = [row for i, m in zip(images.ids, labels) for row in submission_rows(fmt, i, m, k)]
+    rows = [row for i, m in zip(images.ids, labels) for row in fmt.rows(i, m, k)]
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         base = f"{'+'.join(r.name for r in loaded)}-{split}-{stamp}"
@@ -250,11 +250,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
         while out.exists():  # two runs within one second
             n += 1
             out = Path("submissions") / f"{base}-{n}.csv"
-    shapes = {i: m.shape for i, m in zip(images.ids, labels)}
-    if fmt is None:  # the CMR format (every image of one size)
-        write_submission(rows, out, shape=labels[0].shape, overwrite=False)
-    else:
-        write_submission(rows, out, shape=shapes, overwrite=False, fmt=fmt)
+    write_submission(rows, out, shape={i: m.shape for i, m in zip(images.ids, labels)}, overwrite=False, fmt=fmt)
     empty = {c: int(sum(1 for m in labels if not (m == c).any())) for c in range(1, k)}
     print(f"wrote {len(rows)} rows for {len(images)} images to {out} "
           f"(empty rows per class: {', '.join(f'{c}: {v}' for c, v in empty.items())}) in {time.time() - t0:.1f}s",
@@ -276,21 +272,11 @@ def label_at_size(probs: np.ndarray, hw) -> np.ndarray:
     return np.stack(chans).argmax(0).astype(np.uint8)
 
 
-def submission_rows(fmt, image_id: str, label: np.ndarray, num_classes: int) -> list[tuple[str, str]]:
-    from .rle import label_to_rows
-
-    return label_to_rows(image_id, label, num_classes) if fmt is None else fmt.rows(image_id, label, num_classes)
-
-
 def score_report(split: str, pred: dict, truth: dict, ds) -> str:
     """``<split> Dice ... IoU ... pixel accuracy ...`` of label maps at their own sizes (per class)."""
-    try:
-        from .score import score_label_maps
-    except ImportError:  # before the submission module: Dice only
-        table = np.concatenate([dice_table(pred[i], truth[i], ds.num_classes) for i in truth])
-        return f"{split} Dice: {_score_line(table)} ({len(truth)} images)"
-    kw = {} if ds.submission is None else {"fmt": ds.submission}
-    r = score_label_maps(pred, truth, ds.num_classes, **kw)
+    from .score import score_label_maps
+
+    r = score_label_maps(pred, truth, ds.num_classes, fmt=ds.submission)
     names = ds.classes
 
     def per(d):

@@ -17,14 +17,6 @@ from .dataset import Dataset, load_dataset
 from .errors import KaggleCMRError, SubmissionError
 
 
-def _format(ds: Dataset):
-    if ds.submission is not None:
-        return ds.submission
-    from .submission import CMR  # noqa: F401 - only reached once the module exists
-
-    return CMR
-
-
 def truth_masks(ds: Dataset, split: str | None, image_ids: list[str] | None = None) -> dict:
     """``{id: label map at its own size}`` of a split's masks, or (``split=None``) of ``image_ids`` among
     the labelled train/val masks."""
@@ -51,8 +43,7 @@ def run_score_dataset(submission: str | Path, *, data: str | Path, split: str | 
 
     submission = Path(submission)
     ds = load_dataset(data)
-    fmt = _format(ds)
-    k = ds.num_classes
+    fmt, k = ds.submission, ds.num_classes
     if truth is not None:
         truth_paths = mask_folder_paths(truth)
         masks = {i: ds.read_mask(p, resize=False) for i, p in truth_paths.items()}
@@ -82,7 +73,7 @@ def run_encode_dataset(mask_dir: str | Path, *, data: str | Path, out: str | Pat
     if out.exists() and not force:
         raise KaggleCMRError(f"{out}: already exists (use --force to overwrite)")
     ds = load_dataset(data)
-    fmt = _format(ds)
+    fmt = ds.submission
     masks = {i: ds.read_mask(p, resize=False) for i, p in mask_folder_paths(mask_dir).items()}
     rows = [row for i, m in masks.items() for row in fmt.rows(i, m, ds.num_classes)]
     write_submission(rows, out, shape={i: m.shape for i, m in masks.items()}, overwrite=force, fmt=fmt)

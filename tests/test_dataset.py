@@ -342,3 +342,19 @@ def test_augmentation_keeps_non_square_shapes(backend):
     bm.reseed(0)
     x, y = bm(np.arange(4))
     assert tuple(x.shape) == (4, 3, 24, 40) and tuple(y.shape) == (4, 24, 40)
+
+
+def test_folder_of_mixed_sizes_trains_with_a_config_resize(tmp_path):
+    """As before dataset files: a folder whose images differ in size loads with data.size + data.resize."""
+    for i, side in enumerate((32, 40, 32)):
+        write_png(tmp_path / "d" / "train" / "image" / f"cmr{i}.png", rgb(i, (side, side))[:, :, 0])
+        write_png(tmp_path / "d" / "train" / "mask" / f"cmr{i}_mask.png", blobs(i, (side, side), (0, 1, 2)))
+    ds = load_dataset(tmp_path / "d")
+    with pytest.raises(DataError, match="differ in size.*data.resize: true"):
+        ds.labelled()
+    with pytest.raises(DataError, match="differ in size"):
+        apply_dataset(load_config("demo"), ds)
+    cfg = apply_dataset(load_config("demo", ["data.size=24", "data.resize=true"]), ds)
+    assert cfg.data.size == 24 and cfg.data.num_classes == 3
+    split = ds.labelled()
+    assert split.images.shape == (3, 24, 24, 1) and split.orig_sizes == [(32, 32), (40, 40), (32, 32)]
