@@ -36,6 +36,7 @@ from .errors import ConfigError, DataError
 
 DATASET_FILE = "dataset.yaml"
 SPLIT_NAMES = ("train", "val", "test")
+MAX_LABEL_CLASSES = 32  # a folder's mask values below this are class labels; above, grey levels (mask_values: auto)
 
 
 def auto_mask_map(values, num_classes: int | None, where: str) -> dict[int, int]:
@@ -238,10 +239,10 @@ def _mask_map(path: Path, items, masked, spec_map, k: int | None, folder: bool) 
             for _, _, mp in rows:
                 for v in np.unique(D.decode_mask(mp)).tolist():
                     values.setdefault(int(v), mp)
-    if folder:
+    if folder and max(values, default=0) < MAX_LABEL_CLASSES:  # labels 0..K-1, as before dataset files
         k = max(2, max(values, default=0) + 1)
         return {v: v for v in range(k)}, k
-    if spec_map != "auto":
+    if spec_map != "auto" and not folder:
         k = k or max(spec_map.values()) + 1
         if max(spec_map.values()) >= k:
             raise DataError(f"{path}: mask_values: class {max(spec_map.values())} but only {k} classes")

@@ -363,3 +363,13 @@ def test_folder_of_mixed_sizes_trains_with_a_config_resize(tmp_path):
     assert cfg.data.size == 24 and cfg.data.num_classes == 3
     split = ds.labelled()
     assert split.images.shape == (3, 24, 24, 1) and split.orig_sizes == [(32, 32), (40, 40), (32, 32)]
+
+
+def test_folder_with_grey_level_masks_maps_them(tmp_path):
+    """A folder in the competition layout whose masks are 0/255 gets 2 classes, not 256."""
+    for i in range(3):
+        write_png(tmp_path / "d" / "train" / "image" / f"cmr{i}.png", rgb(i)[:, :, 0])
+        write_png(tmp_path / "d" / "train" / "mask" / f"cmr{i}_mask.png", blobs(i))
+    ds = load_dataset(tmp_path / "d")
+    assert ds.num_classes == 2 and ds.mask_values == {0: 0, 255: 1}
+    np.testing.assert_array_equal(ds.labelled().masks[0], (blobs(0) == 255).astype(np.uint8))
