@@ -139,6 +139,8 @@ def train_ray(fold_cfgs: list[tuple[object, Config]], *, data, folds_df, run_dir
                 continue
             if out.locked_by:
                 print(f"fold {fold}: skipped, {out.locked_by}", flush=True)
+            elif out.skipped:
+                print(f"fold {fold}: already finished ({out.out_dir}); --force retrains it", flush=True)
             report_fold(out)
             results[fold] = out
     finally:
