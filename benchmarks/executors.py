@@ -5,7 +5,7 @@ fresh runs folder, so interpreter start-up, Ray start-up and data loading are co
 and the ratio of each variant to the first.
 
     python benchmarks/executors.py                        # demo data, demo config, 5 folds x 5 epochs
-    python benchmarks/executors.py --epochs 5 --jobs 2 --device cpu
+    python benchmarks/executors.py --epochs 2 --jobs 2 --device cpu --variants jobs,ray,local
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--jobs", type=int, default=2, help="--jobs of the parallel local variant (0: leave it out)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--variants", default="local,jobs,ray", help="comma list of local, jobs, ray")
+    ap.add_argument("--variants", default="jobs,ray,local", help="comma list of local, jobs, ray (the first is the reference)")
     args = ap.parse_args()
 
     k = [sys.executable, "-m", "kagglecmr"]

@@ -151,9 +151,8 @@ def ensemble(
     splits = [s.strip() for item in split for s in item.split(",") if s.strip()]
     flips = [f.strip() for f in tta_flips.split(",") if f.strip()] if tta_flips else None
     run_ensemble(runs=runs, runs_dir=runs_dir, data_root=data, split=splits[0] if len(splits) == 1 else splits,
-                 tta=tta or bool(flips),
-                 tta_flips=flips, out=out, save_masks=save_masks, postprocess=postprocess, weights=weights,
-                 device=device, batch_size=batch_size, with_full=full)
+                 tta=tta or bool(flips), tta_flips=flips, out=out, save_masks=save_masks, postprocess=postprocess,
+                 weights=weights, device=device, batch_size=batch_size, with_full=full)
 
 
 def main() -> None:
