@@ -233,7 +233,7 @@ def plot_class_dice(scores: Mapping[str, Mapping], out_png: str | os.PathLike, *
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(title or "Dice per class", fontsize=10)
     if series and classes:
-        ax.legend(fontsize=8, loc="lower right", ncol=min(n, 6))
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach the top
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
     fig.tight_layout()

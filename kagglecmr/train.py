@@ -354,8 +354,8 @@ def _prepare_dir(out_dir: Path, cfg: Config, force: bool) -> bool:
 
 
 def _recipe(cfg: dict) -> dict:
-    """The config without where it runs (device, threads): those may change on resume."""
-    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("device", "threads")}
+    """The config without where it runs and logs (device, threads, log): those may change on resume."""
+    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("device", "threads", "log")}
     return cfg | {"train": train}
 
 
@@ -466,6 +466,9 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     atomic_write_json(out_dir / "env.json", env)
 
     # ---- epochs
+    from .tracking import Tracker
+
+    tracker = Tracker(out_dir, cfg.train.log, start_epoch)
     reporter = Reporter(f"{out_dir.parent.name}/{out_dir.name}", cfg.train.epochs, quiet)
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -522,8 +525,10 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                 "rng_torch": torch.get_rng_state(),
             })
             write_metrics(out_dir / "metrics.csv", history)
+            tracker.epoch(row)
             reporter.epoch(row)
     finally:
+        tracker.close()
         reporter.close()
     _plot(out_dir, history)
 
