@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from kagglecmr.data import load_labelled
+from kagglecmr.runs import read_oof_labels
 from kagglecmr.score import dice_table
-from kagglecmr.train import read_oof_labels
 
 CLASSES = {1: "RV", 2: "Myo", 3: "LV"}
 

@@ -116,7 +116,7 @@ def train(
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Folds trained at once (processes; for GPUs)."),
 ) -> None:
     """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions."""
-    from .train import run_train
+    from .runs import run_train
 
     cfg = _config(config, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr})
     run_train(cfg, fold_spec=fold, data_root=data, folds_path=folds, name=name, runs_dir=runs_dir,

@@ -50,7 +50,7 @@ def load_run(path: Path, device: torch.device, *, with_full: bool = False) -> Ru
     """Load ``best.safetensors`` of every fold (0..n-1, each finished) and, with ``with_full``, of the
     full fit (``full/``, from ``train --fold all``) when it exists.  The full fit holds nothing out, so it
     never enters out-of-fold predictions."""
-    from .train import load_best
+    from .checkpoint import load_best
 
     path = Path(path)
     if not path.is_dir():

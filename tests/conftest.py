@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny demo dataset, its folds and ONE trained tiny 5-fold run (session scoped).
 
-The run is trained once per test session through the library (``kagglecmr.train.run_train``) with a
+The run is trained once per test session through the library (``kagglecmr.runs.run_train``) with a
 2-epoch scratch Unet on 25 labelled 96x96 phantoms; train/ensemble tests copy it before changing it.
 """
 
@@ -137,7 +137,7 @@ def project(tmp_path_factory) -> Project:
     from kagglecmr.config import load_config
     from kagglecmr.demo import make_demo_dataset
     from kagglecmr.folds import run_make_folds
-    from kagglecmr.train import run_train
+    from kagglecmr.runs import run_train
 
     root = tmp_path_factory.mktemp("project")
     config = root / f"{RUN_NAME}.yaml"

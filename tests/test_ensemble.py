@@ -19,13 +19,13 @@ import torch
 from conftest import N_FOLDS, N_TEST, copy_run, tree_snapshot, truth_masks
 
 from kagglecmr import ensemble
+from kagglecmr.checkpoint import load_best
 from kagglecmr.config import Config
 from kagglecmr.data import load_split, natural_sorted, read_mask
 from kagglecmr.infer import TTA_FLIPS, predict_proba
 from kagglecmr.models import build_model
 from kagglecmr.postprocess import apply_plan, load_plan, tune_plan
 from kagglecmr.score import dice_table, read_submission
-from kagglecmr.train import load_best
 
 CPU = torch.device("cpu")
 TEST_IDS = [f"cmr{i}" for i in range(26, 26 + N_TEST)]  # demo ids run on across train (20), val (5), test

@@ -14,9 +14,10 @@ from torch import nn
 
 from kagglecmr import augment as aug
 from kagglecmr.config import load_config
+from kagglecmr.cudagraph import GraphedStep
 from kagglecmr.data import load_labelled
 from kagglecmr.demo import make_demo_dataset
-from kagglecmr.train import GraphedStep, train_fold
+from kagglecmr.train import train_fold
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

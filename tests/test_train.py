@@ -26,8 +26,9 @@ from conftest import N_FOLDS, N_TRAIN, N_VAL, RUN_NAME, copy_run, tree_snapshot,
 
 from kagglecmr.config import load_config
 from kagglecmr.errors import KaggleCMRError
+from kagglecmr.runs import parse_fold_spec, run_train
 from kagglecmr.score import dice_table
-from kagglecmr.train import TIME_COLUMNS, parse_fold_spec, run_train
+from kagglecmr.train import TIME_COLUMNS
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "dice_1", "dice_2", "dice_3", "best",
                   *TIME_COLUMNS]

@@ -1,0 +1,53 @@
+"""Checkpoint files of a fold: ``best.safetensors`` (weights + config metadata) and ``last.pt`` (full
+training state for exact resume, loaded with ``weights_only=True``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .errors import KaggleCMRError
+from .io import atomic_path
+
+
+def save_best(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, score: float) -> None:
+    """Model weights as safetensors, with the config and epoch in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps(cfg.to_dict()), "epoch": str(epoch), "score": repr(float(score))}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_best(path: Path) -> tuple[dict, dict]:
+    """``(state_dict, metadata)`` of a ``best.safetensors``; metadata["config"] is a dict."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    except Exception as exc:
+        raise KaggleCMRError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    try:
+        meta["config"] = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError:
+        raise KaggleCMRError(f"{path}: checkpoint metadata is corrupt") from None
+    return sd, meta
+
+
+def save_last(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_last(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise KaggleCMRError(f"{path}: cannot resume, checkpoint unreadable ({type(exc).__name__}); "
+                             f"rerun with --force to start the fold again") from None

@@ -1,0 +1,220 @@
+"""Runs: fold specs, run folders, and ``kagglecmr train``'s orchestration of folds.
+
+``run_train`` loads the labelled data and the folds file once, then trains the requested folds one after
+another in this process (:func:`kagglecmr.train.train_fold`), or ``--jobs N`` of them at once in child
+processes; when every fold has out-of-fold predictions it writes the run's ``oof.json``.
+
+Run directory ``runs/<name>/fold<k>/`` (``full/`` for ``--fold all``)::
+
+    config.yaml  env.json  metrics.csv  curves.png  last.pt  best.safetensors  oof.npz  summary.json
+    tb/  (TensorBoard events, with ``train.log: [csv, tensorboard]``)
+
+and beside the folds ``oof.json``; ``ensemble`` adds ``postprocess.json`` and ``ensemble_oof.json``,
+``kagglecmr report`` writes ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .config import Config
+from .data import Split, load_labelled
+from .errors import KaggleCMRError
+from .io import atomic_write_json, atomic_write_text
+from .runtime import cpu_count, resolve_device, setup_threads
+from .score import dice_table
+
+FULL = "all"
+THREADS_ENV = "KAGGLECMR_THREADS"  # set for child processes of --jobs
+
+
+# ------------------------------------------------------------------------------------------ folds
+def parse_fold_spec(spec: str, n_folds: int) -> list:
+    """``0`` | ``0..4`` | ``0,2,4`` | ``all`` (full fit) -> list of fold numbers or ``"all"``."""
+    s = str(spec).strip().lower()
+    if s == FULL:
+        return [FULL]
+    try:
+        if ".." in s:
+            a, b = s.split("..")
+            folds = list(range(int(a), int(b) + 1))
+        else:
+            folds = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise KaggleCMRError(f"--fold {spec}: expected 0, 0..4, 0,2,4 or all") from None
+    if not folds:
+        raise KaggleCMRError(f"--fold {spec}: no folds given")
+    bad = [f for f in folds if not 0 <= f < n_folds]
+    if bad:
+        raise KaggleCMRError(f"--fold {spec}: fold {bad[0]} out of range 0..{n_folds - 1} (folds file has {n_folds})")
+    return sorted(set(folds))
+
+
+def fold_dir(run_dir: Path, fold) -> Path:
+    return run_dir / ("full" if fold == FULL else f"fold{fold}")
+
+
+# ------------------------------------------------------------------------------------- one fold
+@dataclass
+class FoldResult:
+    fold: object
+    out_dir: Path
+    best_score: float
+    best_epoch: int
+    skipped: bool = False
+
+
+def _config_for_resume(out_dir: Path) -> dict | None:
+    p = out_dir / "config.yaml"
+    return yaml.safe_load(p.read_text()) if p.is_file() else None
+
+
+def prepare_dir(out_dir: Path, cfg: Config, force: bool) -> bool:
+    """Create/validate the fold directory; returns True when the fold is already finished."""
+    if out_dir.is_dir() and force:
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = _config_for_resume(out_dir)
+    if saved is not None and _recipe(saved) != _recipe(cfg.to_dict()):
+        changed = sorted(_diff_keys(_recipe(saved), _recipe(cfg.to_dict())))
+        raise KaggleCMRError(f"{out_dir}: holds a run with another config (differs in {', '.join(changed[:4])}); "
+                             f"use --force to replace it or --name for a new run")
+    if (out_dir / "summary.json").is_file():
+        return True
+    atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+    return False
+
+
+def _recipe(cfg: dict) -> dict:
+    """The config without where it runs and logs (device, threads, log): those may change on resume."""
+    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("device", "threads", "log")}
+    return cfg | {"train": train}
+
+
+def _diff_keys(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in set(a) | set(b):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def full_fit_epochs(run_dir: Path) -> int:
+    """Epochs for ``--fold all``: the median best epoch of the run's finished CV folds."""
+    best = []
+    for p in sorted(run_dir.glob("fold*/summary.json")):
+        best.append(json.loads(p.read_text())["best_epoch"])
+    if not best:
+        raise KaggleCMRError(f"{run_dir}: --fold all takes its epochs from finished CV folds; train --fold 0..4 first")
+    return max(1, int(round(float(np.median(best)))))
+
+
+# ------------------------------------------------------------------------------------ OOF summary
+def read_oof_labels(files: list[Path]) -> tuple[list[str], list[np.ndarray]]:
+    """Ids and argmax masks of ``oof.npz`` files (one uint8 ``[n, H, W]`` array per file).
+
+    Uses the ``labels`` saved from the float32 probabilities (the masks the fold Dice was computed
+    on); the float16 ``probs`` are only a fallback for files written before ``labels``."""
+    ids, preds = [], []
+    for f in files:
+        with np.load(f) as z:
+            ids += [str(i) for i in z["ids"]]
+            preds.append(z["labels"] if "labels" in z.files else z["probs"].astype(np.float32).argmax(1).astype(np.uint8))
+    return ids, preds
+
+
+def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> dict | None:
+    """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``."""
+    files = [run_dir / f"fold{k}" / "oof.npz" for k in range(n_folds)]
+    if not all(f.is_file() for f in files):
+        return None
+    ids, preds = read_oof_labels(files)
+    truth = data.subset(ids).masks
+    table = dice_table(np.concatenate(preds), truth, num_classes)
+    result = {"score": float(table.mean()), "images": len(ids), "rows": int(table.size),
+              "per_class": {str(k): float(table[:, k - 1].mean()) for k in range(1, num_classes)}}
+    atomic_write_json(run_dir / "oof.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------- entry
+def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name: str | None,
+              runs_dir: Path, device: str | None, force: bool, quiet: bool, jobs: int = 1) -> list[FoldResult]:
+    from .folds import read_folds
+    from .train import train_fold
+
+    dev = resolve_device(device or cfg.train.device)
+    threads = int(os.environ.get(THREADS_ENV, "0")) or cfg.train.threads
+    setup_threads(threads)
+    name = name or cfg.name or "run"
+    run_dir = Path(runs_dir) / name
+    data = load_labelled(data_root, cfg.data.spec())
+    folds_df = read_folds(folds_path, ids=data.ids)
+    n_folds = int(folds_df["fold"].max()) + 1
+    folds = parse_fold_spec(fold_spec, n_folds)
+    print(f"run {run_dir} | {cfg.model.arch}/{cfg.model.encoder} | {len(data)} labelled images | "
+          f"device {dev} | folds {folds}" + (f" | {jobs} at a time" if jobs > 1 else ""), flush=True)
+    if jobs > 1 and len(folds) > 1 and FULL not in folds:
+        results = _train_parallel(cfg, folds, jobs, data_root=data_root, folds_path=folds_path, run_dir=run_dir,
+                                  device=str(dev), force=force)
+    else:
+        results = []
+        for fold in folds:
+            fcfg = cfg
+            if fold == FULL:
+                fcfg = cfg.model_copy(deep=True)
+                fcfg.train.epochs = full_fit_epochs(run_dir)
+            res = train_fold(fcfg, data, folds_df, fold, fold_dir(run_dir, fold), device=dev, force=force,
+                             quiet=quiet)
+            if not res.skipped and fold != FULL:
+                print(f"fold {fold}: best Dice {res.best_score:.4f} at epoch {res.best_epoch}", flush=True)
+            results.append(res)
+    oof = oof_summary(run_dir, data, n_folds, cfg.data.num_classes)
+    if oof is not None:
+        per = " ".join(f"{k}:{v:.4f}" for k, v in oof["per_class"].items())
+        print(f"out-of-fold Dice {oof['score']:.4f} over {oof['rows']} rows [{per}] -> {run_dir / 'oof.json'}",
+              flush=True)
+    return results
+
+
+def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, folds_path: Path, run_dir: Path,
+                    device: str, force: bool) -> list[FoldResult]:
+    """Train folds in ``jobs`` child processes at once (several folds share one GPU; CPU threads split)."""
+    import subprocess
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.yaml"
+    atomic_write_text(cfg_path, cfg.to_yaml())
+    env = os.environ | {THREADS_ENV: str(max(1, cpu_count() // jobs))}
+    base = [sys.executable, "-m", "kagglecmr", "train", "--config", str(cfg_path), "--data", str(data_root),
+            "--folds", str(folds_path), "--name", run_dir.name, "--runs-dir", str(run_dir.parent),
+            "--device", device, "--quiet"] + (["--force"] if force else [])
+    pending, running, failed = list(folds), [], []
+    while pending or running:
+        while pending and len(running) < jobs:
+            k = pending.pop(0)
+            running.append((k, subprocess.Popen([*base, "--fold", str(k)], env=env)))
+        time.sleep(0.2)
+        for item in list(running):
+            if item[1].poll() is not None:
+                running.remove(item)
+                if item[1].returncode != 0:
+                    failed.append(item[0])
+    if failed:
+        raise KaggleCMRError(f"{run_dir}: fold(s) {', '.join(map(str, failed))} failed (see the output above)")
+    results = []
+    for k in folds:
+        summary = json.loads((fold_dir(run_dir, k) / "summary.json").read_text())
+        results.append(FoldResult(k, fold_dir(run_dir, k), summary["best_score"], summary["best_epoch"]))
+        print(f"fold {k}: best Dice {summary['best_score']:.4f} at epoch {summary['best_epoch']}", flush=True)
+    return results
