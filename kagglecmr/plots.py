@@ -35,7 +35,7 @@ _GENERIC = [(255, 215, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0), (128, 0,
             (128, 128, 0), (255, 192, 203)]
 # Candidates when a class colour is too close to the image under it: far from most tissue colours.
 _CONTRAST = [(255, 255, 0), (0, 255, 255), (0, 255, 0), (255, 255, 255), (0, 0, 0), (255, 0, 255)]
-MIN_CONTRAST = 160.0  # RGB distance below which a mask colour is replaced
+MIN_CONTRAST = 160.0  # RGB distance (10th percentile along the contour) below which a mask colour is replaced
 LOSS_COLOURS = {"train_loss": "#0064c8", "val_loss": "#ff8c00"}
 
 
@@ -256,15 +256,23 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def mask_colour(rgb: np.ndarray, region: np.ndarray, k: int) -> tuple[int, int, int]:
-    """Class ``k``'s colour, or the contrast colour farthest from the image under ``region`` when the
-    class colour is closer than ``MIN_CONTRAST`` to the mean RGB of the image under ``region``."""
+    """Class ``k``'s colour, unless a tenth of the pixels along ``region``'s border (where its contour
+    lies) are closer than ``MIN_CONTRAST`` to it: then the contrast colour that stands out best there.
+    On grey images the class colours always stay (each is at least 160 from every grey)."""
     colour = class_colour(k)
-    if not region.any():
+    m = np.asarray(region, np.uint8)
+    if not m.any():
         return colour
-    mean = rgb[region].reshape(-1, 3).astype(np.float64).mean(0)
-    if np.linalg.norm(mean - colour) >= MIN_CONTRAST:
+    kernel = np.ones((3, 3), np.uint8)
+    ring = cv2.dilate(m, kernel).astype(bool) & ~cv2.erode(m, kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
+    pixels = rgb[ring if ring.any() else m.astype(bool)].reshape(-1, 3).astype(np.float64)
+
+    def contrast(c) -> float:
+        return float(np.percentile(np.linalg.norm(pixels - np.asarray(c, np.float64), axis=1), 10))
+
+    if contrast(colour) >= MIN_CONTRAST:
         return colour
-    return max(_CONTRAST, key=lambda c: float(np.linalg.norm(mean - c)))
+    return max(_CONTRAST, key=contrast)
 
 
 def overlay(image: np.ndarray, label: np.ndarray | None, *, style: str = "contour", alpha: float = OVERLAY_ALPHA,
@@ -345,7 +353,7 @@ def contact_sheet(images: np.ndarray, labels: np.ndarray | None, ids, out_png: s
         r, c = divmod(i, ncols)
         y0, x0 = SHEET_PAD + r * (ch + SHEET_PAD), SHEET_PAD + c * (cw + SHEET_PAD)
         for p, m in enumerate(masks):
-            cell = overlay(img, None if m is None else big(m[i]), style=style, thickness=max(1, scale // 2))
+            cell = overlay(img, None if m is None else big(m[i]), style=style, thickness=max(1, scale))
             text = ids[i] if p == 0 else "pred"
             if truth is not None and p == 0:
                 text += " truth"

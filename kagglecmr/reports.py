@@ -248,7 +248,10 @@ def print_runs(rows: list[dict], *, as_json: bool = False, file=None) -> None:
             table.add_column(h, justify="right" if k not in ("name", "differs", "per_class", "device", "folds") else "left")
         for c in map(_cells, rows):
             table.add_row(*(c[k] for _, k in COLUMNS))
-        Console(file=file).print(table)
+        needed = len(format_runs_table(rows).splitlines()[0]) + 3 * len(COLUMNS) + 1  # never squeeze cells to "…"
+        console = Console(file=file)
+        console.width = max(console.width, needed)
+        console.print(table)
     else:
         print(format_runs_table(rows), file=file)
 

@@ -93,6 +93,22 @@ def test_runs_cli_json_and_text(project, runs_dir, main_cli):
     assert "encoder=resnet18" in lines[1]
 
 
+def test_runs_rich_table_on_a_terminal(runs_dir):
+    import io
+
+    from kagglecmr.reports import print_runs
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    print_runs(list_runs(runs_dir), file=out)
+    text = out.getvalue()
+    assert "┃" in text or "│" in text  # a rich table, not the plain text
+    assert "tiny_no2" in text and "missing 2" in text
+
+
 def test_runs_cli_errors_and_empty(tmp_path, main_cli, assert_cli_error):
     assert_cli_error(main_cli("runs", "--runs-dir", tmp_path / "nope"), "nope", "runs folder not found")
     (tmp_path / "empty").mkdir()
@@ -138,7 +154,7 @@ def _images(page: str) -> list[np.ndarray]:
 def test_report_on_a_finished_run(project, runs_dir, main_cli):
     run = runs_dir / "tiny"
     (run / "postprocess.json").write_text('{"1": {"kind": "largest"}, "2": {"kind": "none"}}')
-    for attempt in range(2):  # the second run replaces its own report
+    for _ in range(2):  # the second run replaces its own report
         proc = main_cli("report", run, "--data", project.data, "--worst", "6")
         assert proc.returncode == 0, proc.stderr
     page = (run / "report.html").read_text()
@@ -209,7 +225,7 @@ def test_tensorboard_missing_is_a_config_error(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_training_with_tensorboard_logs_every_epoch(project, tmp_path, one_torch_thread):
     from kagglecmr.config import load_config
-    from kagglecmr.train import run_train
+    from kagglecmr.runs import run_train
 
     cfg = load_config(project.config, ["train.log=[csv,tensorboard]", "train.epochs=2"])
     run_train(cfg, fold_spec="1", data_root=project.data, folds_path=project.folds, name="tb", runs_dir=tmp_path,
