@@ -122,8 +122,11 @@ def _loss_axis(ax, drawn: list[np.ndarray]) -> None:
 
 
 def _finish(ax, title: str, any_data: bool) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3, which="both")
     if not any_data:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")

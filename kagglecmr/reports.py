@@ -144,7 +144,8 @@ def read_run(run_dir: str | os.PathLike, runs_dir: str | os.PathLike | None = No
         "differs": config_diff(cfg, base) if cfg else {},
         "folds_done": sorted(summaries),
         "folds_total": n,
-        "folds_missing": [k for k in range(n) if k not in summaries],
+        "folds_missing": [k for k in range(n) if k not in summaries],  # absent or unfinished
+        "folds_unfinished": [k for k in range(n) if k in present and k not in summaries],
         "full_fit": (run_dir / "full" / "summary.json").is_file(),
         "fold_scores": {str(k): s.get("best_score") for k, s in sorted(summaries.items())},
         "best_epochs": {str(k): s.get("best_epoch") for k, s in sorted(summaries.items())},
@@ -203,8 +204,11 @@ def _cells(r: dict, max_keys: int = 3) -> dict[str, str]:
     diff = [f"{k.split('.', 1)[-1]}={_short(r['differs'][k], 20)}" for k in keys]
     differs = ", ".join(diff[:max_keys]) + (f" (+{len(diff) - max_keys})" if len(diff) > max_keys else "")
     folds = f"{len(r['folds_done'])}/{r['folds_total']}"
-    if r["folds_missing"]:
-        folds += " (missing " + ",".join(map(str, r["folds_missing"])) + ")"
+    absent = [k for k in r["folds_missing"] if k not in r["folds_unfinished"]]
+    said = [f"missing {','.join(map(str, absent))}"] if absent else []
+    said += [f"unfinished {','.join(map(str, r['folds_unfinished']))}"] if r["folds_unfinished"] else []
+    if said:
+        folds += " (" + "; ".join(said) + ")"
     if r["full_fit"]:
         folds += " +full"
     oof = num(r["oof"], ".4f")

@@ -18,7 +18,7 @@ from kagglecmr.errors import ConfigError
 from kagglecmr.reports import config_diff, list_runs, record_ensemble_oof
 from kagglecmr.tracking import TB_DIR, Tracker
 
-ROW_KEYS = {"name", "path", "differs", "folds_done", "folds_total", "folds_missing", "full_fit", "fold_scores",
+ROW_KEYS = {"name", "path", "differs", "folds_done", "folds_total", "folds_missing", "folds_unfinished", "full_fit", "fold_scores",
             "best_epochs", "fold_mean", "oof", "oof_last", "oof_tta", "oof_pp", "per_class", "parameters",
             "model_mb", "seconds_per_epoch", "train_minutes", "peak_memory_mb", "epochs", "device"}
 
@@ -29,13 +29,15 @@ def _json(path):
 
 @pytest.fixture(scope="module")
 def runs_dir(project, tmp_path_factory):
-    """runs/tiny (finished, with ensemble OOF scores), runs/tiny_no2 (fold 2 deleted) and runs/tiny_no4
-    (the last fold deleted)."""
+    """runs/tiny (finished), runs/tiny_no2 (fold 2 deleted), runs/tiny_no4 (the last fold deleted) and
+    runs/tiny_unfinished (fold 3 without its summary.json, as while it trains)."""
     root = tmp_path_factory.mktemp("leaderboard") / "runs"
     copy_run(project.run, root / "tiny", slim=True)
     for name, k in (("tiny_no2", 2), ("tiny_no4", 4)):
         copy_run(project.run, root / name, slim=True)
         shutil.rmtree(root / name / f"fold{k}")
+    copy_run(project.run, root / "tiny_unfinished", slim=True)
+    (root / "tiny_unfinished" / "fold3" / "summary.json").unlink()  # a fold still training
     return root
 
 
@@ -46,7 +48,7 @@ def _summaries(run):
 # ------------------------------------------------------------------------------------ runs
 def test_list_runs_reads_what_the_run_left(project, runs_dir):
     rows = {r["name"]: r for r in list_runs(runs_dir)}
-    assert set(rows) == {"tiny", "tiny_no2", "tiny_no4"}
+    assert set(rows) == {"tiny", "tiny_no2", "tiny_no4", "tiny_unfinished"}
     r = rows["tiny"]
     assert set(r) == ROW_KEYS
     oof = _json(project.run / "oof.json")
@@ -67,7 +69,11 @@ def test_list_runs_reads_what_the_run_left(project, runs_dir):
         assert m["folds_missing"] == [k] and m["folds_total"] == N_FOLDS, name
         assert m["oof"] is None and m["per_class"] == {}  # oof.json is stale once a fold is gone
         assert m["fold_mean"] == pytest.approx(np.mean([s["best_score"] for j, s in summaries.items() if j != k]))
-    assert list(rows) == ["tiny", *sorted(["tiny_no2", "tiny_no4"], key=lambda n: -rows[n]["fold_mean"])]
+    u = rows["tiny_unfinished"]
+    assert u["folds_missing"] == [3] and u["folds_unfinished"] == [3] and u["oof"] is None
+    assert rows["tiny_no2"]["folds_unfinished"] == []
+    rest = sorted(["tiny_no2", "tiny_no4", "tiny_unfinished"], key=lambda n: -rows[n]["fold_mean"])
+    assert list(rows) == ["tiny", *rest]
 
 
 def test_config_diff_dotted_keys():
@@ -86,10 +92,11 @@ def test_runs_cli_json_and_text(project, runs_dir, main_cli):
     proc = main_cli("runs", "--runs-dir", runs_dir)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:2] == ["run", "differs"] and len(lines) == 4
+    assert lines[0].split()[:2] == ["run", "differs"] and len(lines) == 5
     assert lines[1].startswith("tiny ") and f"{rows[0]['oof']:.4f}" in lines[1] and "5/5" in lines[1]
     no2 = next(ln for ln in lines if ln.startswith("tiny_no2"))
     assert "4/5 (missing 2)" in no2 and "fold mean" in no2
+    assert "4/5 (unfinished 3)" in next(ln for ln in lines if ln.startswith("tiny_unfinished"))
     assert "encoder=resnet18" in lines[1]
 
 
@@ -178,13 +185,18 @@ def test_report_with_a_missing_fold_and_without_data(project, runs_dir, main_cli
     assert "4 of 5 folds finished; missing or unfinished: fold2" in page and "fold 2: missing" in page
     assert "no out-of-fold score yet" in page
     assert "pass --data" in page and len(_images(page)) == 2  # no images without the dataset, the rest shown
+    main_cli("report", runs_dir / "tiny_unfinished")
+    page = (runs_dir / "tiny_unfinished" / "report.html").read_text()
+    assert "missing or unfinished: fold3" in page and "fold 3: unfinished (2 epochs)" in page
     (tmp_path / "bad").mkdir()
     main_cli("report", run, "--data", tmp_path / "bad")
     assert "images not shown" in (run / "report.html").read_text()
 
 
-def test_report_errors(tmp_path, main_cli, assert_cli_error):
+def test_report_errors(tmp_path, runs_dir, main_cli, assert_cli_error):
     assert_cli_error(main_cli("report", tmp_path / "nope"), "nope", "run folder not found")
+    assert_cli_error(main_cli("report", runs_dir / "tiny_no4", "--worst", "0"), "--worst 0")
+    assert not (runs_dir / "tiny_no4" / "report.html").exists()
     (tmp_path / "empty").mkdir()
     assert_cli_error(main_cli("report", tmp_path / "empty"), "no fold folders")
     assert not (tmp_path / "empty" / "report.html").exists()
