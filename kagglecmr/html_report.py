@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from datetime import datetime
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from .errors import KaggleCMRError
 from .io import atomic_write_text
-from .reports import ENSEMBLE_OOF, flatten, fold_dirs, read_json, read_run
+from .reports import ENSEMBLE_OOF, flatten, fold_dirs, read_json, read_run, run_config
 
 REPORT = "report.html"
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1560px;color:#222}
@@ -72,7 +73,7 @@ def _oof_files(run_dir: Path) -> dict[int, dict]:
         try:
             with np.load(d / "oof.npz") as z:
                 out[k] = {"ids": [str(i) for i in z["ids"]], "labels": z["labels"], "dice": z["dice"]}
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # half-written or corrupt: skipped
             continue
     return out
 
@@ -135,10 +136,7 @@ def build_report(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
     run_dir = Path(run_dir)
     row = read_run(run_dir)
     present = fold_dirs(run_dir)
-    import yaml
-
-    cfg_path = next((present[k] / "config.yaml" for k in sorted(present)), run_dir / "full" / "config.yaml")
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg = run_config(run_dir)  # none readable: the page says less, it does not fail
     n_classes = int(((cfg or {}).get("data") or {}).get("num_classes", len(row["per_class"]) + 1)) - 1
     oofs = _oof_files(run_dir)
     parts = [f"<h1>Run {_e(run_dir.name)}</h1><p><code>{_e(run_dir.resolve())}</code> · report written "
@@ -161,9 +159,12 @@ def build_report(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
 
     # ---- config and dataset
     diff = row["differs"]
-    parts.append("<h2>Config</h2>" + (_table(["key (differs from the default recipe)", "value"],
-                                             [[k, json.dumps(v)] for k, v in diff.items()]) if diff else
-                                      "<p>Same as the shipped default recipe.</p>"))
+    if diff is None:
+        parts.append("<h2>Config</h2>" + _note("no readable config.yaml in any fold"))
+    else:
+        parts.append("<h2>Config</h2>" + (_table(["key (differs from the default recipe)", "value"],
+                                                 [[k, json.dumps(v)] for k, v in diff.items()]) if diff else
+                                          "<p>Same as the shipped default recipe.</p>"))
     if cfg:
         keys = ["model.arch", "model.encoder", "model.weights", "model.input_size", "data.size", "data.in_channels",
                 "data.num_classes", "loss.name", "train.epochs", "train.batch_size", "train.lr", "train.optimizer",

@@ -42,7 +42,7 @@ def read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _read_yaml(path: Path) -> dict | None:
+def read_yaml(path: Path) -> dict | None:
     try:
         obj = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
@@ -66,6 +66,12 @@ def _is_fold_dir(d: Path) -> bool:
 def fold_dirs(run_dir: Path) -> dict[int, Path]:
     """``{k: run_dir/fold<k>}`` of the fold folders present."""
     return {int(d.name[4:]): d for d in Path(run_dir).glob("fold*") if d.is_dir() and d.name[4:].isdigit()}
+
+
+def run_config(run_dir: Path) -> dict:
+    """The first readable ``config.yaml`` of the run's folds (then ``full/``); ``{}`` when none is."""
+    dirs = [d for _, d in sorted(fold_dirs(run_dir).items())] + [Path(run_dir) / "full"]
+    return next((c for d in dirs if (c := read_yaml(d / "config.yaml"))), {})
 
 
 def default_config() -> dict:
@@ -128,8 +134,7 @@ def read_run(run_dir: str | os.PathLike, runs_dir: str | os.PathLike | None = No
     present = fold_dirs(run_dir)
     summaries = {k: s for k, d in present.items() if (s := read_json(d / "summary.json")) is not None}
     n = n_folds_of(run_dir, summaries)
-    any_dir = next((present[k] for k in sorted(present)), run_dir / "full")
-    cfg = _read_yaml(any_dir / "config.yaml") or {}
+    cfg = run_config(run_dir)
     env = next((e for k in sorted(summaries) if (e := read_json(present[k] / "env.json"))), None) or {}
     oof = read_json(run_dir / "oof.json") or {}
     complete = n > 0 and len(summaries) >= n
@@ -141,7 +146,7 @@ def read_run(run_dir: str | os.PathLike, runs_dir: str | os.PathLike | None = No
     return {
         "name": name,
         "path": str(run_dir),
-        "differs": config_diff(cfg, base) if cfg else {},
+        "differs": config_diff(cfg, base) if cfg else None,  # None: no readable config.yaml
         "folds_done": sorted(summaries),
         "folds_total": n,
         "folds_missing": [k for k in range(n) if k not in summaries],  # absent or unfinished
@@ -199,10 +204,11 @@ def _cells(r: dict, max_keys: int = 3) -> dict[str, str]:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    keys = sorted(r["differs"], key=lambda k: (SECTION_ORDER.index(k.split(".")[0]) if k.split(".")[0] in SECTION_ORDER
+    differs = r["differs"] if r["differs"] is not None else {}
+    keys = sorted(differs, key=lambda k: (SECTION_ORDER.index(k.split(".")[0]) if k.split(".")[0] in SECTION_ORDER
                                                 else len(SECTION_ORDER), k))
-    diff = [f"{k.split('.', 1)[-1]}={_short(r['differs'][k], 20)}" for k in keys]
-    differs = ", ".join(diff[:max_keys]) + (f" (+{len(diff) - max_keys})" if len(diff) > max_keys else "")
+    diff = [f"{k.split('.', 1)[-1]}={_short(differs[k], 20)}" for k in keys]
+    text = ", ".join(diff[:max_keys]) + (f" (+{len(diff) - max_keys})" if len(diff) > max_keys else "")
     folds = f"{len(r['folds_done'])}/{r['folds_total']}"
     absent = [k for k in r["folds_missing"] if k not in r["folds_unfinished"]]
     said = [f"missing {','.join(map(str, absent))}"] if absent else []
@@ -216,7 +222,7 @@ def _cells(r: dict, max_keys: int = 3) -> dict[str, str]:
         oof = f"({r['fold_mean']:.4f} fold mean)"
     params = r["parameters"]
     return {
-        "name": r["name"], "differs": differs or "-", "folds": folds, "oof": oof,
+        "name": r["name"], "differs": "?" if r["differs"] is None else (text or "-"), "folds": folds, "oof": oof,
         "oof_last": num(r["oof_last"], ".4f"), "oof_tta": num(r["oof_tta"], ".4f"), "oof_pp": num(r["oof_pp"], ".4f"),
         "per_class": " ".join(f"{k}:{v:.3f}" for k, v in r["per_class"].items()) or "-",
         "parameters": "-" if params is None else (f"{params / 1e6:.2f}M" if params >= 1e5 else f"{params / 1e3:.1f}k"),

@@ -252,3 +252,20 @@ def test_training_with_tensorboard_logs_every_epoch(project, tmp_path, one_torch
     assert [st for st, _ in s["dice/val"]] == [1, 2]
     np.testing.assert_allclose([v for _, v in s["dice/val"]], metrics["val_dice"], atol=1e-6)
     np.testing.assert_allclose([v for _, v in s["loss/train"]], metrics["train_loss"], atol=1e-6)
+
+
+def test_corrupt_files_make_the_page_say_less_not_fail(project, tmp_path, main_cli):
+    run = copy_run(project.run, tmp_path / "runs" / "tiny", slim=True)
+    (run / "fold1" / "oof.npz").write_bytes(b"not a zip")
+    (run / "fold3" / "summary.json").write_text("[")
+    (run / "fold0" / "config.yaml").write_text("{{{")
+    (run / "postprocess.json").write_text("nope")
+    proc = main_cli("runs", "--runs-dir", tmp_path / "runs", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    assert row["folds_unfinished"] == [3] and row["differs"]["model.encoder"] == "resnet18"  # fold1's config
+    proc = main_cli("report", run, "--data", project.data)
+    assert proc.returncode == 0, proc.stderr
+    page = (run / "report.html").read_text()
+    assert "fold 3: unfinished" in page and "Worst 12 of 20 out-of-fold images" in page  # fold1 unreadable
+    assert "postprocess.json" in page  # the plan's one-line error, shown on the page
