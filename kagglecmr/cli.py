@@ -113,14 +113,18 @@ def train(
     overrides: list[str] | None = SetOpt,
     force: bool = typer.Option(False, "--force", help="Retrain folds that already finished."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="One log line per epoch, no progress bar."),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Folds trained at once (processes; for GPUs)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1,
+                             help="Folds trained at once (processes; round-robin over several GPUs)."),
+    executor: str = typer.Option("local", "--executor", help="local (this machine's processes) or ray."),
+    ray_address: str | None = typer.Option(None, "--ray-address",
+                                           help="Ray cluster to use (default: start Ray locally)."),
 ) -> None:
     """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions."""
     from .runs import run_train
 
     cfg = _config(config, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr})
     run_train(cfg, fold_spec=fold, data_root=data, folds_path=folds, name=name, runs_dir=runs_dir,
-              device=device, force=force, quiet=quiet, jobs=jobs)
+              device=device, force=force, quiet=quiet, jobs=jobs, executor=executor, ray_address=ray_address)
 
 
 @app.command("ensemble")
@@ -129,7 +133,9 @@ def ensemble(
     weights: list[float] | None = typer.Option(None, "--weights", help="One weight per --runs (repeatable)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the latest run."),
     data: Path = typer.Option(Path("data"), "--data", help="Dataset root."),
-    split: str = typer.Option("test", "--split", help="test, val, train or oof (out-of-fold)."),
+    split: list[str] = typer.Option(["test"], "--split",
+                                    help="test, val, train or oof (out-of-fold); several from one load: "
+                                         "--split oof,test or repeat the option."),
     tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (config infer.tta)."),
     tta_flips: str | None = typer.Option(None, "--tta-flips", help="Comma list, e.g. none,hflip."),
     out: Path | None = typer.Option(None, "--out", help="CSV (default submissions/<run>-<split>-<time>.csv)."),
@@ -142,12 +148,11 @@ def ensemble(
     """Average fold softmax (+ flip TTA), OOF-tuned postprocessing, leaderboard-ready CSV."""
     from .ensemble import run_ensemble
 
-    if split not in ("test", "val", "train", "oof"):
-        raise KaggleCMRError(f"--split {split}: expected test, val, train or oof")
+    splits = [s.strip() for item in split for s in item.split(",") if s.strip()]
     flips = [f.strip() for f in tta_flips.split(",") if f.strip()] if tta_flips else None
-    run_ensemble(runs=runs, runs_dir=runs_dir, data_root=data, split=split, tta=tta or bool(flips),
-                 tta_flips=flips, out=out, save_masks=save_masks, postprocess=postprocess, weights=weights,
-                 device=device, batch_size=batch_size, with_full=full)
+    run_ensemble(runs=runs, runs_dir=runs_dir, data_root=data, split=splits[0] if len(splits) == 1 else splits,
+                 tta=tta or bool(flips), tta_flips=flips, out=out, save_masks=save_masks, postprocess=postprocess,
+                 weights=weights, device=device, batch_size=batch_size, with_full=full)
 
 
 @app.command("runs")
