@@ -174,6 +174,29 @@ def ensemble(
                  weights=weights, device=device, batch_size=batch_size, with_full=full)
 
 
+@app.command("runs")
+def runs(
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder holding the run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON array (one object per run)."),
+) -> None:
+    """Local leaderboard: every run with its config changes, folds, OOF scores, size and timings."""
+    from .reports import run_runs
+
+    run_runs(runs_dir, as_json=as_json)
+
+
+@app.command("report")
+def report(
+    run: Path = typer.Argument(..., help="Run folder (runs/<name>)."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset the run trained on (for the worst OOF images)."),
+    worst: int = typer.Option(12, "--worst", help="How many of the worst out-of-fold images to show."),
+) -> None:
+    """Write <run>/report.html: one self-contained page (plots embedded) about the run."""
+    from .html_report import write_report
+
+    write_report(run, data=data, worst=worst)
+
+
 def main() -> None:
     try:
         app()

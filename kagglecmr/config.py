@@ -123,6 +123,9 @@ class TrainConfig(_Section):
     device: str = "auto"
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores.")
     val_batch_size: int = Field(64, ge=1)
+    log: list[Literal["csv", "tensorboard"]] = Field(
+        default_factory=lambda: ["csv"],
+        description="Per-epoch logs: metrics.csv (always written) and optionally TensorBoard events in <fold>/tb/.")
 
 
 class InferConfig(_Section):

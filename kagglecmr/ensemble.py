@@ -167,6 +167,15 @@ def report_oof(probs: np.ndarray, labelled: Split, passes, num_classes: int) -> 
     return pred
 
 
+def record_oof(run_dir: Path, passes, pred: np.ndarray, truth: np.ndarray, plan: dict | None, num_classes: int) -> None:
+    """Store the OOF Dice of this TTA set (and after ``plan``) in the run's ``ensemble_oof.json``."""
+    from .postprocess import apply_plan
+    from .reports import record_ensemble_oof
+
+    pp = dice_table(apply_plan(pred, plan, num_classes), truth, num_classes) if plan is not None else None
+    record_ensemble_oof(run_dir, list(passes), dice_table(pred, truth, num_classes), pp, plan)
+
+
 def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int) -> dict:
     """Tune the per-class plan on OOF masks with the leaderboard metric and print the result."""
     from .postprocess import apply_plan, describe_plan, tune_plan
@@ -241,6 +250,8 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
             plan = choose_postprocessing(oof_pred, labelled, k)
             if len(loaded) == 1:
                 save_plan(plan, loaded[0].path / "postprocess.json")
+        if len(loaded) == 1:  # for `kagglecmr runs` and `report`: OOF per TTA set, with postprocessing
+            record_oof(loaded[0].path, passes, oof_pred, labelled.masks, plan, cfg.data.num_classes)
     elif postprocess == "auto":
         print("note: no labelled images, so no out-of-fold postprocessing", flush=True)
 

@@ -10,7 +10,11 @@ trainer of a fold is refused (exit 2), or, under ``--jobs`` and Ray, skips it.
 Run directory ``runs/<name>/fold<k>/`` (``full/`` for ``--fold all``)::
 
     config.yaml  env.json  metrics.csv  curves.png  last.pt  best.safetensors  oof.npz  summary.json
+    tb/  (TensorBoard events, with ``train.log: [csv, tensorboard]``)
     train.lock  (only while a process trains the fold)
+
+and beside the folds ``oof.json``; ``ensemble`` adds ``postprocess.json`` and ``ensemble_oof.json``,
+``kagglecmr report`` writes ``report.html``.
 """
 
 from __future__ import annotations
@@ -101,8 +105,8 @@ def prepare_dir(out_dir: Path, cfg: Config, force: bool) -> bool:
 
 
 def _recipe(cfg: dict) -> dict:
-    """The config without where it runs (device, threads): those may change on resume."""
-    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("device", "threads")}
+    """The config without where it runs and logs (device, threads, log): those may change on resume."""
+    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("device", "threads", "log")}
     return cfg | {"train": train}
 
 

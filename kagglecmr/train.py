@@ -36,6 +36,7 @@ from .progress import Reporter, write_metrics
 from .runs import FULL, FoldResult, prepare_dir
 from .runtime import amp_dtype, autocast, environment, peak_memory_mb, seed_everything
 from .score import dice_table
+from .tracking import Tracker
 
 FULL_SEED_SLOT = 1_000_000  # stands in for the fold number when seeding the full fit (seeds must be >= 0)
 TIME_COLUMNS = ("time_s", "data_s", "model_s", "val_s")
@@ -131,6 +132,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     atomic_write_json(out_dir / "env.json", env)
 
     # ---- epochs
+    tracker = Tracker(out_dir, cfg.train.log, start_epoch)
     reporter = Reporter(f"{out_dir.parent.name}/{out_dir.name}", cfg.train.epochs, quiet)
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -187,8 +189,10 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                 "rng_torch": torch.get_rng_state(),
             })
             write_metrics(out_dir / "metrics.csv", history)
+            tracker.epoch(row)
             reporter.epoch(row)
     finally:
+        tracker.close()
         reporter.close()
     _plot(out_dir, history)
 
