@@ -67,14 +67,15 @@ def task_resources(device_type: str, n_folds: int, jobs: int, cpus: int, gpus: f
     return {"num_gpus": 0, "num_cpus": threads, "threads": threads}
 
 
-def _fold_task(cfg: Config, data, folds_df, fold, run_dir: str, device: str, force: bool, threads: int):
+def _fold_task(cfg: Config, data, folds_df, fold, run_dir: str, device: str, force: bool, threads: int,
+               dataset: dict | None = None):
     """One fold in a Ray worker: ``(FoldResult, None)`` or ``(None, one-line error)``."""
     from .runtime import resolve_device, setup_threads
 
     try:
         setup_threads(threads)
         res = train_locked(cfg, data, folds_df, fold, Path(run_dir), device=resolve_device(device), force=force,
-                           quiet=True, skip_locked=True)
+                           quiet=True, skip_locked=True, dataset=dataset)
         return res, None
     except KaggleCMRError as exc:
         return None, str(exc)
@@ -106,7 +107,7 @@ def _start_ray(ray, address: str | None, device_type: str, data_bytes: int) -> b
 
 
 def train_ray(fold_cfgs: list[tuple[object, Config]], *, data, folds_df, run_dir: Path, device, force: bool,
-              jobs: int = 1, address: str | None = None) -> list[FoldResult]:
+              jobs: int = 1, address: str | None = None, dataset: dict | None = None) -> list[FoldResult]:
     """Train ``(fold, config)`` pairs as Ray tasks; results in fold order, folds reported as they end."""
     ray = import_ray()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ def train_ray(fold_cfgs: list[tuple[object, Config]], *, data, folds_df, run_dir
         dev = "cuda" if device.type == "cuda" else str(device)  # Ray sets CUDA_VISIBLE_DEVICES per task
         print(f"ray: {cpus} CPUs, {gpus:g} GPUs | per fold: {r['num_cpus']} CPU(s), {r['num_gpus']:g} GPU(s), "
               f"{r['threads']} thread(s)", flush=True)
-        refs = {task.remote(fcfg, data_ref, folds_ref, fold, str(run_dir), dev, force, r["threads"]): fold
+        refs = {task.remote(fcfg, data_ref, folds_ref, fold, str(run_dir), dev, force, r["threads"], dataset): fold
                 for fold, fcfg in fold_cfgs}
         results, errors, pending = {}, [], list(refs)
         while pending:

@@ -115,10 +115,10 @@ def _worst(run_dir: Path, oofs: dict, cfg: dict, data, worst: int, tmp: Path) ->
         return text + _note("images not shown: pass --data (the dataset the run was trained on) to see them")
     try:
         from .config import Config
-        from .data import load_labelled
+        from .dataset import prepare
 
-        spec = Config.model_validate(cfg).data.spec()
-        split = load_labelled(data, spec).subset([ids[i] for i in order])
+        _, _, split = prepare(Config.model_validate(cfg), data, quiet=True)  # a folder or a dataset file
+        split = split.subset([ids[i] for i in order])
         if split.masks is None or split.masks.shape != labels[order].shape:
             raise KaggleCMRError(f"{data}: masks do not match the run's predictions in shape")
     except (KaggleCMRError, OSError, ValueError, KeyError) as exc:

@@ -224,7 +224,8 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
         from .executors import train_ray
 
         results = train_ray(fold_configs(cfg, folds, run_dir), data=data, folds_df=folds_df, run_dir=run_dir,
-                            device=dev, force=force, jobs=jobs, address=ray_address)
+                            device=dev, force=force, jobs=jobs, address=ray_address,
+                            dataset=ds.describe())
     elif jobs > 1 and len(folds) > 1 and FULL not in folds:
         results = _train_parallel(cfg, folds, jobs, data_root=data_root, folds_path=folds_path, run_dir=run_dir,
                                   device=device_spec, force=force)

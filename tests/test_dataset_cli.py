@@ -105,3 +105,10 @@ def test_any_competition_end_to_end(tmp_path, main_cli):
     again = main_cli("encode", tmp_path / "masks", "--data", ds_path, "--out", tmp_path / "again.csv")
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again.csv").read_text() == sub.read_text()
+
+    # the run report reads the worst out-of-fold images through the same dataset file
+    report = main_cli("report", tmp_path / "runs" / "tiny", "--data", ds_path)
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "runs" / "tiny" / "report.html").read_text()
+    assert "images not shown" not in page
+    assert "truth mask (left)" in page or "true mask (left)" in page
