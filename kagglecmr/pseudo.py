@@ -173,6 +173,14 @@ def teacher_probs(run_dirs: list[Path], fold, images: np.ndarray, device, passes
     return total / len(files), files
 
 
+def _holdout(fold_dir: Path) -> list[str] | None:
+    """The ids a fold model never trained on (its ``oof.npz``); ``None`` for the full fit."""
+    if not (fold_dir / "oof.npz").is_file():
+        return None
+    with np.load(fold_dir / "oof.npz") as z:
+        return sorted(str(x) for x in z["ids"])
+
+
 def _write_png(path: Path, arr: np.ndarray) -> None:
     import cv2
 
@@ -248,14 +256,9 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
                     _write_png(dst, img[:, :, ::-1] if img.shape[2] == 3 else img)
                 _write_png(root / "train" / "mask" / f"{i}_mask.png", m)
             name = root.name
-            holdout = {}
-            for f in files:
-                if (f.parent / "oof.npz").is_file():
-                    with np.load(f.parent / "oof.npz") as z:
-                        holdout[str(f.parent.parent.name)] = sorted(str(x) for x in z["ids"])
             per_fold[name] = {
-                "teachers": [{"run": str(f.parent.parent), "checkpoint": str(f), "sha256": sha256_file(f)} for f in files],
-                "teacher_holdout": holdout if fold != "all" else {},
+                "teachers": [{"run": str(f.parent.parent), "checkpoint": str(f), "sha256": sha256_file(f),
+                              "holdout": _holdout(f.parent)} for f in files],
                 "images": kept, "mean_confidence": float(conf.mean()),
                 "ignored_fraction": float((labels == IGNORE).mean()), "per_image": stats,
             }
