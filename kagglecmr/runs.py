@@ -16,6 +16,7 @@ folder and manifest sha256 with ``train.pseudo.dir``) and ``fold<k>/`` (``full/`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -86,10 +87,8 @@ def prepare_dir(out_dir: Path, cfg: Config, force: bool) -> bool:
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = _config_for_resume(out_dir)
     if saved is not None:  # filled with today's defaults, so folds trained before a new key still resume
-        try:
+        with contextlib.suppress(Exception):  # an invalid old config simply differs, reported below
             saved = Config.model_validate(saved).to_dict()
-        except Exception:  # noqa: BLE001 - an unreadable old config differs, reported below
-            pass
     if saved is not None and _recipe(saved) != _recipe(cfg.to_dict()):
         changed = sorted(_diff_keys(_recipe(saved), _recipe(cfg.to_dict())))
         raise KaggleCMRError(f"{out_dir}: holds a run with another config (differs in {', '.join(changed[:4])}); "
