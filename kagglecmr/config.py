@@ -30,6 +30,13 @@ class DataConfig(_Section):
     in_channels: int = Field(1, ge=1, le=4)
     num_classes: int = Field(4, ge=2, description="Classes including background.")
     resize: bool = False
+    context: Literal["none", "partner"] = Field(
+        "none", description="Extra input channels: partner = the near-duplicate frame of the same slice.")
+
+    @property
+    def model_channels(self) -> int:
+        """Input channels of the model: the image's, twice with ``context: partner``."""
+        return self.in_channels * (2 if self.context == "partner" else 1)
 
     def spec(self) -> DataSpec:
         return DataSpec(size=self.size, in_channels=self.in_channels, num_classes=self.num_classes, resize=self.resize)

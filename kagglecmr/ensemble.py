@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .config import Config
+from .context import add_context
 from .data import DataSpec, Split, available_splits, load_labelled, load_split
 from .errors import ConfigError, KaggleCMRError
 from .infer import TTA_FLIPS, predict_proba, to_tensor
@@ -127,10 +128,13 @@ def _weights(runs: list[Run], weights: list[float] | None) -> np.ndarray:
 
 def predict_images(runs: list[Run], images: np.ndarray, device, passes, weights, batch_size) -> np.ndarray:
     """Mean softmax of every fold model of every run (weighted by run) over ``passes``."""
-    x = to_tensor(images, device)  # uploaded once, shared by every model
+    xs = {}  # uploaded once per input context (data.context), shared by every model
     total = None
     for r, w in zip(runs, weights):
-        p = predict_proba(list(r.models.values()), x, device, tta=passes, batch_size=batch_size,
+        ctx = r.cfg.data.context
+        if ctx not in xs:
+            xs[ctx] = to_tensor(add_context(images, ctx), device)
+        p = predict_proba(list(r.models.values()), xs[ctx], device, tta=passes, batch_size=batch_size,
                           amp=amp_dtype(r.cfg.train.amp, device))
         total = p * w if total is None else total + p * w
     return total
@@ -142,12 +146,13 @@ def predict_oof(runs: list[Run], data: Split, device, passes, weights, batch_siz
     pos = {i: k for k, i in enumerate(data.ids)}
     for r, w in zip(runs, weights):
         covered = set()
+        images = add_context(data.images, r.cfg.data.context)  # partners found among all labelled images
         for k, model in r.models.items():
             ids = [i for i in r.holdout.get(k, []) if i in pos]
             if not ids:
                 continue
             idx = np.array([pos[i] for i in ids])
-            out[idx] += w * predict_proba(model, data.images[idx], device, tta=passes, batch_size=batch_size,
+            out[idx] += w * predict_proba(model, images[idx], device, tta=passes, batch_size=batch_size,
                                           amp=amp_dtype(r.cfg.train.amp, device))
             covered.update(ids)
         missing = [i for i in data.ids if i not in covered]

@@ -114,7 +114,7 @@ def _create(cfg: Config, encoder_weights) -> nn.Module:
     m = cfg.model
     return smp.create_model(
         m.arch, encoder_name=m.encoder, encoder_weights=encoder_weights,
-        in_channels=cfg.data.in_channels, classes=cfg.data.num_classes, **m.params,
+        in_channels=cfg.data.model_channels, classes=cfg.data.num_classes, **m.params,
     )
 
 
@@ -274,7 +274,7 @@ def build_model(cfg: Config, *, weights: str | None = None, check_size: bool = T
 def check_runs_at_size(model: SegModel, cfg: Config) -> None:
     """One tiny forward pass, so an architecture that cannot run at the image size fails before training."""
     size = cfg.data.size
-    x = torch.rand(2, cfg.data.in_channels, size, size)
+    x = torch.rand(2, cfg.data.model_channels, size, size)
     was_training = model.training
     model.eval()
     try:

@@ -149,6 +149,7 @@ def teacher_probs(run_dirs: list[Path], fold, images: np.ndarray, device, passes
 
     from .checkpoint import load_best, model_file
     from .config import Config
+    from .context import add_context
     from .infer import predict_proba
     from .models import build_model
     from .runtime import amp_dtype
@@ -166,7 +167,7 @@ def teacher_probs(run_dirs: list[Path], fold, images: np.ndarray, device, passes
             model = build_model(cfg, weights="none", check_size=False)
             model.load_state_dict(sd)
             model = model.to(device).to(memory_format=torch.channels_last).eval()
-            p = predict_proba(model, images, device, tta=passes, batch_size=batch_size,
+            p = predict_proba(model, add_context(images, cfg.data.context), device, tta=passes, batch_size=batch_size,
                               amp=amp_dtype(cfg.train.amp, device))
             total = p if total is None else total + p
             files.append(path)

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from .config import Config
+from .context import add_context
 from .data import Split, load_labelled
 from .errors import KaggleCMRError
 from .io import atomic_write_json, atomic_write_text
@@ -233,12 +234,15 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
     name = name or cfg.name or "run"
     run_dir = Path(runs_dir) / name
     data = load_labelled(data_root, cfg.data.spec())
+    data.images = add_context(data.images, cfg.data.context)  # partner frames: found among all labelled images
     folds_df = read_folds(folds_path, ids=data.ids)
     n_folds = int(folds_df["fold"].max()) + 1
     folds = parse_fold_spec(fold_spec, n_folds)
     pseudo_info = None
     if cfg.train.pseudo.dir:
         pseudo_info = pl.pseudo_for_run(Path(cfg.train.pseudo.dir), pl.sha256_file(folds_path), folds_path)
+    if FULL in folds:
+        full_fit_epochs(run_dir, cfg)  # fails before anything is written when no CV fold has finished
     run_dir.mkdir(parents=True, exist_ok=True)
     info = write_run_info(run_dir, folds_path, pseudo_info)
     env_extra = {"folds": info["folds"], "folds_sha256": info["folds_sha256"]}
@@ -258,6 +262,8 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
                 fcfg.train.epochs = full_fit_epochs(run_dir, cfg)
                 fcfg.train.swa_epochs = min(fcfg.train.swa_epochs, fcfg.train.epochs)
             pseudo = pl.load_pseudo(Path(cfg.train.pseudo.dir), fold, cfg.data.spec()) if pseudo_info else None
+            if pseudo is not None:
+                pseudo.images = add_context(pseudo.images, cfg.data.context)
             fenv = env_extra | ({"pseudo_source": str(pl.pseudo_fold_dir(Path(cfg.train.pseudo.dir), fold))}
                                 if pseudo_info else {})
             res = train_fold(fcfg, data, folds_df, fold, fold_dir(run_dir, fold), device=dev, force=force,
