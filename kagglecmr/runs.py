@@ -259,8 +259,9 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
             fcfg = cfg
             if fold == FULL:
                 fcfg = cfg.model_copy(deep=True)
-                fcfg.train.epochs = full_fit_epochs(run_dir, cfg)
-                fcfg.train.swa_epochs = min(fcfg.train.swa_epochs, fcfg.train.epochs)
+                epochs = full_fit_epochs(run_dir, cfg)
+                fcfg.train.swa_epochs = min(fcfg.train.swa_epochs, epochs)  # first: validated on assignment
+                fcfg.train.epochs = epochs
             pseudo = pl.load_pseudo(Path(cfg.train.pseudo.dir), fold, cfg.data.spec()) if pseudo_info else None
             if pseudo is not None:
                 pseudo.images = add_context(pseudo.images, cfg.data.context)

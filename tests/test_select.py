@@ -99,3 +99,22 @@ def test_train_seeds_trains_one_run_per_seed(project, tmp_path, main_cli, one_to
     a = (tmp_path / "tiny-s3" / "fold0" / "metrics.csv").read_text().splitlines()[1]
     b = (tmp_path / "tiny-s4" / "fold0" / "metrics.csv").read_text().splitlines()[1]
     assert a.split(",")[:4] != b.split(",")[:4]  # different seeds, different training
+
+
+def test_full_fit_with_swa_shorter_than_the_cv_epochs(project, tmp_path, one_torch_thread):
+    """--fold all trains for the median best epoch; SWA then averages at most that many epochs."""
+    from conftest import copy_run
+
+    from kagglecmr.runs import full_fit_epochs
+
+    run = copy_run(project.run, tmp_path / "tiny", slim=True)
+    for k in range(N_FOLDS):  # pretend every fold peaked at epoch 1
+        p = run / f"fold{k}" / "summary.json"
+        p.write_text(json.dumps(json.loads(p.read_text()) | {"best_epoch": 1}))
+    cfg = load_config(project.config, ["train.swa_epochs=2"])
+    assert full_fit_epochs(run, cfg) == 1
+    run_train(cfg, fold_spec="all", data_root=project.data, folds_path=project.folds, name="tiny",
+              runs_dir=tmp_path, device="cpu", force=False, quiet=True)
+    saved = yaml.safe_load((run / "full" / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1 and saved["train"]["swa_epochs"] == 1
+    assert (run / "full" / "swa.safetensors").is_file() and model_file(run / "full") == run / "full" / "best.safetensors"
