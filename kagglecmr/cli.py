@@ -113,7 +113,11 @@ def train(
     overrides: list[str] | None = SetOpt,
     force: bool = typer.Option(False, "--force", help="Retrain folds that already finished."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="One log line per epoch, no progress bar."),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Folds trained at once (processes; for GPUs)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1,
+                             help="Folds trained at once (processes; round-robin over several GPUs)."),
+    executor: str = typer.Option("local", "--executor", help="local (this machine's processes) or ray."),
+    ray_address: str | None = typer.Option(None, "--ray-address",
+                                           help="Ray cluster to use (default: start Ray locally)."),
     seeds: str | None = typer.Option(None, "--seeds", help="Train once per seed as runs NAME-s<seed>: 42,43,44."),
     pseudo: Path | None = typer.Option(None, "--pseudo", help="Pseudo-label folder (kagglecmr pseudo-label)."),
     pseudo_weight: float | None = typer.Option(None, "--pseudo-weight", help="Loss weight of pseudo images."),
@@ -126,7 +130,8 @@ def train(
                                         "train.pseudo.dir": pseudo, "train.pseudo.weight": pseudo_weight,
                                         "train.pseudo.ratio": pseudo_ratio})
     run_train(cfg, fold_spec=fold, data_root=data, folds_path=folds, name=name, runs_dir=runs_dir,
-              device=device, force=force, quiet=quiet, jobs=jobs, seeds=seeds)
+              device=device, force=force, quiet=quiet, jobs=jobs, executor=executor,
+              ray_address=ray_address, seeds=seeds)
 
 
 @app.command("pseudo-label")
@@ -154,7 +159,9 @@ def ensemble(
                                              help="One weight per --runs (repeatable), or 'auto' (fitted on OOF)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the latest run."),
     data: Path = typer.Option(Path("data"), "--data", help="Dataset root."),
-    split: str = typer.Option("test", "--split", help="test, val, train or oof (out-of-fold)."),
+    split: list[str] = typer.Option(["test"], "--split",
+                                    help="test, val, train or oof (out-of-fold); several from one load: "
+                                         "--split oof,test or repeat the option."),
     tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (config infer.tta)."),
     tta_flips: str | None = typer.Option(None, "--tta-flips", help="Comma list, e.g. none,hflip."),
     out: Path | None = typer.Option(None, "--out", help="CSV (default submissions/<run>-<split>-<time>.csv)."),
@@ -167,8 +174,7 @@ def ensemble(
     """Average fold softmax (+ flip TTA), OOF-tuned postprocessing, leaderboard-ready CSV."""
     from .ensemble import run_ensemble
 
-    if split not in ("test", "val", "train", "oof"):
-        raise KaggleCMRError(f"--split {split}: expected test, val, train or oof")
+    splits = [s.strip() for item in split for s in item.split(",") if s.strip()]
     flips = [f.strip() for f in tta_flips.split(",") if f.strip()] if tta_flips else None
     if weights and [w.lower() for w in weights] == ["auto"]:
         weights = "auto"
@@ -177,9 +183,9 @@ def ensemble(
             weights = [float(w) for w in weights]
         except ValueError:
             raise KaggleCMRError(f"--weights {' '.join(weights)}: expected numbers (one per --runs) or auto") from None
-    run_ensemble(runs=runs, runs_dir=runs_dir, data_root=data, split=split, tta=tta or bool(flips),
-                 tta_flips=flips, out=out, save_masks=save_masks, postprocess=postprocess, weights=weights,
-                 device=device, batch_size=batch_size, with_full=full)
+    run_ensemble(runs=runs, runs_dir=runs_dir, data_root=data, split=splits[0] if len(splits) == 1 else splits,
+                 tta=tta or bool(flips), tta_flips=flips, out=out, save_masks=save_masks, postprocess=postprocess,
+                 weights=weights, device=device, batch_size=batch_size, with_full=full)
 
 
 def main() -> None:
