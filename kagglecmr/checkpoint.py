@@ -1,5 +1,8 @@
-"""Checkpoint files of a fold: ``best.safetensors`` (weights + config metadata) and ``last.pt`` (full
-training state for exact resume, loaded with ``weights_only=True``)."""
+"""Checkpoint files of a fold: ``best.safetensors`` (weights + config metadata of the best validation
+epoch), ``last.safetensors`` (the last epoch), ``swa.safetensors`` (with ``train.swa_epochs``) and
+``last.pt`` (full training state for exact resume, loaded with ``weights_only=True``).
+
+:func:`model_file` names the one a fold keeps for ensembles (``train.select``)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,21 @@ import torch
 from .config import Config
 from .errors import KaggleCMRError
 from .io import atomic_path
+
+MODEL_FILES = {"best": "best.safetensors", "last": "last.safetensors", "swa": "swa.safetensors"}
+
+
+def model_file(fold_dir: Path) -> Path:
+    """The checkpoint a finished fold keeps for ensembles: ``train.select`` of its ``summary.json``
+    (``best`` for folds trained before the option existed)."""
+    fold_dir = Path(fold_dir)
+    select = "best"
+    if (fold_dir / "summary.json").is_file():
+        try:
+            select = json.loads((fold_dir / "summary.json").read_text()).get("select", "best")
+        except json.JSONDecodeError:
+            raise KaggleCMRError(f"{fold_dir / 'summary.json'}: not valid JSON") from None
+    return fold_dir / MODEL_FILES.get(select, MODEL_FILES["best"])
 
 
 def save_best(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, score: float,

@@ -134,21 +134,47 @@ def train(
     executor: str = typer.Option("local", "--executor", help="local (this machine's processes) or ray."),
     ray_address: str | None = typer.Option(None, "--ray-address",
                                            help="Ray cluster to use (default: start Ray locally)."),
+    seeds: str | None = typer.Option(None, "--seeds", help="Train once per seed as runs NAME-s<seed>: 42,43,44."),
+    pseudo: Path | None = typer.Option(None, "--pseudo", help="Pseudo-label folder (kagglecmr pseudo-label)."),
+    pseudo_weight: float | None = typer.Option(None, "--pseudo-weight", help="Loss weight of pseudo images."),
+    pseudo_ratio: float | None = typer.Option(None, "--pseudo-ratio", help="Share of each batch from pseudo images."),
 ) -> None:
     """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions.
     Without --config: the dataset file's recipe, else default."""
     from .dataset import recipe_for
     from .runs import run_train
 
-    cfg = _config(config or recipe_for(data), overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr})
+    cfg = _config(config or recipe_for(data), overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
+                                        "train.pseudo.dir": pseudo, "train.pseudo.weight": pseudo_weight,
+                                        "train.pseudo.ratio": pseudo_ratio})
     run_train(cfg, fold_spec=fold, data_root=data, folds_path=folds, name=name, runs_dir=runs_dir,
-              device=device, force=force, quiet=quiet, jobs=jobs, executor=executor, ray_address=ray_address)
+              device=device, force=force, quiet=quiet, jobs=jobs, executor=executor,
+              ray_address=ray_address, seeds=seeds)
+
+
+@app.command("pseudo-label")
+def pseudo_label(
+    runs: list[Path] = typer.Option(..., "--runs", help="Teacher run folders (repeatable; one folds file)."),
+    data: Path = typer.Option(Path("data"), "--data", help="Dataset root."),
+    split: str = typer.Option("test", "--split", help="Unlabelled split to label (test)."),
+    out: Path | None = typer.Option(None, "--out", help="Folder to write (default pseudo/<runs>-<split>)."),
+    confidence: float = typer.Option(0.9, "--confidence", help="Pixels below this ensemble probability: 255."),
+    tta: bool = typer.Option(False, "--tta", help="Flip TTA (the teachers' infer.tta)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
+) -> None:
+    """Pseudo masks of an unlabelled split: one set per fold from that fold's teachers, one from all."""
+    from .pseudo import pseudo_label as run
+
+    run(runs=runs, data_root=data, split=split, out=out, confidence=confidence, tta=tta, force=force,
+        device=device)
 
 
 @app.command("ensemble")
 def ensemble(
     runs: list[Path] | None = typer.Option(None, "--runs", help="Run folders (repeatable; default: latest)."),
-    weights: list[float] | None = typer.Option(None, "--weights", help="One weight per --runs (repeatable)."),
+    weights: list[str] | None = typer.Option(None, "--weights",
+                                             help="One weight per --runs (repeatable), or 'auto' (fitted on OOF)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the latest run."),
     data: Path = typer.Option(Path("data"), "--data", help="Dataset: a folder (train/image, train/mask, ...) or a dataset .yaml file."),
     split: list[str] = typer.Option(["test"], "--split",
@@ -169,6 +195,13 @@ def ensemble(
 
     splits = [s.strip() for item in split for s in item.split(",") if s.strip()]
     flips = [f.strip() for f in tta_flips.split(",") if f.strip()] if tta_flips else None
+    if weights and [w.lower() for w in weights] == ["auto"]:
+        weights = "auto"
+    elif weights:
+        try:
+            weights = [float(w) for w in weights]
+        except ValueError:
+            raise KaggleCMRError(f"--weights {' '.join(weights)}: expected numbers (one per --runs) or auto") from None
     run_ensemble(runs=runs, runs_dir=runs_dir, data_root=data, split=splits[0] if len(splits) == 1 else splits,
                  tta=tta or bool(flips), tta_flips=flips, out=out, save_masks=save_masks, postprocess=postprocess,
                  weights=weights, device=device, batch_size=batch_size, with_full=full)

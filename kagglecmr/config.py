@@ -33,6 +33,13 @@ class DataConfig(_Section):
     in_channels: int | None = Field(None, ge=1, le=4)
     num_classes: int | None = Field(None, ge=2, description="Classes including background.")
     resize: bool = False
+    context: Literal["none", "partner"] = Field(
+        "none", description="Extra input channels: partner = the near-duplicate frame of the same slice.")
+
+    @property
+    def model_channels(self) -> int:
+        """Input channels of the model: the image's, twice with ``context: partner``."""
+        return (self.in_channels or 1) * (2 if self.context == "partner" else 1)
 
     @field_validator("size")
     @classmethod
@@ -105,6 +112,12 @@ class AugmentConfig(_Section):
         return v
 
 
+class PseudoConfig(_Section):
+    dir: str | None = Field(None, description="Folder written by `kagglecmr pseudo-label` (None: no pseudo labels).")
+    weight: float = Field(1.0, ge=0, description="Weight of the pseudo images' loss.")
+    ratio: float = Field(0.25, ge=0, lt=1, description="Share of each batch drawn from the pseudo images.")
+
+
 class TrainConfig(_Section):
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(16, ge=2, description="At least 2 (BatchNorm).")
@@ -126,6 +139,18 @@ class TrainConfig(_Section):
     log: list[Literal["csv", "tensorboard"]] = Field(
         default_factory=lambda: ["csv"],
         description="Per-epoch logs: metrics.csv (always written) and optionally TensorBoard events in <fold>/tb/.")
+    select: Literal["best", "last", "swa"] = Field(
+        "best", description="Model a fold keeps: best validation epoch, last epoch, or SWA of the last swa_epochs.")
+    swa_epochs: int = Field(0, ge=0, description="Average the weights of the last N epochs (SWA); 0 = off.")
+    pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
+
+    @model_validator(mode="after")
+    def _swa(self):
+        if self.select == "swa" and self.swa_epochs < 1:
+            raise ValueError("train.select: swa needs train.swa_epochs >= 1")
+        if self.swa_epochs > self.epochs:
+            raise ValueError(f"train.swa_epochs {self.swa_epochs} is more than train.epochs {self.epochs}")
+        return self
 
 
 class InferConfig(_Section):

@@ -6,6 +6,12 @@ folds, then runs with optional weights) and the argmax is the mask.  ``--split o
 labelled image only with the fold models that did not train on it: the honest estimate, and what the
 postprocessing is chosen on.  Several splits (``--split oof,test``) are predicted from one load of the
 models and one OOF pass; :func:`run_ensemble` also takes runs already loaded (``loaded=``).
+
+A fold's model is the checkpoint its ``train.select`` names (best epoch, last epoch or SWA).  Runs
+trained on different folds files (or on pseudo labels made on different folds files) are refused: their
+out-of-fold predictions would mix hold-outs.  ``--weights auto`` fits the run weights on the OOF
+probabilities (:mod:`kagglecmr.blend`), prints each run's OOF, the equal-weight and the fitted blend
+and an honest nested estimate, and saves the weights beside the submission (``<csv stem>.weights.json``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 import torch
 
 from .config import Config
+from .context import add_context
 from .data import Split
 from .errors import ConfigError, KaggleCMRError
 from .infer import TTA_FLIPS, predict_proba, to_tensor
@@ -51,7 +58,7 @@ def load_run(path: Path, device: torch.device, *, with_full: bool = False) -> Ru
     """Load ``best.safetensors`` of every fold (0..n-1, each finished) and, with ``with_full``, of the
     full fit (``full/``, from ``train --fold all``) when it exists.  The full fit holds nothing out, so it
     never enters out-of-fold predictions."""
-    from .checkpoint import load_best
+    from .checkpoint import load_best, model_file
 
     path = Path(path)
     if not path.is_dir():
@@ -63,14 +70,14 @@ def load_run(path: Path, device: torch.device, *, with_full: bool = False) -> Ru
     models, holdout, cfg = {}, {}, None
     dirs = [path / f"fold{k}" for k in range(n)] + ([path / "full"] if with_full and (path / "full").is_dir() else [])
     for k, d in enumerate(dirs):
-        if not (d / "summary.json").is_file() or not (d / "best.safetensors").is_file():
+        if not (d / "summary.json").is_file() or not model_file(d).is_file():
             raise KaggleCMRError(f"{path}: {d.name} is missing or unfinished "
                                  f"(train --fold {'all' if d.name == 'full' else k} --name {path.name})")
-        sd, meta = load_best(d / "best.safetensors")
+        sd, meta = load_best(model_file(d))
         try:
             fcfg = Config.model_validate(meta["config"])
         except Exception:
-            raise KaggleCMRError(f"{d / 'best.safetensors'}: checkpoint carries no valid config") from None
+            raise KaggleCMRError(f"{model_file(d)}: checkpoint carries no valid config") from None
         if cfg is not None and (fcfg.data.num_classes, fcfg.data.in_channels) != (cfg.data.num_classes, cfg.data.in_channels):
             raise KaggleCMRError(f"{d}: {fcfg.data.num_classes} classes / {fcfg.data.in_channels} channels, "
                                  f"fold0 has {cfg.data.num_classes} / {cfg.data.in_channels}")
@@ -112,7 +119,7 @@ def tta_passes(runs: list[Run], tta: bool, flips: list[str] | None) -> list[str]
 
 
 def _weights(runs: list[Run], weights: list[float] | None) -> np.ndarray:
-    if weights is None:
+    if weights is None or weights == "auto":
         return np.ones(len(runs)) / len(runs)
     if len(weights) != len(runs) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ConfigError(f"--weights: need {len(runs)} non-negative weights, one per run")
@@ -122,10 +129,13 @@ def _weights(runs: list[Run], weights: list[float] | None) -> np.ndarray:
 
 def predict_images(runs: list[Run], images: np.ndarray, device, passes, weights, batch_size) -> np.ndarray:
     """Mean softmax of every fold model of every run (weighted by run) over ``passes``."""
-    x = to_tensor(images, device)  # uploaded once, shared by every model
+    xs = {}  # uploaded once per input context (data.context), shared by every model
     total = None
     for r, w in zip(runs, weights):
-        p = predict_proba(list(r.models.values()), x, device, tta=passes, batch_size=batch_size,
+        ctx = r.cfg.data.context
+        if ctx not in xs:
+            xs[ctx] = to_tensor(add_context(images, ctx), device)
+        p = predict_proba(list(r.models.values()), xs[ctx], device, tta=passes, batch_size=batch_size,
                           amp=amp_dtype(r.cfg.train.amp, device))
         total = p * w if total is None else total + p * w
     return total
@@ -137,12 +147,13 @@ def predict_oof(runs: list[Run], data: Split, device, passes, weights, batch_siz
     pos = {i: k for k, i in enumerate(data.ids)}
     for r, w in zip(runs, weights):
         covered = set()
+        images = add_context(data.images, r.cfg.data.context)  # partners found among all labelled images
         for k, model in r.models.items():
             ids = [i for i in r.holdout.get(k, []) if i in pos]
             if not ids:
                 continue
             idx = np.array([pos[i] for i in ids])
-            out[idx] += w * predict_proba(model, data.images[idx], device, tta=passes, batch_size=batch_size,
+            out[idx] += w * predict_proba(model, images[idx], device, tta=passes, batch_size=batch_size,
                                           amp=amp_dtype(r.cfg.train.amp, device))
             covered.update(ids)
         missing = [i for i in data.ids if i not in covered]
@@ -186,6 +197,37 @@ def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int) -
     return plan
 
 
+def fit_blend(loaded: list[Run], labelled: Split, dev, passes, batch_size) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``--weights auto``: per-run OOF probabilities, weights fitted on them (printed with each run's OOF,
+    the equal-weight blend and a nested honest estimate).  Returns ``(weights, blended OOF probs, record)``."""
+    from .blend import blend_table, fit_weights, nested_estimate
+
+    k = loaded[0].cfg.data.num_classes
+    probs = [predict_oof([r], labelled, dev, passes, np.ones(1), batch_size) for r in loaded]
+    record = {"runs": [str(r.path) for r in loaded], "tta": list(passes), "oof": {}}
+    for r, p in zip(loaded, probs):
+        t = blend_table([p], [1.0], labelled.masks, k)
+        record["oof"][r.name] = float(t.mean())
+        print(f"OOF {r.name}: {_score_line(t)}", flush=True)
+    equal = np.full(len(loaded), 1 / len(loaded))
+    t_eq = blend_table(probs, equal, labelled.masks, k)
+    print(f"OOF equal-weight blend: {_score_line(t_eq)}", flush=True)
+    w, method = fit_weights(probs, labelled.masks, k)
+    t_fit = blend_table(probs, w, labelled.masks, k)
+    shown = ", ".join(f"{r.name} {x:.2f}" for r, x in zip(loaded, w))
+    print(f"OOF fitted blend ({shown}; {method}): {_score_line(t_fit)} -- optimistic: the weights were chosen "
+          f"on this same OOF", flush=True)
+    fold_of = {i: f for r in loaded[:1] for f, ids in r.holdout.items() for i in ids}
+    groups = np.array([fold_of.get(i, -1) for i in labelled.ids])
+    t_nest, per_fold = nested_estimate(probs, labelled.masks, k, groups)
+    print(f"OOF fitted blend, nested (weights fitted on the other folds, honest): {_score_line(t_nest)}", flush=True)
+    record |= {"weights": {r.name: float(x) for r, x in zip(loaded, w)}, "method": method,
+               "oof_equal": float(t_eq.mean()), "oof_fitted": float(t_fit.mean()),
+               "oof_fitted_nested": float(t_nest.mean()), "nested_weights": [list(map(float, x)) for x in per_fold]}
+    total = sum(p * np.float32(x) for p, x in zip(probs, w))
+    return w, total, record
+
+
 SPLITS = ("test", "val", "train", "oof")
 
 
@@ -198,6 +240,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored)."""
     from .dataset import apply_dataset, load_dataset
     from .postprocess import save_plan
+    from .pseudo import check_same_folds
 
     t0 = time.time()
     splits = [split] if isinstance(split, str) else list(split)
@@ -223,7 +266,9 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     setup_threads(0)
     if loaded is None:
         run_paths = list(runs) if runs else [latest_run(runs_dir)]
+        check_same_folds(run_paths)
         loaded = [load_run(p, dev, with_full=with_full and splits != ["oof"]) for p in run_paths]
+    check_same_folds([r.path for r in loaded])
     check_compatible(loaded)
     w = _weights(loaded, weights)
     passes = tta_passes(loaded, tta, tta_flips)
@@ -239,12 +284,17 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
 
     has_labels = any(ds.has_masks(s) for s in ("train", "val"))
     labelled = ds.labelled() if has_labels else None
-    plan = oof_probs = None
+    plan = oof_probs = blend = None
+    if weights == "auto":
+        if labelled is None:
+            raise KaggleCMRError(f"{data_root}: --weights auto fits on out-of-fold predictions and needs labelled images")
+        w, oof_probs, blend = fit_blend(loaded, labelled, dev, passes, batch_size)
     if postprocess not in ("auto", "none"):
         plan = load_plan(postprocess, k)
         print(f"postprocessing from {postprocess}: {describe_plan(plan)}", flush=True)
     if labelled is not None and ("oof" in splits or postprocess == "auto"):
-        oof_probs = predict_oof(loaded, labelled, dev, passes, w, batch_size)
+        if oof_probs is None:
+            oof_probs = predict_oof(loaded, labelled, dev, passes, w, batch_size)
         oof_pred = report_oof(oof_probs, labelled, passes, k)
         if postprocess == "auto":
             plan = choose_postprocessing(oof_pred, labelled, k)
@@ -260,6 +310,14 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
         masks_dir = save_masks if save_masks is None or len(splits) == 1 else Path(save_masks) / s
         results[s] = _write_split(s, loaded, labelled, oof_probs, plan, data_root=data_root, ds=ds, dev=dev,
                                   passes=passes, w=w, batch_size=batch_size, out=out, save_masks=masks_dir, t0=t0)
+        results[s]["weights"] = [float(x) for x in w]
+        if blend is not None:
+            from .io import atomic_write_json
+
+            wpath = Path(results[s]["out"]).with_name(Path(results[s]["out"]).stem + ".weights.json")
+            atomic_write_json(wpath, blend | {"submission": results[s]["out"]})
+            results[s]["blend"] = blend
+            print(f"blend weights -> {wpath}", flush=True)
     return results[split] if isinstance(split, str) else results
 
 

@@ -2,6 +2,9 @@
 
 ``dice_ce`` (default) = ``dice_weight * Dice + ce_weight * CrossEntropy``; the other names combine
 Focal, Lovasz-softmax and Tversky the same way.  Logits are cast to float32 before the loss.
+
+Target pixels valued :data:`IGNORE` (255, e.g. low-confidence pixels of ``pseudo-label`` masks) are
+left out of every loss: their logits change nothing, as if those pixels were cropped away.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import torch
 from torch import nn
 
 from .config import LossConfig
+
+IGNORE = 255  # mask value of pixels no loss looks at
 
 
 class WeightedSum(nn.Module):
@@ -33,8 +38,10 @@ class PerImageDiceLoss(nn.Module):
         self.num_classes, self.smooth = num_classes, smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probs = logits.float().softmax(1)[:, 1:]
-        onehot = torch.nn.functional.one_hot(target, self.num_classes).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+        keep = (target != IGNORE).unsqueeze(1)  # ignored pixels count in neither the sums nor the overlap
+        probs = logits.float().softmax(1)[:, 1:] * keep
+        onehot = torch.nn.functional.one_hot(torch.where(keep[:, 0], target, 0), self.num_classes)
+        onehot = onehot.permute(0, 3, 1, 2)[:, 1:].to(probs.dtype) * keep
         inter = (probs * onehot).sum((2, 3))
         denom = probs.sum((2, 3)) + onehot.sum((2, 3))
         return 1 - ((2 * inter + self.smooth) / (denom + self.smooth)).mean()
@@ -44,11 +51,13 @@ def build_loss(cfg: LossConfig, num_classes: int) -> nn.Module:
     from segmentation_models_pytorch import losses as L
 
     weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
-    ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    dice = PerImageDiceLoss(num_classes) if cfg.dice_per_image else L.DiceLoss("multiclass", from_logits=True)
-    focal = L.FocalLoss("multiclass", gamma=cfg.focal_gamma)
-    lovasz = L.LovaszLoss("multiclass", from_logits=True)
-    tversky = L.TverskyLoss("multiclass", from_logits=True, alpha=cfg.tversky_alpha, beta=1 - cfg.tversky_alpha)
+    ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, ignore_index=IGNORE)
+    dice = PerImageDiceLoss(num_classes) if cfg.dice_per_image else \
+        L.DiceLoss("multiclass", from_logits=True, ignore_index=IGNORE)
+    focal = L.FocalLoss("multiclass", gamma=cfg.focal_gamma, ignore_index=IGNORE)
+    lovasz = L.LovaszLoss("multiclass", from_logits=True, ignore_index=IGNORE)
+    tversky = L.TverskyLoss("multiclass", from_logits=True, alpha=cfg.tversky_alpha, beta=1 - cfg.tversky_alpha,
+                            ignore_index=IGNORE)
     d, c = cfg.dice_weight, cfg.ce_weight
     table = {
         "dice_ce": [(d, dice), (c, ce)],

@@ -143,7 +143,7 @@ def _create(cfg: Config, encoder_weights) -> nn.Module:
     m = cfg.model
     return smp.create_model(
         m.arch, encoder_name=m.encoder, encoder_weights=encoder_weights,
-        in_channels=cfg.data.in_channels or 1, classes=cfg.data.num_classes or 4, **m.params,
+        in_channels=cfg.data.model_channels, classes=cfg.data.num_classes or 4, **m.params,
     )
 
 
@@ -305,7 +305,7 @@ def check_runs_at_size(model: SegModel, cfg: Config) -> None:
     """One tiny forward pass, so an architecture that cannot run at the image size fails before training."""
     h, w = cfg.data.hw or (96, 96)
     k = cfg.data.num_classes or 4
-    x = torch.rand(2, cfg.data.in_channels or 1, h, w)
+    x = torch.rand(2, cfg.data.model_channels, h, w)
     was_training = model.training
     model.eval()
     try:

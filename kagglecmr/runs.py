@@ -4,21 +4,26 @@
 another in this process (:func:`kagglecmr.train.train_fold`), ``--jobs N`` of them at once in child
 processes (round-robin over the visible GPUs when there are several), or as Ray tasks
 (``--executor ray``, :mod:`kagglecmr.executors`); when every fold has out-of-fold predictions it writes
-the run's ``oof.json``.  Each fold is trained under its fold lock (:mod:`kagglecmr.locks`): a second
+the run's ``oof.json`` (best-epoch score,
+plus ``score_last``, the honest fixed-epoch rule, and ``score_swa`` with SWA).  Each fold is trained under its fold lock (:mod:`kagglecmr.locks`): a second
 trainer of a fold is refused (exit 2), or, under ``--jobs`` and Ray, skips it.
 
-Run directory ``runs/<name>/fold<k>/`` (``full/`` for ``--fold all``)::
+Run directory ``runs/<name>/`` holds ``run.json`` (the folds file and its sha256; the pseudo labels'
+folder and manifest sha256 with ``train.pseudo.dir``) and ``fold<k>/`` (``full/`` for ``--fold all``)::
 
-    config.yaml  env.json  metrics.csv  curves.png  last.pt  best.safetensors  oof.npz  summary.json
+    config.yaml  env.json  metrics.csv  curves.png  last.pt  best.safetensors  last.safetensors
+    [swa.safetensors]  oof.npz  oof_last.npz  [oof_swa.npz]  summary.json  dataset.json
     tb/  (TensorBoard events, with ``train.log: [csv, tensorboard]``)
     train.lock  (only while a process trains the fold)
 
-and beside the folds ``oof.json``; ``ensemble`` adds ``postprocess.json`` and ``ensemble_oof.json``,
-``kagglecmr report`` writes ``report.html``.
+and beside the folds ``run.json`` (folds file, pseudo labels) and ``oof.json``; ``ensemble`` adds
+``postprocess.json`` and ``ensemble_oof.json``, ``kagglecmr report`` writes ``report.html``.
+``--seeds 42,43`` trains the same recipe once per seed as runs ``<name>-s42``, ``<name>-s43``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +36,7 @@ import numpy as np
 import yaml
 
 from .config import Config
+from .context import add_context
 from .data import Split
 from .errors import KaggleCMRError
 from .io import atomic_write_json, atomic_write_text
@@ -94,6 +100,9 @@ def prepare_dir(out_dir: Path, cfg: Config, force: bool) -> bool:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = _config_for_resume(out_dir)
+    if saved is not None:  # filled with today's defaults, so folds trained before a new key still resume
+        with contextlib.suppress(Exception):  # an invalid old config simply differs, reported below
+            saved = Config.model_validate(saved).to_dict()
     if saved is not None and _recipe(saved) != _recipe(cfg.to_dict()):
         changed = sorted(_diff_keys(_recipe(saved), _recipe(cfg.to_dict())))
         raise KaggleCMRError(f"{out_dir}: holds a run with another config (differs in {', '.join(changed[:4])}); "
@@ -119,8 +128,11 @@ def _diff_keys(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def full_fit_epochs(run_dir: Path) -> int:
-    """Epochs for ``--fold all``: the median best epoch of the run's finished CV folds."""
+def full_fit_epochs(run_dir: Path, cfg: Config | None = None) -> int:
+    """Epochs for ``--fold all``: the median best epoch of the run's finished CV folds (with
+    ``train.select: last | swa``, the configured epochs: no epoch was chosen on a fold)."""
+    if cfg is not None and cfg.train.select != "best":
+        return cfg.train.epochs
     best = []
     for p in sorted(run_dir.glob("fold*/summary.json")):
         best.append(json.loads(p.read_text())["best_epoch"])
@@ -144,21 +156,62 @@ def read_oof_labels(files: list[Path]) -> tuple[list[str], list[np.ndarray]]:
 
 
 def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> dict | None:
-    """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``."""
+    """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``.
+
+    ``score``/``per_class``: each fold's best validation epoch (chosen on the fold it is scored on:
+    optimistic); ``score_last``/``per_class_last``: the last epoch (a fixed rule: honest);
+    ``score_swa``/``per_class_swa`` when the folds kept an SWA model; ``select``: what ensembles use."""
     files = [run_dir / f"fold{k}" / "oof.npz" for k in range(n_folds)]
     if not all(f.is_file() for f in files):
         return None
-    ids, preds = read_oof_labels(files)
-    truth = data.subset(ids).masks
-    table = dice_table(np.concatenate(preds), truth, num_classes)
-    result = {"score": float(table.mean()), "images": len(ids), "rows": int(table.size),
-              "per_class": {str(k): float(table[:, k - 1].mean()) for k in range(1, num_classes)}}
+    result = {}
+    for suffix, name in (("", "oof.npz"), ("_last", "oof_last.npz"), ("_swa", "oof_swa.npz")):
+        files = [run_dir / f"fold{k}" / name for k in range(n_folds)]
+        if not all(f.is_file() for f in files):
+            continue
+        ids, preds = read_oof_labels(files)
+        table = dice_table(np.concatenate(preds), data.subset(ids).masks, num_classes)
+        result |= {f"score{suffix}": float(table.mean()),
+                   f"per_class{suffix}": {str(k): float(table[:, k - 1].mean()) for k in range(1, num_classes)}}
+        if not suffix:
+            result |= {"images": len(ids), "rows": int(table.size)}
+    summary = run_dir / "fold0" / "summary.json"
+    result["select"] = json.loads(summary.read_text()).get("select", "best") if summary.is_file() else "best"
     atomic_write_json(run_dir / "oof.json", result)
     return result
 
 
+def print_oof(oof: dict, run_dir: Path) -> None:
+    """The honest (last-epoch) OOF line first, then the best-epoch one (and SWA)."""
+    def per(key):
+        return " ".join(f"{k}:{v:.4f}" for k, v in oof[key].items())
+
+    if "score_last" in oof:
+        print(f"out-of-fold Dice at the last epoch (honest) {oof['score_last']:.4f} [{per('per_class_last')}]",
+              flush=True)
+    if "score_swa" in oof:
+        print(f"out-of-fold Dice of SWA (honest) {oof['score_swa']:.4f} [{per('per_class_swa')}]", flush=True)
+    print(f"out-of-fold Dice at the best epoch (chosen on the fold: optimistic) {oof['score']:.4f} over "
+          f"{oof['rows']} rows [{per('per_class')}] -> {run_dir / 'oof.json'}", flush=True)
+
+
+def write_run_info(run_dir: Path, folds_path: Path, pseudo: dict | None) -> dict:
+    """``run.json``: the folds file (and sha256) the run trains on, and its pseudo labels; refuses a run
+    folder that already trained on another folds file."""
+    from .pseudo import RUN_JSON, run_info, sha256_file
+
+    info = {"folds": str(folds_path), "folds_sha256": sha256_file(folds_path), "pseudo": pseudo}
+    old = run_info(run_dir)
+    if old.get("folds_sha256") not in (None, info["folds_sha256"]):
+        raise KaggleCMRError(f"{run_dir / RUN_JSON}: the run trained on another folds file ({old.get('folds')}); "
+                             f"use --name for a new run")
+    if old != info:
+        atomic_write_json(run_dir / RUN_JSON, info)
+    return info
+
+
 def train_locked(cfg: Config, data: Split, folds_df, fold, run_dir: Path, *, device, force: bool, quiet: bool,
-                 skip_locked: bool = False, dataset: dict | None = None) -> FoldResult:
+                 skip_locked: bool = False, **extra) -> FoldResult:
     """Train one fold holding its lock; a fold another trainer holds raises :class:`FoldLocked`, or with
     ``skip_locked`` is skipped (a ``FoldResult`` with ``locked_by``) and says so."""
     from .train import train_fold
@@ -166,8 +219,7 @@ def train_locked(cfg: Config, data: Split, folds_df, fold, run_dir: Path, *, dev
     out_dir = fold_dir(run_dir, fold)
     try:
         with FoldLock(out_dir):
-            return train_fold(cfg, data, folds_df, fold, out_dir, device=device, force=force, quiet=quiet,
-                              dataset=dataset)
+            return train_fold(cfg, data, folds_df, fold, out_dir, device=device, force=force, quiet=quiet, **extra)
     except FoldLocked as exc:
         if not skip_locked:
             raise
@@ -182,7 +234,9 @@ def fold_configs(cfg: Config, folds: list, run_dir: Path) -> list[tuple[object, 
         fcfg = cfg
         if fold == FULL:
             fcfg = cfg.model_copy(deep=True)
-            fcfg.train.epochs = full_fit_epochs(run_dir)
+            epochs = full_fit_epochs(run_dir, cfg)
+            fcfg.train.swa_epochs = min(fcfg.train.swa_epochs, epochs)  # first: validated on assignment
+            fcfg.train.epochs = epochs
         out.append((fold, fcfg))
     return out
 
@@ -193,9 +247,34 @@ def report_fold(res: FoldResult) -> None:
 
 
 # ----------------------------------------------------------------------------------------- entry
+def seed_runs(cfg: Config, seeds: str, name: str | None) -> list[tuple[Config, str]]:
+    """``--seeds 42,43,44`` -> one (config with that seed, ``NAME-s<seed>``) per seed."""
+    try:
+        values = [int(s) for s in str(seeds).split(",") if s.strip()]
+    except ValueError:
+        raise KaggleCMRError(f"--seeds {seeds}: expected comma-separated integers, e.g. 42,43,44") from None
+    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise KaggleCMRError(f"--seeds {seeds}: expected distinct non-negative integers")
+    base = name or cfg.name or "run"
+    out = []
+    for v in values:
+        c = cfg.model_copy(deep=True)
+        c.seed = v
+        out.append((c, f"{base}-s{v}"))
+    return out
+
+
 def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name: str | None,
               runs_dir: Path, device: str | None, force: bool, quiet: bool, jobs: int = 1,
-              executor: str = "local", ray_address: str | None = None) -> list[FoldResult]:
+              executor: str = "local", ray_address: str | None = None, seeds: str | None = None) -> list[FoldResult]:
+    if seeds:
+        results = []
+        for scfg, sname in seed_runs(cfg, seeds, name):
+            results += run_train(scfg, fold_spec=fold_spec, data_root=data_root, folds_path=folds_path, name=sname,
+                                 runs_dir=runs_dir, device=device, force=force, quiet=quiet, jobs=jobs,
+                                 executor=executor, ray_address=ray_address)
+        return results
+    from . import pseudo as pl
     from .dataset import prepare
     from .folds import read_folds
 
@@ -214,14 +293,28 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
     name = name or cfg.name or "run"
     run_dir = Path(runs_dir) / name
     cfg, ds, data = prepare(cfg, data_root)  # data keys from the dataset (folder or dataset file)
+    data.images = add_context(data.images, cfg.data.context)  # partner frames: found among all labelled images
     folds_df = read_folds(folds_path, ids=data.ids)
     n_folds = int(folds_df["fold"].max()) + 1
     folds = parse_fold_spec(fold_spec, n_folds)
+    pseudo_info = None
+    if cfg.train.pseudo.dir:
+        pseudo_info = pl.pseudo_for_run(Path(cfg.train.pseudo.dir), pl.sha256_file(folds_path), folds_path)
+    if FULL in folds:
+        full_fit_epochs(run_dir, cfg)  # fails before anything is written when no CV fold has finished
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = write_run_info(run_dir, folds_path, pseudo_info)
+    env_extra = {"folds": info["folds"], "folds_sha256": info["folds_sha256"]}
+    if pseudo_info:
+        env_extra |= {"pseudo_dir": pseudo_info["dir"], "pseudo_manifest_sha256": pseudo_info["manifest_sha256"]}
     print(f"run {run_dir} | {cfg.model.arch}/{cfg.model.encoder} | {len(data)} labelled images | "
           f"device {dev} | folds {folds}" + (f" | {jobs} at a time" if jobs > 1 else "")
           + (" | executor ray" if executor == "ray" else ""), flush=True)
     if executor == "ray":
         from .executors import train_ray
+
+        if pseudo_info:
+            raise KaggleCMRError("--pseudo: not supported with --executor ray yet (use the local executor)")
 
         results = train_ray(fold_configs(cfg, folds, run_dir), data=data, folds_df=folds_df, run_dir=run_dir,
                             device=dev, force=force, jobs=jobs, address=ray_address,
@@ -233,15 +326,18 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
         skip_locked = bool(os.environ.get(SKIP_LOCKED_ENV))
         results = []
         for fold, fcfg in fold_configs(cfg, folds, run_dir):
+            pseudo = pl.load_pseudo(Path(cfg.train.pseudo.dir), fold, cfg.data.spec()) if pseudo_info else None
+            if pseudo is not None:
+                pseudo.images = add_context(pseudo.images, cfg.data.context)
+            fenv = env_extra | ({"pseudo_source": str(pl.pseudo_fold_dir(Path(cfg.train.pseudo.dir), fold))}
+                                if pseudo_info else {})
             res = train_locked(fcfg, data, folds_df, fold, run_dir, device=dev, force=force, quiet=quiet,
-                               skip_locked=skip_locked, dataset=ds.describe())
+                               skip_locked=skip_locked, dataset=ds.describe(), pseudo=pseudo, env_extra=fenv)
             report_fold(res)
             results.append(res)
     oof = oof_summary(run_dir, data, n_folds, cfg.data.num_classes)
     if oof is not None:
-        per = " ".join(f"{k}:{v:.4f}" for k, v in oof["per_class"].items())
-        print(f"out-of-fold Dice {oof['score']:.4f} over {oof['rows']} rows [{per}] -> {run_dir / 'oof.json'}",
-              flush=True)
+        print_oof(oof, run_dir)
     return results
 
 

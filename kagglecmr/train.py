@@ -2,7 +2,16 @@
 
 One fold reads top to bottom in :func:`train_fold`: data in memory, model, optimiser, schedule,
 resume from ``last.pt``, the epoch loop (augment, forward/backward, validate with the leaderboard
-metric, keep ``best`` and ``last``), then out-of-fold probabilities from ``best``.
+metric, keep ``best`` and ``last``), then out-of-fold probabilities from ``best``, from the last epoch
+(``oof_last.npz``: a fixed-epoch rule, not chosen on the fold it is scored on) and, with
+``train.swa_epochs``, from the SWA average of the last epochs (``oof_swa.npz``; BatchNorm statistics
+recomputed on the training images with :func:`torch.optim.swa_utils.update_bn`).  ``train.select``
+names the model the fold keeps for ensembles (``best|last|swa.safetensors``, see
+:func:`kagglecmr.checkpoint.model_file`).
+
+With pseudo labels (``train.pseudo``, images from ``kagglecmr pseudo-label``), each batch holds
+``round(ratio * batch_size)`` pseudo images drawn deterministically from the epoch seed; their loss
+is added with weight ``train.pseudo.weight``.  They are never validated on.
 
 The fold folder's files are listed in :mod:`kagglecmr.runs`; run orchestration (several folds, ``--jobs``,
 the OOF summary) lives there too.
@@ -23,7 +32,7 @@ import torch
 
 from .averaging import EMA
 from .batches import BatchMaker
-from .checkpoint import load_best, load_last, save_best, save_last
+from .checkpoint import MODEL_FILES, load_best, load_last, save_best, save_last
 from .config import Config
 from .cudagraph import GraphedStep, use_cuda_graphs
 from .data import Split
@@ -43,7 +52,8 @@ TIME_COLUMNS = ("time_s", "data_s", "model_s", "val_s")
 
 
 def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, device: torch.device,
-               force: bool = False, quiet: bool = False, dataset: dict | None = None) -> FoldResult:
+               force: bool = False, quiet: bool = False, dataset: dict | None = None,
+               pseudo: Split | None = None, env_extra: dict | None = None) -> FoldResult:
     t_start = time.time()
     if prepare_dir(out_dir, cfg, force):
         summary = json.loads((out_dir / "summary.json").read_text())
@@ -63,7 +73,9 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
         val_ids = [i for i, v in zip(data.ids, in_val) if v]
     tr, va = data.subset(train_ids), data.subset(val_ids) if val_ids else None
     bs = min(cfg.train.batch_size, len(tr))
-    steps_per_epoch = max(1, len(tr) // bs)  # drop the ragged last batch (BatchNorm on tiny batches)
+    n_pseudo = min(int(round(cfg.train.pseudo.ratio * bs)), bs - 1) if pseudo is not None and len(pseudo) else 0
+    bs_lab = bs - n_pseudo  # labelled images per batch; an epoch still passes over each once
+    steps_per_epoch = max(1, len(tr) // bs_lab)  # drop the ragged last batch (BatchNorm on tiny batches)
     k_fg = cfg.data.num_classes - 1
 
     # ---- model, optimiser, schedule, loss
@@ -79,13 +91,19 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and device.type == "cuda"))
     criterion = build_loss(cfg.loss, cfg.data.num_classes).to(device)
     ema = EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
+    swa_start = cfg.train.epochs - cfg.train.swa_epochs  # epochs (0-based) from which SWA averages
+    swa = torch.optim.swa_utils.AveragedModel(model) if cfg.train.swa_epochs > 0 else None
+    pseudo_w = float(cfg.train.pseudo.weight)
     forward = torch.compile(model) if cfg.train.compile else model
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimisation step on a batch (gradients must be cleared before); returns the loss."""
         with autocast(device, dtype):
             logits = forward(x)
-        loss = criterion(logits, y)
+        if n_pseudo:
+            loss = criterion(logits[:bs_lab], y[:bs_lab]) + pseudo_w * criterion(logits[bs_lab:], y[bs_lab:])
+        else:
+            loss = criterion(logits, y)
         scaler.scale(loss).backward()
         if cfg.train.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -100,11 +118,13 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
         """Everything a training step changes, in a stable order (for CUDA-graph warm-up undo)."""
         out = list(model.state_dict(keep_vars=True).values())
         out += list(ema.model.state_dict(keep_vars=True).values()) if ema is not None else []
+        out += list(swa.state_dict(keep_vars=True).values()) if swa is not None else []
         out += [v for p in model.parameters() for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
         return out
 
     graphed = None
     batches = BatchMaker(cfg, tr.images, tr.masks, device)
+    pseudo_batches = BatchMaker(cfg, pseudo.images, pseudo.masks, device) if n_pseudo else None
     x_val = to_tensor(va.images, device, cfg.train.channels_last) if va else None
     y_val = torch.from_numpy(va.masks).to(device).long() if va else None
 
@@ -119,6 +139,8 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.model.load_state_dict(state["ema"])
+        if swa is not None and state.get("swa") is not None:
+            swa.load_state_dict(state["swa"])
         if graphs:  # the learning rate must stay a tensor on the GPU for the captured optimiser
             for group in optimizer.param_groups:
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
@@ -127,8 +149,8 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
         print(f"{out_dir}: resuming after epoch {start_epoch}", flush=True)
     env = environment(device) | {"parameters": count_parameters(model), "train_images": len(tr),
                                  "val_images": len(val_ids), "augment_backend": batches.backend,
-                                 "cuda_graphs": graphs,
-                                 "amp": str(dtype).replace("torch.", "") if dtype else "float32"}
+                                 "cuda_graphs": graphs, "pseudo_images": len(pseudo) if n_pseudo else 0,
+                                 "amp": str(dtype).replace("torch.", "") if dtype else "float32"} | (env_extra or {})
     atomic_write_json(out_dir / "env.json", env)
 
     # ---- epochs
@@ -140,11 +162,22 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
             epoch_seed = seed_everything(cfg.seed, fold_num, epoch)
             batches.reseed(epoch_seed)
             perm = np.random.default_rng(epoch_seed).permutation(len(tr))
+            if n_pseudo:  # the pseudo images of this epoch: shuffled passes over them, cut into batches
+                pseudo_seed = int(np.random.SeedSequence([epoch_seed, 1]).generate_state(1)[0])
+                pseudo_batches.reseed(pseudo_seed)
+                prng = np.random.default_rng(pseudo_seed)
+                reps = -(-steps_per_epoch * n_pseudo // len(pseudo))
+                pperm = np.concatenate([prng.permutation(len(pseudo)) for _ in range(reps)])
             model.train()
             data_s = model_s = loss_sum = 0.0
             for step in range(steps_per_epoch):
                 ta = time.perf_counter()
-                x, y = batches(perm[step * bs:(step + 1) * bs])
+                x, y = batches(perm[step * bs_lab:(step + 1) * bs_lab])
+                if n_pseudo:
+                    xp, yp = pseudo_batches(pperm[step * n_pseudo:(step + 1) * n_pseudo])
+                    x, y = torch.cat([x, xp]), torch.cat([y, yp])
+                    if cfg.train.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
                 tb = time.perf_counter()
                 if graphs and graphed is None:
                     graphed = GraphedStep.capture(train_step, state_tensors, x, y, optimizer)
@@ -179,12 +212,15 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                 best_epoch = epoch + 1
                 save_best(best_path, eval_model, cfg, best_epoch, best_score, dataset)
             row["best"] = bool(improved)
+            if swa is not None and epoch >= swa_start:
+                swa.update_parameters(eval_model)
             row |= {"time_s": time.time() - t0, "data_s": data_s, "model_s": model_s, "val_s": time.time() - tv}
             history.append(row)
             save_last(last_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.model.state_dict() if ema is not None else None,
+                "swa": swa.state_dict() if swa is not None else None,
                 "epoch": epoch + 1, "history": history, "best_score": float(best_score), "best_epoch": best_epoch,
                 "rng_torch": torch.get_rng_state(),
             })
@@ -196,18 +232,26 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
         reporter.close()
     _plot(out_dir, history)
 
-    # ---- out-of-fold probabilities from the best checkpoint
+    # ---- the last epoch's and the SWA weights, then out-of-fold probabilities of best, last and swa
+    eval_model = ema.model if ema is not None else model
+    last_score = history[-1]["val_dice"] if history else float("nan")
+    save_best(out_dir / MODEL_FILES["last"], eval_model, cfg, cfg.train.epochs, last_score)
+    if swa is not None:
+        x_tr = to_tensor(tr.images, device, cfg.train.channels_last)
+        with autocast(device, dtype):
+            torch.optim.swa_utils.update_bn([x_tr[s:s + bs] for s in range(0, len(tr), bs)], swa, device)
+        save_best(out_dir / MODEL_FILES["swa"], swa.module, cfg, cfg.train.epochs, float("nan"))
     if va is not None:
-        sd, _ = load_best(best_path)
+        _save_oof(out_dir / "oof_last.npz", eval_model, x_val, va, cfg, device, dtype)
+        if swa is not None:
+            _save_oof(out_dir / "oof_swa.npz", swa.module, x_val, va, cfg, device, dtype)
+        sd, _ = load_best(best_path)  # the best epoch last: loading it overwrites the last epoch's weights
         model.load_state_dict(sd)
-        probs = predict_proba(model, x_val, device, batch_size=cfg.train.val_batch_size, amp=dtype)
-        labels = probs.argmax(1).astype(np.uint8)  # from float32: float16 rounding can flip near-ties
-        table = dice_table(labels, va.masks, cfg.data.num_classes)
-        with atomic_path(out_dir / "oof.npz") as tmp, open(tmp, "wb") as fh:
-            np.savez_compressed(fh, ids=np.array(va.ids), probs=probs.astype(np.float16), labels=labels, dice=table)
+        _save_oof(out_dir / "oof.npz", model, x_val, va, cfg, device, dtype)
     epochs_run = [r for r in history if r["epoch"] > start_epoch]
     summary = {
         "fold": fold, "best_score": None if math.isnan(best_score) else best_score, "best_epoch": best_epoch,
+        "last_score": None if math.isnan(last_score) else last_score, "select": cfg.train.select,
         "epochs": cfg.train.epochs, "train_images": len(tr), "val_images": len(val_ids),
         "seconds": time.time() - t_start,
         "seconds_per_epoch": float(np.mean([r["time_s"] for r in epochs_run])) if epochs_run else None,
@@ -219,6 +263,14 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                                                    ("seconds_per_epoch", "peak_memory_mb", "seconds")})
     atomic_write_json(out_dir / "summary.json", summary)
     return FoldResult(fold, out_dir, best_score, best_epoch)
+
+
+def _save_oof(path: Path, model, x_val, va: Split, cfg: Config, device, dtype) -> None:
+    probs = predict_proba(model, x_val, device, batch_size=cfg.train.val_batch_size, amp=dtype)
+    labels = probs.argmax(1).astype(np.uint8)  # from float32: float16 rounding can flip near-ties
+    table = dice_table(labels, va.masks, cfg.data.num_classes)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, ids=np.array(va.ids), probs=probs.astype(np.float16), labels=labels, dice=table)
 
 
 @torch.inference_mode()

@@ -467,3 +467,25 @@ def test_resolve_backend():
     assert resolve_backend(AugmentConfig(), torch.device("cuda")) == "torch"
     for b in ("torch", "albumentations"):
         assert resolve_backend(AugmentConfig(backend=b), torch.device("cpu")) == b
+
+
+@pytest.mark.parametrize("backend", ["torch", "albumentations"])
+def test_ignore_label_255_survives_augmentation_and_the_border_fills_with_background(backend):
+    """Pseudo-label masks carry 255 (ignore): nearest-neighbour warps keep it, never blend it into a
+    class, and pixels shifted in from outside the image are background (0), not ignore."""
+    cfg = AugmentConfig(hflip=0.5, vflip=0.5, affine=1.0, rotate=30, translate=0.2, elastic=0.5,
+                        intensity=0.0, gamma=0.0)
+    masks = np.zeros((8, 32, 32), np.uint8)
+    masks[:, 4:28, 4:28] = 255  # ignore region reaching near the border
+    masks[:, 12:20, 12:20] = 3
+    images = (np.random.default_rng(0).random((8, 32, 32, 1)) * 255).astype(np.uint8)
+    if backend == "torch":
+        g = torch.Generator().manual_seed(0)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        _, y = TorchAugment(cfg)(x, torch.from_numpy(masks).long(), g)
+        out = y.numpy()
+    else:
+        _, out = aug.augment_batch_albumentations(aug.build_albumentations(cfg, seed=0), images, masks)
+    assert set(np.unique(out)) <= {0, 3, 255}
+    assert (out == 255).sum() > 0 and (out == 3).sum() > 0
+    assert (out == 0).sum() > (masks == 0).sum()  # translated/rotated: background filled in at the border

@@ -50,3 +50,42 @@ def test_per_image_dice_rewards_predicting_nothing_on_an_empty_slice():
     loss = PerImageDiceLoss(4)
     assert loss(_hard_logits(empty), empty).item() == pytest.approx(0.0, abs=1e-6)
     assert loss(_hard_logits(stray), empty).item() > 0.1
+
+
+def _batch_with_ignored_rows(seed: int = 0):
+    """Logits and targets whose bottom 6 rows are marked ignore (255) in every image."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 4, 16, 16, generator=g)
+    target = torch.randint(0, 4, (3, 16, 16), generator=g)
+    ignored = target.clone()
+    ignored[:, 10:] = 255
+    return logits, target, ignored
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_ignored_pixels_do_not_change_any_loss(name, per_image):
+    from kagglecmr.losses import IGNORE
+
+    assert IGNORE == 255
+    logits, _, ignored = _batch_with_ignored_rows()
+    loss_fn = build_loss(LossConfig(name=name, dice_per_image=per_image), 4)
+    other = logits.clone()
+    other[:, :, 10:] = torch.randn(3, 4, 6, 16) * 5  # different logits on the ignored pixels only
+    a = loss_fn(logits, ignored)
+    assert torch.isfinite(a)
+    assert loss_fn(other, ignored).item() == pytest.approx(a.item(), abs=1e-5)
+    # and the ignored pixels get no gradient
+    x = logits.clone().requires_grad_(True)
+    loss_fn(x, ignored).backward()
+    assert x.grad[:, :, 10:].abs().max().item() == 0.0
+    assert x.grad[:, :, :10].abs().sum().item() > 0
+
+
+@pytest.mark.parametrize("name", ["dice_ce", "ce", "focal", "tversky", "lovasz"])
+def test_ignored_pixels_equal_cropping_them_away(name):
+    logits, target, ignored = _batch_with_ignored_rows(1)
+    for per_image in (False, True):
+        loss_fn = build_loss(LossConfig(name=name, dice_per_image=per_image), 4)
+        cropped = loss_fn(logits[:, :, :10], target[:, :10])
+        assert loss_fn(logits, ignored).item() == pytest.approx(cropped.item(), abs=1e-5)
