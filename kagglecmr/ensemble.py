@@ -255,7 +255,8 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
           flush=True)
     if save_masks is not None:
         write_masks(save_masks, images.ids, pred, images.images)
-    return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan}
+    return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan, "ids": list(images.ids), "probs": probs,
+            "labels": pred, "truth": images.masks, "tta": passes, "runs": [str(r.path) for r in loaded]}
 
 
 def write_masks(folder: Path, ids: list[str], pred: np.ndarray, images: np.ndarray) -> None:

@@ -1,0 +1,255 @@
+"""The Python API: the CLI's verbs as functions for notebooks (``import kagglecmr as kc``).
+
+Every ``kagglecmr`` command is a thin layer over exactly one function here, with the command's options
+as keyword arguments; each returns a result object (scores as floats and dicts, probabilities as numpy
+arrays, the paths it wrote) and raises the same :class:`~kagglecmr.errors.KaggleCMRError` the CLI
+prints as ``error: ...``.  Progress lines go to stdout as in the CLI (plain text when stdout is not a
+terminal, e.g. in Jupyter or a log file).
+
+Nothing heavy is imported here at module level: ``import kagglecmr`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import pandas as pd
+
+    from .config import Config
+    from .export import ExportedModel
+    from .predictor import Predictor
+    from .runs import FoldResult
+    from .score import ScoreResult
+
+
+# ------------------------------------------------------------------------------------- results
+@dataclass
+class DemoDataResult:
+    path: Path
+    summary: dict
+
+
+@dataclass
+class FoldsResult:
+    path: Path
+    folds: pd.DataFrame  # id, split, fold, group, ... one row per labelled image
+
+
+@dataclass
+class EncodeResult:
+    path: Path
+    rows: int
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    folds: list[FoldResult]
+    oof: dict | None  # {"score", "per_class", "images", "rows"} once every fold has OOF predictions
+
+    @property
+    def score(self) -> float | None:
+        """The run's out-of-fold Dice (None until every fold is trained)."""
+        return None if self.oof is None else self.oof["score"]
+
+
+@dataclass
+class EnsembleResult:
+    out: Path  # the submission CSV written
+    ids: list[str]
+    probs: np.ndarray  # float32 [N, K, H, W] averaged softmax (before postprocessing)
+    labels: np.ndarray  # uint8 [N, H, W] the submitted masks (after postprocessing)
+    rows: int
+    empty: dict[int, int]  # empty rows per class
+    plan: dict | None  # postprocessing plan applied
+    tta: list[str]
+    runs: list[Path]
+    score: float | None = None  # Dice of ``labels`` when the split has masks (oof: the honest estimate)
+    per_class: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PredictResult:
+    masks: list[Path]
+    overlays: list[Path]
+    labels: list[np.ndarray]  # class maps at each image's own size
+    files: list[Path]
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sidecar: Path
+    max_error: float
+    checked_on: str
+    info: dict
+
+
+# ----------------------------------------------------------------------------------- functions
+def demo_data(out: str | Path, *, n_train: int = 60, n_val: int = 12, n_test: int = 24, seed: int = 0,
+              size: int = 96, force: bool = False) -> DemoDataResult:
+    """Synthetic CMR-like dataset in the competition layout (``kagglecmr demo-data``)."""
+    from .demo import make_demo_dataset
+
+    summary = make_demo_dataset(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force)
+    return DemoDataResult(Path(out), summary)
+
+
+def make_folds(data: str | Path = "data", *, n_folds: int = 5, seed: int = 42, out: str | Path = "folds/folds.csv",
+               groups: bool = True, force: bool = False, config: str | Path | Config | None = None) -> FoldsResult:
+    """Stratified, grouped, deterministic folds over train+val (``kagglecmr make-folds``)."""
+    from .folds import run_make_folds
+
+    cfg = _load_config(config) if config is not None else None
+    df = run_make_folds(Path(data), n_folds=n_folds, seed=seed, out=Path(out), groups=groups, force=force,
+                        spec=cfg.data.spec() if cfg else None)
+    return FoldsResult(Path(out), df)
+
+
+def score(submission: str | Path, *, truth: str | Path | None = None, data: str | Path = "data",
+          as_json: bool = False) -> ScoreResult:
+    """Leaderboard score of a submission CSV (``kagglecmr score``): ``.score``, ``.per_class``, ``.worst``."""
+    from .score import run_score
+
+    return run_score(Path(submission), truth=None if truth is None else Path(truth), data=Path(data), as_json=as_json)
+
+
+def encode(mask_dir: str | Path, *, out: str | Path = "submission.csv", force: bool = False,
+           num_classes: int = 4) -> EncodeResult:
+    """PNG label masks -> validated submission CSV (``kagglecmr encode``)."""
+    from .rle import run_encode
+
+    rows = run_encode(Path(mask_dir), out=Path(out), force=force, num_classes=num_classes)
+    return EncodeResult(Path(out), rows)
+
+
+def _load_config(config, overrides: list[str] | None = None, **flags) -> Config:
+    """A config from a name, path, dict or Config, with ``--set``-style overrides and flags
+    (``{"train.epochs": 3}``; None values are ignored)."""
+    from .config import Config, apply_overrides, load_config
+
+    sets = list(overrides or []) + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if isinstance(config, Config):
+        config = config.to_dict()
+    if isinstance(config, dict):
+        from pydantic import ValidationError
+
+        from .config import _format_validation_error
+        from .errors import ConfigError
+
+        import copy
+
+        try:
+            return Config.model_validate(apply_overrides(copy.deepcopy(config), sets))
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error("config", err)) from None
+    return load_config(config or "default", sets)
+
+
+def train(fold: str | int = "0..4", *, config: str | Path | Config | dict | None = None, data: str | Path = "data",
+          folds: str | Path = "folds/folds.csv", name: str | None = None, runs_dir: str | Path = "runs",
+          epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+          device: str | None = None, overrides: list[str] | None = None, force: bool = False, quiet: bool = False,
+          jobs: int = 1) -> TrainResult:
+    """Train folds (``kagglecmr train``): ``fold`` is ``0``, ``"0..4"``, ``"0,2,4"`` or ``"all"``;
+    ``overrides`` are ``--set`` strings (``["train.lr=3e-4"]``)."""
+    from .runs import run_train
+
+    cfg = _load_config(config, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr})
+    results = run_train(cfg, fold_spec=str(fold), data_root=Path(data), folds_path=Path(folds), name=name,
+                        runs_dir=Path(runs_dir), device=device, force=force, quiet=quiet, jobs=jobs)
+    run_dir = Path(runs_dir) / (name or cfg.name or "run")
+    oof_path = run_dir / "oof.json"
+    import json
+
+    oof = json.loads(oof_path.read_text()) if oof_path.is_file() else None
+    return TrainResult(run_dir, results, oof)
+
+
+def ensemble(runs: list[str | Path] | str | Path | None = None, *, weights: list[float] | None = None,
+             runs_dir: str | Path = "runs", data: str | Path = "data", split: str = "test", tta: bool = False,
+             tta_flips: list[str] | None = None, out: str | Path | None = None, save_masks: str | Path | None = None,
+             postprocess: str = "auto", device: str = "auto", batch_size: int | None = None,
+             full: bool = True) -> EnsembleResult:
+    """Fold-averaged softmax (+ TTA, run weights), OOF-tuned postprocessing, submission CSV (``kagglecmr ensemble``)."""
+    from .ensemble import run_ensemble
+    from .errors import KaggleCMRError
+
+    if split not in ("test", "val", "train", "oof"):
+        raise KaggleCMRError(f"--split {split}: expected test, val, train or oof")
+    paths = None if runs is None else [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
+    res = run_ensemble(runs=paths or None, runs_dir=Path(runs_dir), data_root=Path(data), split=split,
+                       tta=tta or bool(tta_flips), tta_flips=list(tta_flips) if tta_flips else None,
+                       out=None if out is None else Path(out), save_masks=None if save_masks is None else Path(save_masks),
+                       postprocess=postprocess, weights=weights, device=device, batch_size=batch_size, with_full=full)
+    result = EnsembleResult(Path(res["out"]), res["ids"], res["probs"], res["labels"], res["rows"], res["empty"],
+                            res["plan"], list(res["tta"]), [Path(r) for r in res["runs"]])
+    if res["truth"] is not None:
+        from .score import dice_table
+
+        table = dice_table(res["labels"], res["truth"], res["probs"].shape[1])
+        result.score = float(table.mean())
+        result.per_class = {str(k + 1): float(table[:, k].mean()) for k in range(table.shape[1])}
+    return result
+
+
+def load_ensemble(runs: list[str | Path] | str | Path | None = None, *, tta: bool = False,
+                  tta_flips: list[str] | None = None, weights: list[float] | None = None, device: str = "auto",
+                  batch_size: int | None = None, full: bool = True, runs_dir: str | Path = "runs") -> Predictor:
+    """The ensemble of ``runs`` ready for numpy images of any size: ``.predict_proba(images)`` (float32
+    ``[N, K, H, W]``, a list when sizes differ), ``.predict(images)`` (class maps), ``.to_raw(labels)``."""
+    from .predictor import load_ensemble as _load
+
+    return _load(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
+                 full=full, runs_dir=Path(runs_dir))
+
+
+def predict(images: list[str | Path] | str | Path, *, runs: list[str | Path] | str | Path | None = None,
+            out: str | Path, tta: bool = False, tta_flips: list[str] | None = None, weights: list[float] | None = None,
+            overlay: bool = False, force: bool = False, device: str = "auto", batch_size: int | None = None,
+            full: bool = True, runs_dir: str | Path = "runs") -> PredictResult:
+    """PNG files or folders -> ``out/<stem>.png`` masks in the dataset's mask values at each image's own
+    size, plus ``<stem>_overlay.png`` with ``overlay`` (``kagglecmr predict``)."""
+    from .predictor import predict_files
+
+    inputs = [images] if isinstance(images, (str, Path)) else list(images)
+    pred = load_ensemble(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
+                         full=full, runs_dir=runs_dir)
+    res = predict_files(pred, inputs, Path(out), overlay=overlay, force=force)
+    return PredictResult(res["masks"], res["overlays"], list(res["labels"]), res["files"])
+
+
+def export(runs: list[str | Path] | str | Path | None = None, *, out: str | Path, format: str = "onnx",  # noqa: A002
+           tta: bool = False, tta_flips: list[str] | None = None, weights: list[float] | None = None,
+           data: str | Path | None = None, full: bool = True, force: bool = False,
+           runs_dir: str | Path = "runs") -> ExportResult:
+    """The whole ensemble as one ONNX / TorchScript file, verified against ``ensemble`` on ``data``'s
+    labelled images (``kagglecmr export``)."""
+    from .export import FORMATS, _require_onnx, export_ensemble
+    from .errors import KaggleCMRError
+
+    if format not in FORMATS:
+        raise KaggleCMRError(f"--format {format}: expected onnx or torchscript")
+    if format == "onnx":
+        _require_onnx()  # before minutes of loading
+    pred = load_ensemble(runs, tta=tta, tta_flips=tta_flips, weights=weights, device="cpu", full=full,
+                         runs_dir=runs_dir)
+    info = export_ensemble(pred, Path(out), format, data=None if data is None else Path(data), force=force)
+    return ExportResult(Path(out), Path(out).with_name(Path(out).name + ".json"), info["max_abs_error"],
+                        info["checked_on"], info)
+
+
+def load_export(path: str | Path) -> ExportedModel:
+    """An exported file loaded back: ``.predict_proba(uint8 [N, C, H, W])`` -> float32 ``[N, K, H, W]``."""
+    from .export import load_export as _load
+
+    return _load(Path(path))
+
+
+__all__ = ["demo_data", "make_folds", "score", "encode", "train", "ensemble", "load_ensemble", "predict", "export",
+           "load_export", "DemoDataResult", "FoldsResult", "EncodeResult", "TrainResult", "EnsembleResult",
+           "PredictResult", "ExportResult"]
