@@ -159,6 +159,7 @@ class Predictor:
             batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]")
                               for i, im in enumerate(items[start:start + CHUNK])])
             probs = predict_images(self.runs, batch, self.device, self.passes, self.weights, self.batch_size)
+            probs = probs.astype(np.float32, copy=False)  # (run weights are float64)
             out += [_resize_probs(p, hw) for p, hw in zip(probs, sizes[start:start + CHUNK])]
         if out and len(set(sizes)) == 1:
             return np.stack(out)
