@@ -136,12 +136,12 @@ def _load_config(config, overrides: list[str] | None = None, **flags) -> Config:
     if isinstance(config, Config):
         config = config.to_dict()
     if isinstance(config, dict):
+        import copy
+
         from pydantic import ValidationError
 
         from .config import _format_validation_error
         from .errors import ConfigError
-
-        import copy
 
         try:
             return Config.model_validate(apply_overrides(copy.deepcopy(config), sets))
@@ -201,9 +201,15 @@ def load_ensemble(runs: list[str | Path] | str | Path | None = None, *, tta: boo
                   tta_flips: list[str] | None = None, weights: list[float] | None = None, device: str = "auto",
                   batch_size: int | None = None, full: bool = True, runs_dir: str | Path = "runs") -> Predictor:
     """The ensemble of ``runs`` ready for numpy images of any size: ``.predict_proba(images)`` (float32
-    ``[N, K, H, W]``, a list when sizes differ), ``.predict(images)`` (class maps), ``.to_raw(labels)``."""
+    ``[N, K, H, W]``, a list when sizes differ), ``.predict(images)`` (class maps), ``.to_raw(labels)``.
+    ``runs`` may also be one ``.onnx``/``.pt`` file written by :func:`export` (onnxruntime / TorchScript)."""
     from .predictor import load_ensemble as _load
 
+    one = runs[0] if isinstance(runs, (list, tuple)) and len(runs) == 1 else runs
+    if isinstance(one, (str, Path)) and Path(one).suffix.lower() in (".onnx", ".pt"):
+        from .export import ExportPredictor
+
+        return ExportPredictor.load(one)  # a file from ``export`` (its TTA and weights are inside)
     return _load(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
                  full=full, runs_dir=Path(runs_dir))
 
@@ -229,8 +235,8 @@ def export(runs: list[str | Path] | str | Path | None = None, *, out: str | Path
            runs_dir: str | Path = "runs") -> ExportResult:
     """The whole ensemble as one ONNX / TorchScript file, verified against ``ensemble`` on ``data``'s
     labelled images (``kagglecmr export``)."""
-    from .export import FORMATS, _require_onnx, export_ensemble
     from .errors import KaggleCMRError
+    from .export import FORMATS, _require_onnx, export_ensemble
 
     if format not in FORMATS:
         raise KaggleCMRError(f"--format {format}: expected onnx or torchscript")

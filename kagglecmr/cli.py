@@ -138,7 +138,8 @@ FullOpt = typer.Option(True, "--full/--no-full", help="Add the full-fit model (t
 def predict(
     images: list[Path] = typer.Argument(..., help="PNG files and/or folders of PNGs (any size, grey or colour)."),
     out: Path = typer.Option(..., "--out", help="Folder for <name>.png masks (and overlays)."),
-    runs: list[Path] | None = RunsOpt,
+    runs: list[Path] | None = typer.Option(None, "--runs", help="Run folders (repeatable; default: the latest "
+                                           "under --runs-dir), or one file written by export."),
     weights: list[float] | None = WeightsOpt,
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the latest run."),
     tta: bool = TtaOpt,

@@ -164,6 +164,41 @@ def check_parity(model: ExportedModel, images: np.ndarray, reference: np.ndarray
     return err
 
 
+@dataclass
+class ExportPredictor(Predictor):
+    """An exported file behind the :class:`~kagglecmr.predictor.Predictor` interface (any-size images,
+    ``predict``/``predict_proba``/``to_raw``), configured from its ``FILE.json``."""
+
+    exported: ExportedModel | None = None
+
+    @classmethod
+    def load(cls, path) -> ExportPredictor:
+        model = load_export(path)
+        info = model.info
+        try:
+            _, c, h, w = info["input"]["shape"]
+            dataset = {"in_channels": int(c), "size": [int(h), int(w)], "channels": info["input"].get("channels"),
+                       "mask_values": dict(info["mask_values"]), "classes": list(info["classes"])}
+            passes = list(info["tta"])
+        except (KeyError, TypeError, ValueError):
+            raise KaggleCMRError(f"{model.path}: {model.path.name}.json beside it is missing or incomplete "
+                                 f"(kagglecmr export writes it)") from None
+        return cls([], passes, np.ones(1), torch.device("cpu"), CHECK_BATCH, dataset, model)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset["classes"])
+
+    @property
+    def n_models(self) -> int:
+        return int(self.exported.info.get("models", 1))
+
+    def _probs(self, batch: np.ndarray) -> np.ndarray:
+        nchw = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+        return np.concatenate([self.exported.predict_proba(nchw[i:i + self.batch_size])
+                               for i in range(0, len(nchw), self.batch_size)]).astype(np.float32, copy=False)
+
+
 # ------------------------------------------------------------------------------------------ export
 def _write_file(module: EnsembleModule, example: torch.Tensor, fmt: str, tmp: Path) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

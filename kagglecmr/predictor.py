@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from .data import natural_sorted
-from .errors import DataError, KaggleCMRError
 from .ensemble import Run, _weights, check_compatible, latest_run, load_run, predict_images, tta_passes
+from .errors import DataError, KaggleCMRError
 from .io import atomic_path
 from .runtime import resolve_device, setup_threads
 
@@ -150,6 +150,11 @@ class Predictor:
     def n_models(self) -> int:
         return sum(len(r.models) for r in self.runs)
 
+    def _probs(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 ``[n, h, w, C]`` at the trained size -> float32 ``[n, K, h, w]``."""
+        probs = predict_images(self.runs, batch, self.device, self.passes, self.weights, self.batch_size)
+        return probs.astype(np.float32, copy=False)  # (run weights are float64)
+
     def predict_proba(self, images) -> np.ndarray | list[np.ndarray]:
         """float32 probabilities ``[N, K, H, W]`` at each image's own size (a list when sizes differ)."""
         items = _as_list(images)
@@ -158,8 +163,7 @@ class Predictor:
         for start in range(0, len(items), CHUNK):
             batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]")
                               for i, im in enumerate(items[start:start + CHUNK])])
-            probs = predict_images(self.runs, batch, self.device, self.passes, self.weights, self.batch_size)
-            probs = probs.astype(np.float32, copy=False)  # (run weights are float64)
+            probs = self._probs(batch)
             out += [_resize_probs(p, hw) for p, hw in zip(probs, sizes[start:start + CHUNK])]
         if out and len(set(sizes)) == 1:
             return np.stack(out)
@@ -281,7 +285,7 @@ def predict_files(predictor: Predictor, inputs, out: Path, *, overlay: bool = Fa
     images = [read_any_png(f) for f in files]
     labels = predictor.predict(images)
     out.mkdir(parents=True, exist_ok=True)
-    for k, (f, lab) in enumerate(zip(files, labels)):
+    for k, lab in enumerate(labels):
         _write_png(targets[k], predictor.to_raw(lab), force=True)
         if overlay:
             _write_png(overlays[k], overlay_contours(images[k], lab), force=True)

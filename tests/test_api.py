@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import copy_run
 
 import kagglecmr as kc
 from kagglecmr.errors import ConfigError, KaggleCMRError
