@@ -209,7 +209,9 @@ def load_ensemble(runs: list[str | Path] | str | Path | None = None, *, tta: boo
     if isinstance(one, (str, Path)) and Path(one).suffix.lower() in (".onnx", ".pt"):
         from .export import ExportPredictor
 
-        return ExportPredictor.load(one)  # a file from ``export`` (its TTA and weights are inside)
+        if tta or tta_flips or weights:
+            print(f"note: {one} has its TTA and weights built in; tta/tta_flips/weights are ignored", flush=True)
+        return ExportPredictor.load(one)
     return _load(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
                  full=full, runs_dir=Path(runs_dir))
 
