@@ -1,10 +1,13 @@
-"""Run-length encoding in the competition's format, and the ``encode`` command.
+"""Run-length encoding, the competition's row ids, and the ``encode`` command.
 
 A submission row encodes one class ``k`` of one image: the binary mask ``label == k`` is
 flattened column-major (``x.T.flatten()``, i.e. down the first column first), and every run of
 ones is written as ``start length`` with 1-based ``start``; pairs are separated by spaces and an
 empty mask is the empty string.  The row id is the image id, ``_mask`` and the class digit
-(``cmr7_mask2``).
+(``cmr7_mask2``).  That is the CMR format and every default here; other competitions' pixel order
+(``order="row"``: along each row first) and 0-based starts (``start=0``) are keywords of the
+same functions, and :mod:`kagglecmr.submission` describes a whole format (ids, header, order,
+start, classes).
 
 Decoding is strict: every malformed encoding raises :class:`~kagglecmr.errors.SubmissionError`
 with a one-line message (callers prefix the file and line).  Pure numpy; no torch.
@@ -22,7 +25,7 @@ from .errors import DataError, KaggleCMRError, SubmissionError
 
 _IMAGE_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # no commas, quotes or whitespace, so ids need no CSV quoting
 IMAGE_ID_RE = re.compile(_IMAGE_ID, re.ASCII)
-ROW_ID_RE = re.compile(rf"(?P<image>{_IMAGE_ID})_mask(?P<k>[1-9][0-9]*)", re.ASCII)
+ORDERS = ("column", "row")
 _MAX_DIGITS = 15  # far beyond any image, small enough that int64 arithmetic cannot overflow
 
 
@@ -41,21 +44,37 @@ def _as_2d(mask) -> np.ndarray:
     return arr
 
 
-def encode_rle(mask) -> str:
-    """Encode a 2-D boolean (or 0/1) mask: column-major, 1-based ``start length`` pairs."""
-    pixels = _as_2d(mask).astype(bool).T.ravel()
+def _flatten(mask, order: str) -> np.ndarray:
+    """The mask's pixels in submission order: ``column`` = down each column first, ``row`` = along each row."""
+    arr = _as_2d(mask)
+    if order == "column":
+        return arr.T.ravel()
+    if order == "row":
+        return arr.ravel()
+    raise ValueError(f"pixel order {order!r}: expected one of {', '.join(ORDERS)}")
+
+
+def _check_start(start: int) -> int:
+    if start not in (0, 1) or isinstance(start, bool):
+        raise ValueError(f"start {start!r}: the first pixel's index is 0 or 1")
+    return int(start)
+
+
+def encode_rle(mask, *, order: str = "column", start: int = 1) -> str:
+    """Encode a 2-D boolean (or 0/1) mask as ``start length`` pairs (default: column-major, 1-based)."""
+    pixels = _flatten(np.asarray(mask).astype(bool), order)
     padded = np.concatenate([[False], pixels, [False]])
-    edges = np.flatnonzero(padded[1:] != padded[:-1]) + 1  # 1-based run starts and one-past-ends
+    edges = np.flatnonzero(padded[1:] != padded[:-1]) + _check_start(start)  # run starts and one-past-ends
     edges[1::2] -= edges[::2]
     return " ".join(map(str, edges.tolist()))
 
 
-def parse_rle(enc: str, num_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Check an encoding's syntax and return its ``(starts, lengths)`` (1-based, int64).
+def parse_rle(enc: str, num_pixels: int | None = None, *, start: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Check an encoding's syntax and return its ``(starts, lengths)`` (as written, int64).
 
     Raises :class:`SubmissionError` for an odd number of numbers, a token that is not a plain
-    decimal integer, a start or length below 1, runs that are unsorted or overlap, and (when
-    ``num_pixels`` is given) a run past the last pixel.
+    decimal integer, a start below ``start`` (the first pixel's index, 1 or 0), a length below 1,
+    runs that are unsorted or overlap, and (when ``num_pixels`` is given) a run past the last pixel.
     """
     tokens = enc.split()
     if len(tokens) % 2:
@@ -67,13 +86,15 @@ def parse_rle(enc: str, num_pixels: int | None = None) -> tuple[np.ndarray, np.n
             raise SubmissionError(f"encoding number {quoted(tok, 20)} is too large")
     nums = np.array([int(t) for t in tokens], dtype=np.int64)
     starts, lengths = nums[0::2], nums[1::2]
-    _check_runs(starts, lengths, num_pixels)
+    _check_runs(starts, lengths, num_pixels, _check_start(start))
     return starts, lengths
 
 
-def _check_runs(starts: np.ndarray, lengths: np.ndarray, num_pixels: int | None) -> None:
-    if (starts < 1).any():
-        raise SubmissionError(f"run start {int(starts[starts < 1][0])} is not >= 1 (starts are 1-based)")
+def _check_runs(starts: np.ndarray, lengths: np.ndarray, num_pixels: int | None, first: int) -> None:
+    if (starts < first).any():
+        raise SubmissionError(
+            f"run start {int(starts[starts < first][0])} is not >= {first} (starts are {first}-based)"
+        )
     if (lengths < 1).any():
         i = int(np.flatnonzero(lengths < 1)[0])
         raise SubmissionError(f"run at {int(starts[i])} has length {int(lengths[i])}; lengths must be >= 1")
@@ -89,32 +110,47 @@ def _check_runs(starts: np.ndarray, lengths: np.ndarray, num_pixels: int | None)
             f"runs overlap: '{int(starts[i])} {int(lengths[i])}' reaches pixel {int(ends[i] - 1)}, "
             f"next run starts at {int(starts[i + 1])}"
         )
-    if num_pixels is not None and ends.size and ends[-1] - 1 > num_pixels:
+    if num_pixels is not None and ends.size and ends[-1] - first > num_pixels:
         raise SubmissionError(
             f"run '{int(starts[-1])} {int(lengths[-1])}' ends at pixel {int(ends[-1] - 1)}, "
             f"past the image's {num_pixels} pixels"
         )
 
 
-def rle_extent(enc: str) -> int:
-    """Last pixel (1-based) an encoding covers, 0 for an empty one; checks the syntax."""
-    starts, lengths = parse_rle(enc)
-    return int(starts[-1] + lengths[-1] - 1) if starts.size else 0
+def rle_extent(enc: str, *, start: int = 1) -> int:
+    """Pixels an image needs to hold an encoding (its last pixel, counted from 1); 0 when empty."""
+    starts, lengths = parse_rle(enc, start=start)
+    return int(starts[-1] + lengths[-1] - start) if starts.size else 0
 
 
-def decode_flat(enc: str, num_pixels: int) -> np.ndarray:
-    """Decode to a flat column-major boolean array of ``num_pixels`` (strict, see :func:`parse_rle`)."""
-    starts, lengths = parse_rle(enc, num_pixels)
+def decode_flat(enc: str, num_pixels: int, *, start: int = 1) -> np.ndarray:
+    """Decode to a flat boolean array of ``num_pixels`` in submission order (strict, see :func:`parse_rle`)."""
+    starts, lengths = parse_rle(enc, num_pixels, start=start)
     steps = np.zeros(num_pixels + 1, dtype=np.int8)
-    np.add.at(steps, starts - 1, 1)  # add.at: touching runs share an index
-    np.add.at(steps, starts - 1 + lengths, -1)
+    np.add.at(steps, starts - start, 1)  # add.at: touching runs share an index
+    np.add.at(steps, starts - start + lengths, -1)
     return np.cumsum(steps[:-1]) > 0
 
 
-def decode_rle(enc: str, shape: tuple[int, int]) -> np.ndarray:
+def decode_rle(enc: str, shape: tuple[int, int], *, order: str = "column", start: int = 1) -> np.ndarray:
     """Decode an encoding to a boolean mask of ``shape`` ``(H, W)``; inverse of :func:`encode_rle`."""
     h, w = shape
-    return decode_flat(enc, h * w).reshape(w, h).T
+    flat = decode_flat(enc, h * w, start=start)
+    if order == "column":
+        return flat.reshape(w, h).T
+    if order == "row":
+        return flat.reshape(h, w)
+    raise ValueError(f"pixel order {order!r}: expected one of {', '.join(ORDERS)}")
+
+
+Shape = tuple[int, int] | dict[str, tuple[int, int]] | None  # one (H, W) for every image, or per image
+
+
+def image_pixels(shape: Shape, image_id: str) -> int | None:
+    """Pixels of ``image_id``'s image: ``shape`` is one ``(H, W)``, ``{image id: (H, W)}`` or None."""
+    if isinstance(shape, dict):
+        shape = shape.get(image_id)
+    return None if shape is None else int(shape[0]) * int(shape[1])
 
 
 # --------------------------------------------------------------------------- row ids
@@ -128,26 +164,24 @@ def check_image_id(image_id: str) -> str:
 
 
 def row_id(image_id: str, k: int) -> str:
-    """``("cmr7", 2)`` -> ``"cmr7_mask2"``."""
-    if int(k) < 1:
-        raise ValueError(f"class {k}: rows exist only for foreground classes >= 1")
-    return f"{check_image_id(image_id)}_mask{int(k)}"
+    """``("cmr7", 2)`` -> ``"cmr7_mask2"`` (the CMR format; any format: ``SubmissionFormat.row_id``)."""
+    from .submission import CMR  # submission builds on this module
+
+    return CMR.row_id(image_id, k)
 
 
 def parse_row_id(rid: str) -> tuple[str, int]:
     """``"cmr7_mask2"`` -> ``("cmr7", 2)``; raises :class:`SubmissionError` for any other shape."""
-    m = ROW_ID_RE.fullmatch(rid)
-    if m is None:
-        raise SubmissionError(f"bad id {quoted(rid)}: expected <image id>_mask<class>, e.g. cmr1_mask1")
-    return m["image"], int(m["k"])
+    from .submission import CMR
+
+    return CMR.parse_row_id(rid)
 
 
 def label_to_rows(image_id: str, label_mask, num_classes: int = 4) -> list[tuple[str, str]]:
-    """The ``num_classes - 1`` submission rows ``(id, encoding)`` of one label mask."""
-    labels = _as_2d(label_mask)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{image_id}: labels must lie in 0..{num_classes - 1}")
-    return [(row_id(image_id, k), encode_rle(labels == k)) for k in range(1, num_classes)]
+    """The ``num_classes - 1`` CMR submission rows ``(id, encoding)`` of one label mask."""
+    from .submission import CMR
+
+    return CMR.rows(image_id, label_mask, num_classes)
 
 
 # --------------------------------------------------------------------------- mask folders
@@ -184,51 +218,62 @@ def read_label_mask(path: str | Path, num_classes: int = 4) -> np.ndarray:
     return read_mask(path, DataSpec(size=h, num_classes=num_classes))
 
 
-def masks_to_rows(paths: dict[str, Path], num_classes: int = 4) -> tuple[list[tuple[str, str]], tuple[int, int]]:
-    """Submission rows of label masks ``{image id: png}`` (all of one size), and that size ``(H, W)``."""
+def masks_to_rows(paths: dict[str, Path], num_classes: int = 4, fmt=None):
+    """Submission rows of label masks ``{image id: png}`` in format ``fmt`` (default CMR), and their size.
+
+    The size is ``(H, W)`` when every mask has the same, else ``{image id: (H, W)}``; both are
+    what :func:`kagglecmr.score.write_submission` and ``read_submission`` take as ``shape``.
+    """
+    from .submission import CMR
+
+    fmt = CMR if fmt is None else fmt
     rows: list[tuple[str, str]] = []
-    shape: tuple[int, int] | None = None
-    first: Path | None = None
+    shapes: dict[str, tuple[int, int]] = {}
     for i, p in paths.items():
         m = read_label_mask(p, num_classes)
-        if shape is None:
-            shape, first = m.shape, p
-        elif m.shape != shape:
-            raise DataError(f"{p}: size {m.shape[1]}x{m.shape[0]} differs from {first.name} ({shape[1]}x{shape[0]})")
-        rows.extend(label_to_rows(i, m, num_classes))
-    if shape is None:
+        shapes[i] = m.shape
+        rows.extend(fmt.rows(i, m, num_classes))
+    if not shapes:
         raise DataError("no masks given")
-    return rows, shape
+    sizes = set(shapes.values())
+    return rows, (sizes.pop() if len(sizes) == 1 else shapes)
 
 
 # --------------------------------------------------------------------------- command
 
 
-def run_encode(mask_dir: str | Path, out: str | Path, force: bool = False, num_classes: int = 4) -> int:
+def run_encode(mask_dir: str | Path, out: str | Path, force: bool = False, num_classes: int = 4, fmt=None) -> int:
     """``kagglecmr encode``: PNG label masks -> validated submission CSV; returns the rows written.
 
-    Rows are in natural image order (cmr2 before cmr10), classes ``1..num_classes-1`` within an
-    image.  The CSV is parsed back with the scorer's reader before it is written atomically; an
-    existing ``out`` is refused (and left untouched) unless ``force``.
+    Rows are in natural image order (cmr2 before cmr10), the row classes of ``fmt`` (a
+    :class:`~kagglecmr.submission.SubmissionFormat`, default CMR: ``1..num_classes-1``) within an
+    image; masks may differ in size.  The CSV is parsed back with the scorer's reader before it is
+    written atomically; an existing ``out`` is refused (and left untouched) unless ``force``.
     """
     from .score import write_submission  # score imports this module
+    from .submission import CMR
 
+    fmt = CMR if fmt is None else fmt
     out = Path(out)
     if num_classes < 2:
         raise KaggleCMRError(f"--num-classes {num_classes}: need at least 2 (background and one class)")
+    try:
+        classes = fmt.row_classes(num_classes)
+    except ValueError as exc:
+        raise KaggleCMRError(f"--num-classes {num_classes}: {exc}") from None
     if out.exists() and not force:
         raise KaggleCMRError(f"{out}: already exists (use --force to overwrite)")
-    rows, shape = masks_to_rows(mask_folder_paths(mask_dir), num_classes)
-    write_submission(rows, out, shape=shape, overwrite=force)
-    print(_encode_summary(rows, out, num_classes))
+    rows, shape = masks_to_rows(mask_folder_paths(mask_dir), num_classes, fmt)
+    write_submission(rows, out, shape=shape, overwrite=force, fmt=fmt)
+    print(_encode_summary(rows, out, classes, fmt))
     return len(rows)
 
 
-def _encode_summary(rows: list[tuple[str, str]], out: Path, num_classes: int) -> str:
-    empty = {k: 0 for k in range(1, num_classes)}
+def _encode_summary(rows: list[tuple[str, str]], out: Path, classes: list[int], fmt) -> str:
+    empty = {k: 0 for k in classes}
     for rid, enc in rows:
         if not enc:
-            empty[parse_row_id(rid)[1]] += 1
-    per_class = ", ".join(f"class {k}: {n}" for k, n in empty.items())
-    n_images = len(rows) // (num_classes - 1)
-    return f"wrote {out}: {len(rows)} rows ({n_images} images x {num_classes - 1} classes); empty rows {per_class}"
+            empty[fmt.parse_row_id(rid)[1]] += 1
+    per_class = ", ".join(f"class {fmt.class_label(k)}: {n}" for k, n in empty.items())
+    n_images = len(rows) // len(classes)
+    return f"wrote {out}: {len(rows)} rows ({n_images} images x {len(classes)} classes); empty rows {per_class}"

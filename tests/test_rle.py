@@ -245,9 +245,56 @@ def test_run_encode_refuses_overwrite(tmp_path):
     assert read_submission(out)["cmr1_mask1"] == "1 16"
 
 
-def test_run_encode_rejects_mixed_sizes(tmp_path):
-    write_png(tmp_path / "m" / "a.png", np.zeros((4, 4)))
-    write_png(tmp_path / "m" / "b.png", np.zeros((5, 5)))
-    with pytest.raises(DataError, match=r"b\.png: size 5x5 differs from a\.png"):
-        run_encode(tmp_path / "m", tmp_path / "s.csv")
-    assert not (tmp_path / "s.csv").exists()
+def test_run_encode_mixed_sizes_each_at_its_own_size(tmp_path):
+    a, b = np.zeros((4, 4)), np.zeros((5, 5))
+    a[3, 3] = 1  # pixel 16 of a
+    b[4, 4] = 2  # pixel 25 of b
+    write_png(tmp_path / "m" / "a.png", a)
+    write_png(tmp_path / "m" / "b.png", b)
+    assert run_encode(tmp_path / "m", tmp_path / "s.csv") == 6
+    shapes = {"a": (4, 4), "b": (5, 5)}
+    rows = read_submission(tmp_path / "s.csv", shape=shapes)
+    assert rows["a_mask1"] == "16 1" and rows["b_mask2"] == "25 1"
+    with pytest.raises(SubmissionError, match="b_mask2: run '25 1' ends at pixel 25, past the image's 16 pixels"):
+        read_submission(tmp_path / "s.csv", shape={"a": (4, 4), "b": (4, 4)})
+
+
+# --------------------------------------------------------------------------- other orders and starts
+
+
+@settings(max_examples=200, deadline=None)
+@given(masks, st.sampled_from(["column", "row"]), st.sampled_from([0, 1]))
+def test_roundtrip_any_order_and_start(mask, order, start):
+    enc = encode_rle(mask, order=order, start=start)
+    flat = mask.T.ravel() if order == "column" else mask.ravel()
+    assert enc == " ".join(str(int(t) - 1 + start) if j % 2 == 0 else t
+                           for j, t in enumerate(course_rle(flat[None].astype(np.uint8)).split()))
+    np.testing.assert_array_equal(decode_rle(enc, mask.shape, order=order, start=start), mask)
+    assert rle_extent(enc, start=start) == (int(np.flatnonzero(flat)[-1]) + 1 if flat.any() else 0)
+
+
+def test_row_order_and_zero_start_by_hand():
+    mask = np.array([[1, 0, 0], [1, 1, 0]])  # rows: [1,0,0], [1,1,0]
+    assert encode_rle(mask, order="row") == "1 1 4 2"
+    assert encode_rle(mask, order="row", start=0) == "0 1 3 2"
+    assert encode_rle(mask, start=0) == "0 2 3 1"
+    np.testing.assert_array_equal(decode_rle("0 1 3 2", (2, 3), order="row", start=0), mask.astype(bool))
+
+
+@pytest.mark.parametrize("enc,expected", [("0 9", None), ("8 1", None), ("8 2", "past the image's 9 pixels"),
+                                          ("9 1", "past the image"), ("3 0", "length 0")])
+def test_decode_zero_based_is_strict(enc, expected):
+    if expected is None:
+        assert decode_rle(enc, (3, 3), start=0).sum() == int(enc.split()[1])
+    else:
+        with pytest.raises(SubmissionError, match=expected):
+            decode_rle(enc, (3, 3), start=0)
+
+
+def test_bad_order_and_start_are_value_errors():
+    with pytest.raises(ValueError, match="order"):
+        encode_rle(np.ones((2, 2)), order="diagonal")
+    with pytest.raises(ValueError, match="start"):
+        encode_rle(np.ones((2, 2)), start=2)
+    with pytest.raises(ValueError, match="order"):
+        decode_rle("1 1", (2, 2), order="diagonal")

@@ -18,6 +18,7 @@ from kagglecmr.score import (
     infer_shape,
     read_submission,
     run_score,
+    score_label_maps,
     score_rows,
     write_submission,
 )
@@ -65,8 +66,8 @@ def write_png(path, arr):
     return path
 
 
-def labels_rows(label_maps: dict[str, np.ndarray]) -> dict[str, str]:
-    return {rid: enc for i, m in label_maps.items() for rid, enc in label_to_rows(i, m)}
+def labels_rows(label_maps: dict[str, np.ndarray], num_classes: int = 4) -> dict[str, str]:
+    return {rid: enc for i, m in label_maps.items() for rid, enc in label_to_rows(i, m, num_classes)}
 
 
 def one_line_error(exc_info, *needles) -> str:
@@ -283,16 +284,103 @@ def test_score_rows_missing_and_unknown_ids():
 
 
 def test_score_result_summary():
-    row_dice = {"b_mask1": 0.5, "b_mask2": 1.0, "a_mask1": 0.5, "a_mask2": 0.0, "c_mask1": 1.0, "c_mask2": 0.9}
-    result = ScoreResult.from_row_dice(row_dice)
+    # (|A∩B|, |A|, |B|, pixels) chosen for Dice 0.5, 1, 0.5, 0, 1, 0.9
+    counts = {"b_mask1": (1, 2, 2, 10), "b_mask2": (0, 0, 0, 10), "a_mask1": (1, 1, 3, 10),
+              "a_mask2": (0, 2, 0, 10), "c_mask1": (4, 4, 4, 10), "c_mask2": (9, 9, 11, 20)}
+    result = ScoreResult.from_counts(counts)
     assert result.score == pytest.approx(3.9 / 6)
     assert result.per_class == pytest.approx({"1": 2 / 3, "2": 1.9 / 3})
     assert (result.rows, result.images) == (6, 3)
     assert result.worst == [("a_mask2", 0.0), ("a_mask1", 0.5), ("b_mask1", 0.5), ("c_mask2", 0.9), ("b_mask2", 1.0)]
+    # IoU |A∩B|/|A∪B|: 1/3, 1, 1/3, 0, 1, 9/11; one-vs-rest accuracy 1 - |A xor B|/pixels: .8, 1, .8, .8, 1, .9
+    assert result.iou == pytest.approx((1 / 3 + 1 + 1 / 3 + 0 + 1 + 9 / 11) / 6)
+    assert result.per_class_iou == pytest.approx({"1": 5 / 9, "2": (1 + 9 / 11) / 3})
+    assert result.pixel_accuracy == pytest.approx(5.3 / 6) and result.pixel_accuracy_of == "rows"
+    assert result.per_class_pixel_accuracy == pytest.approx({"1": 2.6 / 3, "2": 0.9})
     d = json.loads(json.dumps(result.to_dict()))
     assert d["score"] == result.score and d["rows"] == 6 and d["worst"][0] == {"id": "a_mask2", "dice": 0.0}
+    assert set(d) == {"score", "per_class", "rows", "images", "worst", "iou", "pixel_accuracy", "per_class_iou",
+                      "per_class_pixel_accuracy"}
+    assert d["per_class_iou"] == result.per_class_iou and d["pixel_accuracy"] == result.pixel_accuracy
     report = result.report()
     assert "0.650000" in report and "class 2" in report and "a_mask2" in report
+    assert f"IoU {result.iou:.6f}" in report and "pixel acc 0.900000" in report
+
+
+# two 2x2 images, 3 classes; by hand (rows: image a class 1, a 2, b 1, b 2):
+#   Dice 2/3, 2/3, 0, 1 | IoU 1/2, 1/2, 0, 1 | one-vs-rest accuracy 3/4, 3/4, 3/4, 1
+#   correctly labelled pixels: 3 of 4 in a, 3 of 4 in b
+HAND_TRUTH = {"a": np.array([[0, 1], [1, 2]]), "b": np.zeros((2, 2), int)}
+HAND_PRED = {"a": np.array([[0, 1], [2, 2]]), "b": np.array([[0, 0], [0, 1]])}
+
+
+def test_iou_and_pixel_accuracy_by_hand():
+    from_labels = score_label_maps(HAND_PRED, HAND_TRUTH, 3)
+    from_csv = score_rows(labels_rows(HAND_PRED, 3), labels_rows(HAND_TRUTH, 3), (2, 2))
+    for r in (from_labels, from_csv):
+        assert r.score == pytest.approx(7 / 12) and r.iou == pytest.approx(0.5)
+        assert r.per_class == pytest.approx({"1": 1 / 3, "2": 5 / 6})
+        assert r.per_class_iou == pytest.approx({"1": 0.25, "2": 0.75})
+        assert r.per_class_pixel_accuracy == pytest.approx({"1": 0.75, "2": 0.875})
+    assert from_labels.pixel_accuracy == pytest.approx(6 / 8) and from_labels.pixel_accuracy_of == "labels"
+    assert from_csv.pixel_accuracy == pytest.approx(3.25 / 4) and from_csv.pixel_accuracy_of == "rows"
+    assert "correctly labelled pixels" in from_labels.report()
+
+
+def random_maps(rng, sizes, num_classes):
+    truth = {f"im{j}": rng.integers(0, num_classes, hw) for j, hw in enumerate(sizes)}
+    pred = {i: np.where(rng.random(t.shape) < 0.6, t, rng.integers(0, num_classes, t.shape)) for i, t in truth.items()}
+    return pred, truth
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_score_label_maps_mixed_sizes_equals_each_size_and_the_csv(seed):
+    rng = np.random.default_rng(seed)
+    sizes = [(5, 5), (7, 3), (5, 5), (4, 6), (7, 3), (1, 1)]
+    pred, truth = random_maps(rng, sizes, 4)
+    truth["im0"][:] = 0  # every class empty in the truth of one image
+    whole = score_label_maps(pred, truth, 4)
+    correct = total = 0
+    row_dice = {}
+    for hw in set(sizes):
+        ids = [i for i, t in truth.items() if t.shape == hw]
+        part = score_label_maps({i: pred[i] for i in ids}, {i: truth[i] for i in ids}, 4)
+        row_dice.update(part.row_dice)
+        correct += part.pixel_accuracy * len(ids) * hw[0] * hw[1]
+        total += len(ids) * hw[0] * hw[1]
+    assert whole.row_dice == pytest.approx(row_dice) and whole.rows == 18 and whole.images == 6
+    assert whole.pixel_accuracy == pytest.approx(correct / total)
+    assert whole.pixel_accuracy == pytest.approx(
+        sum(int((pred[i] == t).sum()) for i, t in truth.items()) / sum(t.size for t in truth.values()))
+    shapes = {i: t.shape for i, t in truth.items()}
+    csv = score_rows(labels_rows(pred), labels_rows(truth), shapes)
+    assert csv.row_dice == pytest.approx(whole.row_dice) and csv.score == pytest.approx(whole.score)
+    assert csv.per_class_iou == pytest.approx(whole.per_class_iou) and csv.iou == pytest.approx(whole.iou)
+    assert csv.per_class_pixel_accuracy == pytest.approx(whole.per_class_pixel_accuracy)
+    assert csv.worst == whole.worst
+
+
+def test_score_label_maps_with_a_format_scores_its_row_classes_only():
+    from kagglecmr.submission import SubmissionFormat
+
+    fmt = SubmissionFormat.from_dict({"id": "{id}_{name}", "classes": ["LV"]}, num_classes=4,
+                                     class_names=["bg", "RV", "Myo", "LV"])
+    rng = np.random.default_rng(5)
+    pred, truth = random_maps(rng, [(6, 6), (3, 8)], 4)
+    result = score_label_maps(pred, truth, 4, fmt)
+    assert set(result.row_dice) == {"im0_LV", "im1_LV"} and set(result.per_class) == {"3"}
+    assert result.score == pytest.approx(np.mean([dice_table(pred[i], truth[i])[0, 2] for i in truth]))
+    assert "class 3 (LV)" in result.report()
+
+
+def test_score_label_maps_errors():
+    pred, truth = dict(HAND_PRED), dict(HAND_TRUTH)
+    with pytest.raises(ValueError, match="1 of 2 truth images missing, e.g. b"):
+        score_label_maps({"a": pred["a"]}, truth, 3)
+    with pytest.raises(ValueError, match="b: prediction shape"):
+        score_label_maps(dict(pred, b=np.zeros((3, 2), int)), truth, 3)
+    with pytest.raises(ValueError, match="labels must lie in 0..2"):
+        score_label_maps(dict(pred, b=np.full((2, 2), 3)), truth, 3)
 
 
 def test_infer_shape():
@@ -387,3 +475,19 @@ def test_encoded_masks_score_perfectly(tmp_path):
         write_png(tmp_path / "masks" / f"{i}.png", m)
     assert run_score(sub, truth=tmp_path / "masks").score == 1.0
     assert encode_rle(masks["cmr1"] == 1) == ""
+
+
+def test_run_score_mixed_sizes_and_json_keys(tmp_path, capsys):
+    rng = np.random.default_rng(11)
+    masks = {"cmr1": rng.integers(0, 4, (8, 8)), "cmr2": rng.integers(0, 4, (12, 12))}
+    for i, m in masks.items():
+        write_png(tmp_path / "masks" / f"{i}_mask.png", m)
+    pred = {i: np.where(m == 2, 1, m) for i, m in masks.items()}
+    sub = tmp_path / "s.csv"
+    write_submission(list(labels_rows(pred).items()), sub, shape={i: m.shape for i, m in masks.items()})
+    result = run_score(sub, truth=tmp_path / "masks", as_json=True)
+    printed = json.loads(capsys.readouterr().out)
+    expected = score_label_maps(pred, masks, 4)
+    assert printed["score"] == pytest.approx(expected.score) and printed["iou"] == pytest.approx(expected.iou)
+    assert printed["per_class_pixel_accuracy"] == pytest.approx(expected.per_class_pixel_accuracy)
+    assert result.row_dice == pytest.approx(expected.row_dice)
