@@ -154,14 +154,15 @@ def train(fold: str | int = "0..4", *, config: str | Path | Config | dict | None
           folds: str | Path = "folds/folds.csv", name: str | None = None, runs_dir: str | Path = "runs",
           epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
           device: str | None = None, overrides: list[str] | None = None, force: bool = False, quiet: bool = False,
-          jobs: int = 1) -> TrainResult:
+          jobs: int = 1, executor: str = "local", ray_address: str | None = None) -> TrainResult:
     """Train folds (``kagglecmr train``): ``fold`` is ``0``, ``"0..4"``, ``"0,2,4"`` or ``"all"``;
     ``overrides`` are ``--set`` strings (``["train.lr=3e-4"]``)."""
     from .runs import run_train
 
     cfg = _load_config(config, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr})
     results = run_train(cfg, fold_spec=str(fold), data_root=Path(data), folds_path=Path(folds), name=name,
-                        runs_dir=Path(runs_dir), device=device, force=force, quiet=quiet, jobs=jobs)
+                        runs_dir=Path(runs_dir), device=device, force=force, quiet=quiet, jobs=jobs,
+                        executor=executor, ray_address=ray_address)
     run_dir = Path(runs_dir) / (name or cfg.name or "run")
     oof_path = run_dir / "oof.json"
     import json
@@ -171,21 +172,25 @@ def train(fold: str | int = "0..4", *, config: str | Path | Config | dict | None
 
 
 def ensemble(runs: list[str | Path] | str | Path | None = None, *, weights: list[float] | None = None,
-             runs_dir: str | Path = "runs", data: str | Path = "data", split: str = "test", tta: bool = False,
-             tta_flips: list[str] | None = None, out: str | Path | None = None, save_masks: str | Path | None = None,
-             postprocess: str = "auto", device: str = "auto", batch_size: int | None = None,
-             full: bool = True) -> EnsembleResult:
-    """Fold-averaged softmax (+ TTA, run weights), OOF-tuned postprocessing, submission CSV (``kagglecmr ensemble``)."""
+             runs_dir: str | Path = "runs", data: str | Path = "data", split: str | list[str] = "test",
+             tta: bool = False, tta_flips: list[str] | None = None, out: str | Path | None = None,
+             save_masks: str | Path | None = None, postprocess: str = "auto", device: str = "auto",
+             batch_size: int | None = None, full: bool = True) -> EnsembleResult | dict[str, EnsembleResult]:
+    """Fold-averaged softmax (+ TTA, run weights), OOF-tuned postprocessing, submission CSV (``kagglecmr ensemble``).
+    ``split`` is one name (-> an :class:`EnsembleResult`) or a list (-> ``{split: EnsembleResult}``, one load)."""
     from .ensemble import run_ensemble
-    from .errors import KaggleCMRError
 
-    if split not in ("test", "val", "train", "oof"):
-        raise KaggleCMRError(f"--split {split}: expected test, val, train or oof")
     paths = None if runs is None else [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
     res = run_ensemble(runs=paths or None, runs_dir=Path(runs_dir), data_root=Path(data), split=split,
                        tta=tta or bool(tta_flips), tta_flips=list(tta_flips) if tta_flips else None,
                        out=None if out is None else Path(out), save_masks=None if save_masks is None else Path(save_masks),
                        postprocess=postprocess, weights=weights, device=device, batch_size=batch_size, with_full=full)
+    if isinstance(split, str):
+        return _ensemble_result(res)
+    return {s: _ensemble_result(r) for s, r in res.items()}
+
+
+def _ensemble_result(res: dict) -> EnsembleResult:
     result = EnsembleResult(Path(res["out"]), res["ids"], res["probs"], res["labels"], res["rows"], res["empty"],
                             res["plan"], list(res["tta"]), [Path(r) for r in res["runs"]])
     if res["truth"] is not None:

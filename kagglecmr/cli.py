@@ -94,11 +94,16 @@ def train(
     overrides: list[str] | None = SetOpt,
     force: bool = typer.Option(False, "--force", help="Retrain folds that already finished."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="One log line per epoch, no progress bar."),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Folds trained at once (processes; for GPUs)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1,
+                             help="Folds trained at once (processes; round-robin over several GPUs)."),
+    executor: str = typer.Option("local", "--executor", help="local (this machine's processes) or ray."),
+    ray_address: str | None = typer.Option(None, "--ray-address",
+                                           help="Ray cluster to use (default: start Ray locally)."),
 ) -> None:
     """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions."""
     api.train(fold, config=config, data=data, folds=folds, name=name, runs_dir=runs_dir, epochs=epochs,
-              batch_size=batch_size, lr=lr, device=device, overrides=overrides, force=force, quiet=quiet, jobs=jobs)
+              batch_size=batch_size, lr=lr, device=device, overrides=overrides, force=force, quiet=quiet, jobs=jobs,
+              executor=executor, ray_address=ray_address)
 
 
 @app.command("ensemble")
@@ -107,7 +112,9 @@ def ensemble(
     weights: list[float] | None = typer.Option(None, "--weights", help="One weight per --runs (repeatable)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the latest run."),
     data: Path = typer.Option(Path("data"), "--data", help="Dataset root."),
-    split: str = typer.Option("test", "--split", help="test, val, train or oof (out-of-fold)."),
+    split: list[str] = typer.Option(["test"], "--split",
+                                    help="test, val, train or oof (out-of-fold); several from one load: "
+                                         "--split oof,test or repeat the option."),
     tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (config infer.tta)."),
     tta_flips: str | None = typer.Option(None, "--tta-flips", help="Comma list, e.g. none,hflip."),
     out: Path | None = typer.Option(None, "--out", help="CSV (default submissions/<run>-<split>-<time>.csv)."),
@@ -118,9 +125,10 @@ def ensemble(
     full: bool = typer.Option(True, "--full/--no-full", help="Add the full-fit model (train --fold all) if any."),
 ) -> None:
     """Average fold softmax (+ flip TTA), OOF-tuned postprocessing, leaderboard-ready CSV."""
-    api.ensemble(runs, weights=weights, runs_dir=runs_dir, data=data, split=split, tta=tta,
-                 tta_flips=_flips(tta_flips), out=out, save_masks=save_masks, postprocess=postprocess, device=device,
-                 batch_size=batch_size, full=full)
+    splits = [s.strip() for item in split for s in item.split(",") if s.strip()]
+    api.ensemble(runs, weights=weights, runs_dir=runs_dir, data=data, split=splits[0] if len(splits) == 1 else splits,
+                 tta=tta, tta_flips=_flips(tta_flips), out=out, save_masks=save_masks, postprocess=postprocess,
+                 device=device, batch_size=batch_size, full=full)
 
 
 def _flips(text: str | None) -> list[str] | None:

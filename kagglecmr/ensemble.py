@@ -4,7 +4,8 @@ For every run (``runs/<name>``), the best checkpoint of each fold is loaded; a s
 predicted by every fold model and TTA pass, the **softmax probabilities** are averaged (over TTA,
 folds, then runs with optional weights) and the argmax is the mask.  ``--split oof`` predicts each
 labelled image only with the fold models that did not train on it: the honest estimate, and what the
-postprocessing is chosen on.
+postprocessing is chosen on.  Several splits (``--split oof,test``) are predicted from one load of the
+models and one OOF pass; :func:`run_ensemble` also takes runs already loaded (``loaded=``).
 """
 
 from __future__ import annotations
@@ -176,21 +177,42 @@ def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int) -
     return plan
 
 
-def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str, tta: bool,
+SPLITS = ("test", "val", "train", "oof")
+
+
+def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str | list[str], tta: bool,
                  tta_flips: list[str] | None, out: Path | None, save_masks: Path | None, postprocess: str,
-                 weights: list[float] | None, device: str, batch_size: int | None = None, with_full: bool = True) -> dict:
-    from .postprocess import apply_plan, save_plan
-    from .rle import label_to_rows
+                 weights: list[float] | None, device: str, batch_size: int | None = None, with_full: bool = True,
+                 loaded: list[Run] | None = None) -> dict:
+    """Ensemble ``split`` (one name -> its result dict) or several (a list -> ``{split: result}``, one
+    load of the models, one OOF pass; ``save_masks`` then gets a sub-folder per split).  ``loaded``:
+    runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored)."""
+    from .postprocess import save_plan
 
     t0 = time.time()
+    splits = [split] if isinstance(split, str) else list(split)
+    if not splits:
+        raise KaggleCMRError("--split: no split given (test, val, train or oof)")
+    for s in splits:
+        if s not in SPLITS:
+            raise KaggleCMRError(f"--split {s}: expected test, val, train or oof")
+    if len(set(splits)) != len(splits):
+        raise KaggleCMRError(f"--split {','.join(splits)}: give each split once")
+    if out is not None and len(splits) > 1:
+        raise KaggleCMRError(f"--out {out}: names one file, but {len(splits)} splits were asked for "
+                             f"(leave --out out: files are named per split)")
     if out is not None and Path(out).exists():  # before minutes of inference, and before postprocess.json
         raise KaggleCMRError(f"{out}: already exists (choose another --out)")
-    if split != "oof" and split not in available_splits(data_root):
-        raise KaggleCMRError(f"{data_root}: split '{split}' has no image/ folder")
+    for s in splits:
+        if s != "oof" and s not in available_splits(data_root):
+            raise KaggleCMRError(f"{data_root}: split '{s}' has no image/ folder")
+    if "oof" in splits and not any(s in available_splits(data_root) for s in ("train", "val")):
+        raise KaggleCMRError(f"{data_root}: --split oof needs labelled images (train/ or val/ with masks)")
     dev = resolve_device(device)
     setup_threads(0)
-    run_paths = list(runs) if runs else [latest_run(runs_dir)]
-    loaded = [load_run(p, dev, with_full=with_full and split != "oof") for p in run_paths]
+    if loaded is None:
+        run_paths = list(runs) if runs else [latest_run(runs_dir)]
+        loaded = [load_run(p, dev, with_full=with_full and splits != ["oof"]) for p in run_paths]
     check_compatible(loaded)
     w = _weights(loaded, weights)
     passes = tta_passes(loaded, tta, tta_flips)
@@ -210,7 +232,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     if postprocess not in ("auto", "none"):
         plan = load_plan(postprocess, cfg.data.num_classes)
         print(f"postprocessing from {postprocess}: {describe_plan(plan)}", flush=True)
-    if labelled is not None and (split == "oof" or postprocess == "auto"):
+    if labelled is not None and ("oof" in splits or postprocess == "auto"):
         oof_probs = predict_oof(loaded, labelled, dev, passes, w, batch_size)
         oof_pred = report_oof(oof_probs, labelled, passes, cfg.data.num_classes)
         if postprocess == "auto":
@@ -220,6 +242,21 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     elif postprocess == "auto":
         print("note: no labelled images, so no out-of-fold postprocessing", flush=True)
 
+    results = {}
+    for s in splits:
+        masks_dir = save_masks if save_masks is None or len(splits) == 1 else Path(save_masks) / s
+        results[s] = _write_split(s, loaded, labelled, oof_probs, plan, data_root=data_root, spec=spec, dev=dev,
+                                  passes=passes, w=w, batch_size=batch_size, out=out, save_masks=masks_dir, t0=t0)
+    return results[split] if isinstance(split, str) else results
+
+
+def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_probs, plan, *, data_root, spec, dev,
+                 passes, w, batch_size, out, save_masks, t0) -> dict:
+    """Predict one split (OOF probabilities come computed), postprocess, write its CSV (and masks)."""
+    from .postprocess import apply_plan
+    from .rle import label_to_rows
+
+    cfg = loaded[0].cfg
     if split == "oof":
         if labelled is None:
             raise KaggleCMRError(f"{data_root}: --split oof needs labelled images (train/ or val/ with masks)")

@@ -1,12 +1,16 @@
 """Runs: fold specs, run folders, and ``kagglecmr train``'s orchestration of folds.
 
 ``run_train`` loads the labelled data and the folds file once, then trains the requested folds one after
-another in this process (:func:`kagglecmr.train.train_fold`), or ``--jobs N`` of them at once in child
-processes; when every fold has out-of-fold predictions it writes the run's ``oof.json``.
+another in this process (:func:`kagglecmr.train.train_fold`), ``--jobs N`` of them at once in child
+processes (round-robin over the visible GPUs when there are several), or as Ray tasks
+(``--executor ray``, :mod:`kagglecmr.executors`); when every fold has out-of-fold predictions it writes
+the run's ``oof.json``.  Each fold is trained under its fold lock (:mod:`kagglecmr.locks`): a second
+trainer of a fold is refused (exit 2), or, under ``--jobs`` and Ray, skips it.
 
 Run directory ``runs/<name>/fold<k>/`` (``full/`` for ``--fold all``)::
 
     config.yaml  env.json  metrics.csv  curves.png  last.pt  best.safetensors  oof.npz  summary.json
+    train.lock  (only while a process trains the fold)
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from .config import Config
 from .data import Split, load_labelled
 from .errors import KaggleCMRError
 from .io import atomic_write_json, atomic_write_text
+from .locks import LOCK_NAME, FoldLock, FoldLocked
 from .runtime import cpu_count, resolve_device, setup_threads
 from .score import dice_table
 
 FULL = "all"
 THREADS_ENV = "KAGGLECMR_THREADS"  # set for child processes of --jobs
+SKIP_LOCKED_ENV = "KAGGLECMR_SKIP_LOCKED"  # set for child processes of --jobs: a locked fold is skipped
+EXECUTORS = ("local", "ray")
 
 
 # ------------------------------------------------------------------------------------------ folds
@@ -67,6 +74,7 @@ class FoldResult:
     best_score: float
     best_epoch: int
     skipped: bool = False
+    locked_by: str | None = None  # skipped because another trainer holds the fold's lock
 
 
 def _config_for_resume(out_dir: Path) -> dict | None:
@@ -76,8 +84,10 @@ def _config_for_resume(out_dir: Path) -> dict | None:
 
 def prepare_dir(out_dir: Path, cfg: Config, force: bool) -> bool:
     """Create/validate the fold directory; returns True when the fold is already finished."""
-    if out_dir.is_dir() and force:
-        shutil.rmtree(out_dir)
+    if out_dir.is_dir() and force:  # everything but the lock this process holds
+        for p in out_dir.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = _config_for_resume(out_dir)
     if saved is not None and _recipe(saved) != _recipe(cfg.to_dict()):
@@ -143,13 +153,56 @@ def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> d
     return result
 
 
-# ----------------------------------------------------------------------------------------- entry
-def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name: str | None,
-              runs_dir: Path, device: str | None, force: bool, quiet: bool, jobs: int = 1) -> list[FoldResult]:
-    from .folds import read_folds
+def train_locked(cfg: Config, data: Split, folds_df, fold, run_dir: Path, *, device, force: bool, quiet: bool,
+                 skip_locked: bool = False) -> FoldResult:
+    """Train one fold holding its lock; a fold another trainer holds raises :class:`FoldLocked`, or with
+    ``skip_locked`` is skipped (a ``FoldResult`` with ``locked_by``) and says so."""
     from .train import train_fold
 
-    dev = resolve_device(device or cfg.train.device)
+    out_dir = fold_dir(run_dir, fold)
+    try:
+        with FoldLock(out_dir):
+            return train_fold(cfg, data, folds_df, fold, out_dir, device=device, force=force, quiet=quiet)
+    except FoldLocked as exc:
+        if not skip_locked:
+            raise
+        print(f"fold {fold}: skipped, {exc}", flush=True)
+        return FoldResult(fold, out_dir, float("nan"), 0, skipped=True, locked_by=str(exc))
+
+
+def fold_configs(cfg: Config, folds: list, run_dir: Path) -> list[tuple[object, Config]]:
+    """``(fold, config)`` per fold: the full fit trains the median best epoch of the CV folds."""
+    out = []
+    for fold in folds:
+        fcfg = cfg
+        if fold == FULL:
+            fcfg = cfg.model_copy(deep=True)
+            fcfg.train.epochs = full_fit_epochs(run_dir)
+        out.append((fold, fcfg))
+    return out
+
+
+def report_fold(res: FoldResult) -> None:
+    if not res.skipped and res.fold != FULL:
+        print(f"fold {res.fold}: best Dice {res.best_score:.4f} at epoch {res.best_epoch}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------- entry
+def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name: str | None,
+              runs_dir: Path, device: str | None, force: bool, quiet: bool, jobs: int = 1,
+              executor: str = "local", ray_address: str | None = None) -> list[FoldResult]:
+    from .folds import read_folds
+
+    if executor not in EXECUTORS:
+        raise KaggleCMRError(f"--executor {executor}: expected local or ray")
+    if ray_address and executor != "ray":
+        raise KaggleCMRError(f"--ray-address {ray_address}: needs --executor ray")
+    if executor == "ray":
+        from .executors import import_ray
+
+        import_ray()  # before any data is read: a missing extra is a one-line error at once
+    device_spec = device or cfg.train.device
+    dev = resolve_device(device_spec)
     threads = int(os.environ.get(THREADS_ENV, "0")) or cfg.train.threads
     setup_threads(threads)
     name = name or cfg.name or "run"
@@ -159,21 +212,23 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
     n_folds = int(folds_df["fold"].max()) + 1
     folds = parse_fold_spec(fold_spec, n_folds)
     print(f"run {run_dir} | {cfg.model.arch}/{cfg.model.encoder} | {len(data)} labelled images | "
-          f"device {dev} | folds {folds}" + (f" | {jobs} at a time" if jobs > 1 else ""), flush=True)
-    if jobs > 1 and len(folds) > 1 and FULL not in folds:
+          f"device {dev} | folds {folds}" + (f" | {jobs} at a time" if jobs > 1 else "")
+          + (" | executor ray" if executor == "ray" else ""), flush=True)
+    if executor == "ray":
+        from .executors import train_ray
+
+        results = train_ray(fold_configs(cfg, folds, run_dir), data=data, folds_df=folds_df, run_dir=run_dir,
+                            device=dev, force=force, jobs=jobs, address=ray_address)
+    elif jobs > 1 and len(folds) > 1 and FULL not in folds:
         results = _train_parallel(cfg, folds, jobs, data_root=data_root, folds_path=folds_path, run_dir=run_dir,
-                                  device=str(dev), force=force)
+                                  device=device_spec, force=force)
     else:
+        skip_locked = bool(os.environ.get(SKIP_LOCKED_ENV))
         results = []
-        for fold in folds:
-            fcfg = cfg
-            if fold == FULL:
-                fcfg = cfg.model_copy(deep=True)
-                fcfg.train.epochs = full_fit_epochs(run_dir)
-            res = train_fold(fcfg, data, folds_df, fold, fold_dir(run_dir, fold), device=dev, force=force,
-                             quiet=quiet)
-            if not res.skipped and fold != FULL:
-                print(f"fold {fold}: best Dice {res.best_score:.4f} at epoch {res.best_epoch}", flush=True)
+        for fold, fcfg in fold_configs(cfg, folds, run_dir):
+            res = train_locked(fcfg, data, folds_df, fold, run_dir, device=dev, force=force, quiet=quiet,
+                               skip_locked=skip_locked)
+            report_fold(res)
             results.append(res)
     oof = oof_summary(run_dir, data, n_folds, cfg.data.num_classes)
     if oof is not None:
@@ -185,21 +240,31 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
 
 def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, folds_path: Path, run_dir: Path,
                     device: str, force: bool) -> list[FoldResult]:
-    """Train folds in ``jobs`` child processes at once (several folds share one GPU; CPU threads split)."""
+    """Train folds in ``jobs`` child processes at once: round-robin over the visible GPUs when the device
+    is auto/cuda and there are several (:func:`assign_devices`), else several folds share one device;
+    CPU threads are split.  A fold another trainer holds is skipped (the child says so)."""
     import subprocess
+
+    import torch
+
+    from .executors import assign_devices
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.yaml"
     atomic_write_text(cfg_path, cfg.to_yaml())
-    env = os.environ | {THREADS_ENV: str(max(1, cpu_count() // jobs))}
+    env = os.environ | {THREADS_ENV: str(max(1, cpu_count() // jobs)), SKIP_LOCKED_ENV: "1"}
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = dict(zip(folds, assign_devices(folds, device, n_gpus)))
+    if len(set(devices.values())) > 1:
+        print("devices: " + ", ".join(f"fold {k} -> {d}" for k, d in devices.items()), flush=True)
     base = [sys.executable, "-m", "kagglecmr", "train", "--config", str(cfg_path), "--data", str(data_root),
             "--folds", str(folds_path), "--name", run_dir.name, "--runs-dir", str(run_dir.parent),
-            "--device", device, "--quiet"] + (["--force"] if force else [])
+            "--quiet"] + (["--force"] if force else [])
     pending, running, failed = list(folds), [], []
     while pending or running:
         while pending and len(running) < jobs:
             k = pending.pop(0)
-            running.append((k, subprocess.Popen([*base, "--fold", str(k)], env=env)))
+            running.append((k, subprocess.Popen([*base, "--fold", str(k), "--device", devices[k]], env=env)))
         time.sleep(0.2)
         for item in list(running):
             if item[1].poll() is not None:
@@ -210,6 +275,10 @@ def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, fol
         raise KaggleCMRError(f"{run_dir}: fold(s) {', '.join(map(str, failed))} failed (see the output above)")
     results = []
     for k in folds:
+        if not (fold_dir(run_dir, k) / "summary.json").is_file():  # its child skipped it: locked
+            print(f"fold {k}: skipped (another trainer holds it, see above)", flush=True)
+            results.append(FoldResult(k, fold_dir(run_dir, k), float("nan"), 0, skipped=True, locked_by="another trainer"))
+            continue
         summary = json.loads((fold_dir(run_dir, k) / "summary.json").read_text())
         results.append(FoldResult(k, fold_dir(run_dir, k), summary["best_score"], summary["best_epoch"]))
         print(f"fold {k}: best Dice {summary['best_score']:.4f} at epoch {summary['best_epoch']}", flush=True)

@@ -373,3 +373,41 @@ def test_same_run_twice_with_equal_weights_equals_one_run(project, tmp_path, mai
     assert proc.returncode == 0, proc.stderr
     assert "ensemble of 10 models" in proc.stdout
     assert two.read_bytes() == one.read_bytes()
+
+
+# ------------------------------------------------------------------------------------ several splits, one load
+def test_several_splits_from_one_load_equal_separate_calls(project, tmp_path, main_cli, assert_cli_error,
+                                                           monkeypatch):
+    run = copy_run(project.run, tmp_path / "runs" / "tiny", slim=True)
+    sep, multi = tmp_path / "sep", tmp_path / "multi"
+    sep.mkdir(), multi.mkdir()
+    for split in ("oof", "test"):
+        proc = main_cli(*ens_args(project, "--split", split, "--tta", "--out", sep / f"{split}.csv", run=run))
+        assert proc.returncode == 0, proc.stderr
+    proc = main_cli(*ens_args(project, "--split", "oof,test", "--tta", run=run), cwd=multi)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ensemble of") == 1 and proc.stdout.count("OOF Dice (") == 1  # one load, one OOF pass
+    written = sorted((multi / "submissions").glob("*.csv"))
+    assert [p.name.split("-")[1] for p in written] == ["oof", "test"]
+    for p in written:
+        assert p.read_bytes() == (sep / f"{p.name.split('-')[1]}.csv").read_bytes()
+
+    # the library function takes runs already loaded; repeating --split works like a comma list
+    from kagglecmr.ensemble import load_run, run_ensemble
+
+    monkeypatch.chdir(multi)
+    loaded = [load_run(run, torch.device("cpu"), with_full=True)]
+    res = run_ensemble(runs=None, runs_dir=tmp_path, data_root=project.data, split=["test", "val"], tta=True,
+                       tta_flips=None, out=None, save_masks=tmp_path / "masks", postprocess="auto", weights=None,
+                       device="cpu", loaded=loaded)
+    assert set(res) == {"test", "val"}
+    assert Path(res["test"]["out"]).read_bytes() == (sep / "test.csv").read_bytes()
+    assert len(list((tmp_path / "masks" / "val").glob("*_mask.png"))) == 5
+    Path(res["test"]["out"]).unlink(), Path(res["val"]["out"]).unlink()
+    proc = main_cli(*ens_args(project, "--split", "test", "--split", "val", "--postprocess", "none", run=run), cwd=multi)
+    assert proc.returncode == 0 and proc.stdout.count("wrote ") == 2, proc.stderr
+
+    assert_cli_error(main_cli(*ens_args(project, "--split", "oof,test", "--out", tmp_path / "x.csv", run=run)),
+                     "--out", "2 splits")
+    assert_cli_error(main_cli(*ens_args(project, "--split", "test,test", run=run)), "test,test", "once")
+    assert_cli_error(main_cli(*ens_args(project, "--split", "oof,tst", run=run)), "--split tst", "expected")
