@@ -131,10 +131,12 @@ def main() -> None:
         make_demo_dataset(args.data, n_train=80, n_val=20, n_test=0)
     setup_threads(0)
     dev = resolve_device(args.device)
-    cfg = load_config(args.config, args.set)
+    from kagglecmr.dataset import apply_dataset, load_dataset
+
+    cfg = apply_dataset(load_config(args.config, args.set), load_dataset(args.data))  # data keys from the dataset
     ref = reference(cfg, args.data, dev, args.steps, args.workers)
     ours = kagglecmr_trainer(cfg, args.data, dev, args.epochs)
-    print(f"device {dev} | {cfg.model.arch}/{cfg.model.encoder} input {cfg.model.input_size or cfg.data.size}px | "
+    print(f"device {dev} | {cfg.model.arch}/{cfg.model.encoder} input {cfg.data.size}px x{cfg.model.input_scale or 1} | "
           f"batch {cfg.train.batch_size} | amp {cfg.train.amp} | threads {torch.get_num_threads()}")
     print("| loop | train img/s | step ms | outside fwd/bwd | epoch s (incl. val+ckpt) | first epoch s |")
     print("|---|---|---|---|---|---|")

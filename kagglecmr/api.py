@@ -62,7 +62,7 @@ class EnsembleResult:
     out: Path  # the submission CSV written
     ids: list[str]
     probs: np.ndarray  # float32 [N, K, H, W] averaged softmax (before postprocessing)
-    labels: np.ndarray  # uint8 [N, H, W] the submitted masks (after postprocessing)
+    labels: np.ndarray | list  # uint8 [N, H, W] submitted masks (after postprocessing; a list when sizes differ)
     rows: int
     empty: dict[int, int]  # empty rows per class
     plan: dict | None  # postprocessing plan applied
@@ -105,24 +105,33 @@ def make_folds(data: str | Path = "data", *, n_folds: int = 5, seed: int = 42, o
     from .folds import run_make_folds
 
     cfg = _load_config(config) if config is not None else None
-    df = run_make_folds(Path(data), n_folds=n_folds, seed=seed, out=Path(out), groups=groups, force=force,
-                        spec=cfg.data.spec() if cfg else None)
+    df = run_make_folds(Path(data), n_folds=n_folds, seed=seed, out=Path(out), groups=groups, force=force, config=cfg)
     return FoldsResult(Path(out), df)
 
 
 def score(submission: str | Path, *, truth: str | Path | None = None, data: str | Path = "data",
-          as_json: bool = False) -> ScoreResult:
+          split: str | None = None, as_json: bool = False) -> ScoreResult:
     """Leaderboard score of a submission CSV (``kagglecmr score``): ``.score``, ``.per_class``, ``.worst``."""
     from .score import run_score
 
+    data = Path(data)
+    if split is not None or str(data).endswith((".yaml", ".yml")) or (data / "dataset.yaml").is_file():
+        from .evaluate import run_score_dataset
+
+        return run_score_dataset(Path(submission), data=data, split=split, truth=truth, as_json=as_json)
     return run_score(Path(submission), truth=None if truth is None else Path(truth), data=Path(data), as_json=as_json)
 
 
 def encode(mask_dir: str | Path, *, out: str | Path = "submission.csv", force: bool = False,
-           num_classes: int = 4) -> EncodeResult:
-    """PNG label masks -> validated submission CSV (``kagglecmr encode``)."""
+           num_classes: int = 4, data: str | Path | None = None) -> EncodeResult:
+    """PNG label masks -> validated submission CSV (``kagglecmr encode``); ``data``: a dataset file's format."""
     from .rle import run_encode
 
+    if data is not None:
+        from .evaluate import run_encode_dataset
+
+        rows = run_encode_dataset(Path(mask_dir), data=Path(data), out=Path(out), force=force)
+        return EncodeResult(Path(out), rows)
     rows = run_encode(Path(mask_dir), out=Path(out), force=force, num_classes=num_classes)
     return EncodeResult(Path(out), rows)
 
@@ -159,6 +168,10 @@ def train(fold: str | int = "0..4", *, config: str | Path | Config | dict | None
     ``overrides`` are ``--set`` strings (``["train.lr=3e-4"]``)."""
     from .runs import run_train
 
+    if config is None:
+        from .dataset import recipe_for
+
+        config = recipe_for(data)  # the dataset file's recipe, else default
     cfg = _load_config(config, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr})
     results = run_train(cfg, fold_spec=str(fold), data_root=Path(data), folds_path=Path(folds), name=name,
                         runs_dir=Path(runs_dir), device=device, force=force, quiet=quiet, jobs=jobs,
@@ -191,9 +204,14 @@ def ensemble(runs: list[str | Path] | str | Path | None = None, *, weights: list
 
 
 def _ensemble_result(res: dict) -> EnsembleResult:
-    result = EnsembleResult(Path(res["out"]), res["ids"], res["probs"], res["labels"], res["rows"], res["empty"],
+    import numpy as np
+
+    labels = res["labels"]  # each image's own size
+    same = len({m.shape for m in labels}) <= 1
+    labels = np.stack(labels) if same and len(labels) else labels
+    result = EnsembleResult(Path(res["out"]), res["ids"], res["probs"], labels, res["rows"], res["empty"],
                             res["plan"], list(res["tta"]), [Path(r) for r in res["runs"]])
-    if res["truth"] is not None:
+    if res["truth"] is not None and same and labels.shape == res["truth"].shape:
         from .score import dice_table
 
         table = dice_table(res["labels"], res["truth"], res["probs"].shape[1])

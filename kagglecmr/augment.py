@@ -26,13 +26,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 # ----------------------------------------------------------------------------------- albumentations
-def build_albumentations(cfg: AugmentConfig, seed: int | None = None):
+def build_albumentations(cfg: AugmentConfig, seed: int | None = None, *, square: bool = True):
+    """The per-sample pipeline; ``square=False`` leaves out 90-degree rotations (they would swap H and W)."""
     import albumentations as A
 
     t = [
         A.HorizontalFlip(p=cfg.hflip),
         A.VerticalFlip(p=cfg.vflip),
-        A.RandomRotate90(p=cfg.rot90),
+        A.RandomRotate90(p=cfg.rot90 if square else 0.0),
         A.Affine(
             scale=cfg.scale, keep_ratio=True,  # isotropic, as TorchAugment
             translate_percent=(-cfg.translate, cfg.translate), rotate=(-cfg.rotate, cfg.rotate),

@@ -28,7 +28,7 @@ class BatchMaker:
             self.gen = torch.Generator(device=device)
         else:
             self.images, self.masks = images, masks
-            self.pipeline = aug.build_albumentations(cfg.augment)
+            self.pipeline = aug.build_albumentations(cfg.augment, square=images.shape[1] == images.shape[2])
 
     def reseed(self, seed: int) -> None:
         if self.backend == "torch":

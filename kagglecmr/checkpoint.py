@@ -13,12 +13,15 @@ from .errors import KaggleCMRError
 from .io import atomic_path
 
 
-def save_best(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, score: float) -> None:
-    """Model weights as safetensors, with the config and epoch in its metadata."""
+def save_best(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, score: float,
+              dataset: dict | None = None) -> None:
+    """Model weights as safetensors, with the config, epoch and dataset description in its metadata."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(cfg.to_dict()), "epoch": str(epoch), "score": repr(float(score))}
+    if dataset is not None:
+        meta["dataset"] = json.dumps(dataset)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 

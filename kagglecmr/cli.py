@@ -41,11 +41,12 @@ def demo_data(
 
 @app.command("make-folds")
 def make_folds(
-    data: Path = typer.Option(Path("data"), "--data", help="Dataset root (train/ and optional val/)."),
+    data: Path = typer.Option(Path("data"), "--data", help="Dataset: a folder (train/image, train/mask, ...) or a dataset .yaml file."),
     n_folds: int = typer.Option(5, "--n-folds", help="Number of folds."),
     seed: int = typer.Option(42, "--seed", help="Random seed."),
     out: Path = typer.Option(Path("folds/folds.csv"), "--out", help="Folds CSV to write."),
-    no_groups: bool = typer.Option(False, "--no-groups", help="Do not group near-duplicate images."),
+    no_groups: bool = typer.Option(False, "--no-groups", help="No groups (neither the dataset's group regex nor "
+                                   "the near-duplicate guard)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing folds file."),
     config: str | None = typer.Option(None, "--config", help="Config (for image size / classes)."),
 ) -> None:
@@ -57,11 +58,14 @@ def make_folds(
 def score(
     submission: Path = typer.Argument(..., help="Submission CSV (id,encoding)."),
     truth: Path | None = typer.Option(None, "--truth", help="Mask folder or solution CSV."),
-    data: Path = typer.Option(Path("data"), "--data", help="Dataset root whose train/val masks are the truth."),
+    data: Path = typer.Option(Path("data"), "--data", help="Dataset (folder or .yaml) whose masks are the truth "
+                              "and whose submission format the CSV is in."),
+    split: str | None = typer.Option(None, "--split", help="Score against this split's masks (e.g. test); "
+                                     "default: the labelled train/val masks of the submission's images."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Score a submission exactly as the leaderboard does (mean Dice over rows)."""
-    api.score(submission, truth=truth, data=data, as_json=as_json)
+    """Score a submission exactly as the leaderboard does (mean Dice over rows), plus IoU and pixel accuracy."""
+    api.score(submission, truth=truth, data=data, split=split, as_json=as_json)
 
 
 @app.command("encode")
@@ -70,12 +74,15 @@ def encode(
     out: Path = typer.Option(Path("submission.csv"), "--out", help="CSV to write."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing CSV."),
     num_classes: int = typer.Option(4, "--num-classes", help="Classes including background."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset (.yaml): its submission format and mask values "
+                                     "(masks named like its mask pattern or <id>_mask.png / <id>.png)."),
 ) -> None:
     """Convert PNG label masks to a validated submission CSV (the course's converter)."""
-    api.encode(mask_dir, out=out, force=force, num_classes=num_classes)
+    api.encode(mask_dir, out=out, force=force, num_classes=num_classes, data=data)
 
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="Config path or shipped name (default, demo, offline).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="Config path or shipped name (default, demo, offline, warwick); "
+                         "default: the dataset file's recipe, else default.")
 SetOpt = typer.Option(None, "--set", help="Override a config key: --set train.lr=3e-4 (repeatable).")
 
 
@@ -83,7 +90,7 @@ SetOpt = typer.Option(None, "--set", help="Override a config key: --set train.lr
 def train(
     fold: str = typer.Option(..., "--fold", "-f", help="0, 0..4, 0,2,4 or all (full fit)."),
     config: str | None = ConfigOpt,
-    data: Path = typer.Option(Path("data"), "--data", help="Dataset root."),
+    data: Path = typer.Option(Path("data"), "--data", help="Dataset: a folder (train/image, train/mask, ...) or a dataset .yaml file."),
     folds: Path = typer.Option(Path("folds/folds.csv"), "--folds", help="Folds CSV from make-folds."),
     name: str | None = typer.Option(None, "--name", help="Run name (default: the config's name)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are written."),
@@ -100,7 +107,8 @@ def train(
     ray_address: str | None = typer.Option(None, "--ray-address",
                                            help="Ray cluster to use (default: start Ray locally)."),
 ) -> None:
-    """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions."""
+    """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions.
+    Without --config: the dataset file's recipe, else default."""
     api.train(fold, config=config, data=data, folds=folds, name=name, runs_dir=runs_dir, epochs=epochs,
               batch_size=batch_size, lr=lr, device=device, overrides=overrides, force=force, quiet=quiet, jobs=jobs,
               executor=executor, ray_address=ray_address)
@@ -111,14 +119,15 @@ def ensemble(
     runs: list[Path] | None = typer.Option(None, "--runs", help="Run folders (repeatable; default: latest)."),
     weights: list[float] | None = typer.Option(None, "--weights", help="One weight per --runs (repeatable)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the latest run."),
-    data: Path = typer.Option(Path("data"), "--data", help="Dataset root."),
+    data: Path = typer.Option(Path("data"), "--data", help="Dataset: a folder (train/image, train/mask, ...) or a dataset .yaml file."),
     split: list[str] = typer.Option(["test"], "--split",
                                     help="test, val, train or oof (out-of-fold); several from one load: "
                                          "--split oof,test or repeat the option."),
     tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (config infer.tta)."),
     tta_flips: str | None = typer.Option(None, "--tta-flips", help="Comma list, e.g. none,hflip."),
     out: Path | None = typer.Option(None, "--out", help="CSV (default submissions/<run>-<split>-<time>.csv)."),
-    save_masks: Path | None = typer.Option(None, "--save-masks", help="Also write PNG masks + contact sheet."),
+    save_masks: Path | None = typer.Option(None, "--save-masks", help="Also write PNG masks (the dataset's own "
+                                           "mask values, each image's own size) + contact sheet."),
     postprocess: str = typer.Option("auto", "--postprocess", help="auto (tuned on OOF), none, or a plan JSON."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward pass (default: config infer.*)."),
@@ -179,6 +188,29 @@ def export(
     """The whole ensemble (folds x runs x TTA, softmax mean) as one ONNX/TorchScript file, checked on load."""
     api.export(runs, out=out, format=fmt, tta=tta, tta_flips=_flips(tta_flips), weights=weights, data=data,
                full=full, force=force, runs_dir=runs_dir)
+
+
+@app.command("runs")
+def runs(
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder holding the run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON array (one object per run)."),
+) -> None:
+    """Local leaderboard: every run with its config changes, folds, OOF scores, size and timings."""
+    from .reports import run_runs
+
+    run_runs(runs_dir, as_json=as_json)
+
+
+@app.command("report")
+def report(
+    run: Path = typer.Argument(..., help="Run folder (runs/<name>)."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset the run trained on (for the worst OOF images)."),
+    worst: int = typer.Option(12, "--worst", help="How many of the worst out-of-fold images to show."),
+) -> None:
+    """Write <run>/report.html: one self-contained page (plots embedded) about the run."""
+    from .html_report import write_report
+
+    write_report(run, data=data, worst=worst)
 
 
 def main() -> None:

@@ -26,20 +26,42 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    size: int = Field(96, ge=8, description="Image side the data must have (or is resized to).")
-    in_channels: int = Field(1, ge=1, le=4)
-    num_classes: int = Field(4, ge=2, description="Classes including background.")
+    """Usually empty: size, channels and classes come from the dataset (``--data``).  A pinned value
+    must agree with the dataset (``resize: true`` with a ``size`` resizes the images to it)."""
+
+    size: int | tuple[int, int] | None = Field(None, description="Side or [H, W] the model sees (None: the dataset's).")
+    in_channels: int | None = Field(None, ge=1, le=4)
+    num_classes: int | None = Field(None, ge=2, description="Classes including background.")
     resize: bool = False
 
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v):
+        if v is not None and min((v, v) if isinstance(v, int) else v) < 8:
+            raise ValueError("must be at least 8 pixels")
+        return v
+
+    @property
+    def hw(self) -> tuple[int, int] | None:
+        """``(H, W)`` of ``size`` (None when unset)."""
+        if self.size is None:
+            return None
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+
     def spec(self) -> DataSpec:
-        return DataSpec(size=self.size, in_channels=self.in_channels, num_classes=self.num_classes, resize=self.resize)
+        """The folder-layout loader's spec (CMR defaults for unset values; square sizes only)."""
+        d = DataSpec()
+        return DataSpec(size=self.hw[0] if self.size is not None else d.size, in_channels=self.in_channels or d.in_channels,
+                        num_classes=self.num_classes or d.num_classes, resize=self.resize)
 
 
 class ModelConfig(_Section):
     arch: str = "Unet"
     encoder: str = "resnet34"
     weights: str = Field("imagenet", description="imagenet | none | path to .safetensors/.pth")
-    input_size: int | None = Field(None, ge=8, description="Upscale inputs to this side inside the model.")
+    input_size: int | None = Field(None, ge=8, description="Resize inputs to this side inside the model (legacy; "
+                                   "prefer input_scale).")
+    input_scale: float | None = Field(None, gt=0, le=8, description="Resize inputs by this factor inside the model.")
     normalize: Literal["image", "fixed"] = "image"
     params: dict[str, Any] = Field(default_factory=dict, description="Extra smp.create_model kwargs.")
 
@@ -101,6 +123,9 @@ class TrainConfig(_Section):
     device: str = "auto"
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores.")
     val_batch_size: int = Field(64, ge=1)
+    log: list[Literal["csv", "tensorboard"]] = Field(
+        default_factory=lambda: ["csv"],
+        description="Per-epoch logs: metrics.csv (always written) and optionally TensorBoard events in <fold>/tb/.")
 
 
 class InferConfig(_Section):
@@ -126,7 +151,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _consistent(self):
         cw = self.loss.class_weights
-        if cw is not None and len(cw) != self.data.num_classes:
+        if cw is not None and self.data.num_classes is not None and len(cw) != self.data.num_classes:
             raise ValueError(f"loss.class_weights has {len(cw)} values, data.num_classes is {self.data.num_classes}")
         return self
 

@@ -54,6 +54,7 @@ class Split:
     masks: np.ndarray | None  # uint8 [N, H, W] with values < num_classes, or None (unlabelled)
     splits: list[str] = field(default_factory=list)  # split name of each image
     image_paths: list[Path] = field(default_factory=list)
+    orig_sizes: list[tuple[int, int]] = field(default_factory=list)  # (H, W) of each image on disk
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -70,7 +71,12 @@ class Split:
             masks=None if self.masks is None else self.masks[idx],
             splits=[self.splits[k] for k in idx] if self.splits else [],
             image_paths=[self.image_paths[k] for k in idx] if self.image_paths else [],
+            orig_sizes=[self.orig_sizes[k] for k in idx] if self.orig_sizes else [],
         )
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """``(H, W)`` of each image on disk (the array size when unknown)."""
+        return list(self.orig_sizes) if self.orig_sizes else [tuple(self.images.shape[1:3])] * len(self.ids)
 
 
 def mask_id(path: Path) -> str:
@@ -134,7 +140,8 @@ def _imread(path: Path, flags: int) -> np.ndarray:
         png_size(path, raw)  # damaged files fail here once, before libpng prints its own complaints
     img = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), flags) if raw else None
     if img is None:
-        raise DataError(f"{path}: not a readable PNG (corrupt or empty file)")
+        kind = "PNG" if Path(path).suffix.lower() == ".png" else "image"
+        raise DataError(f"{path}: not a readable {kind} (corrupt or empty file)")
     return img
 
 
@@ -257,6 +264,7 @@ def load_split(root: str | Path, split: str, spec: DataSpec = DataSpec(), *, lab
         masks=np.stack(masks) if has_masks else None,
         splits=[split] * len(ids),
         image_paths=paths,
+        orig_sizes=[png_size(p) for p in paths],
     )
 
 
@@ -275,6 +283,7 @@ def concat(parts: list[Split]) -> Split:
         masks=None if any(m is None for m in masks) else np.concatenate(masks),
         splits=[s for p in parts for s in p.splits],
         image_paths=[x for p in parts for x in p.image_paths],
+        orig_sizes=[x for p in parts for x in p.sizes()],
     )
 
 
@@ -299,3 +308,52 @@ def labelled_mask_paths(root: str | Path) -> dict[str, Path]:
     if not out:
         raise DataError(f"{root}: no masks found under train/mask or val/mask")
     return out
+
+
+# ------------------------------------------------------------------- decoding for dataset files
+def decode_image(path: str | Path) -> np.ndarray:
+    """Any image cv2 reads (grey, RGB, RGBA; 8 or 16 bit) as uint8 ``[H, W, C]`` in RGB(A) order."""
+    path = Path(path)
+    img = _imread(path, cv2.IMREAD_UNCHANGED)
+    if img.dtype == np.uint16:
+        img = (img / 257.0).round().astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DataError(f"{path}: unsupported pixel type {img.dtype}")
+    if img.ndim == 2:
+        return img[:, :, None]
+    if img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    elif img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+    return np.ascontiguousarray(img)
+
+
+def decode_mask(path: str | Path) -> np.ndarray:
+    """A label mask's raw values (uint8 or uint16 ``[H, W]``); colour masks are errors."""
+    path = Path(path)
+    m = _imread(path, cv2.IMREAD_UNCHANGED)
+    if m.ndim == 3:
+        if m.shape[2] >= 3 and not (np.array_equal(m[:, :, 0], m[:, :, 1]) and np.array_equal(m[:, :, 0], m[:, :, 2])):
+            raise DataError(f"{path}: mask is a colour image; expected one channel of class labels")
+        m = m[:, :, 0]
+    if m.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: unsupported mask pixel type {m.dtype}")
+    return np.ascontiguousarray(m)
+
+
+def resize_to(arr: np.ndarray, hw: tuple[int, int], *, nearest: bool) -> np.ndarray:
+    """``arr`` (``[H, W]`` or ``[H, W, C]``) at ``hw``: nearest for labels, area/linear for images."""
+    h, w = arr.shape[:2]
+    if (h, w) == tuple(hw):
+        return arr
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA if h * w > hw[0] * hw[1] else cv2.INTER_LINEAR
+    out = cv2.resize(arr, (hw[1], hw[0]), interpolation=interp)
+    return np.ascontiguousarray(out.reshape(hw[0], hw[1], *arr.shape[2:]))
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of an image: from the header for PNG, else by decoding it."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        return png_size(path)
+    return tuple(_imread(path, cv2.IMREAD_UNCHANGED).shape[:2])

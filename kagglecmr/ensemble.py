@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import DataSpec, Split, available_splits, load_labelled, load_split
+from .data import Split
 from .errors import ConfigError, KaggleCMRError
 from .infer import TTA_FLIPS, predict_proba, to_tensor
 from .models import build_model
@@ -167,6 +167,15 @@ def report_oof(probs: np.ndarray, labelled: Split, passes, num_classes: int) -> 
     return pred
 
 
+def record_oof(run_dir: Path, passes, pred: np.ndarray, truth: np.ndarray, plan: dict | None, num_classes: int) -> None:
+    """Store the OOF Dice of this TTA set (and after ``plan``) in the run's ``ensemble_oof.json``."""
+    from .postprocess import apply_plan
+    from .reports import record_ensemble_oof
+
+    pp = dice_table(apply_plan(pred, plan, num_classes), truth, num_classes) if plan is not None else None
+    record_ensemble_oof(run_dir, list(passes), dice_table(pred, truth, num_classes), pp, plan)
+
+
 def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int) -> dict:
     """Tune the per-class plan on OOF masks with the leaderboard metric and print the result."""
     from .postprocess import apply_plan, describe_plan, tune_plan
@@ -187,6 +196,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     """Ensemble ``split`` (one name -> its result dict) or several (a list -> ``{split: result}``, one
     load of the models, one OOF pass; ``save_masks`` then gets a sub-folder per split).  ``loaded``:
     runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored)."""
+    from .dataset import apply_dataset, load_dataset
     from .postprocess import save_plan
 
     t0 = time.time()
@@ -203,10 +213,11 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
                              f"(leave --out out: files are named per split)")
     if out is not None and Path(out).exists():  # before minutes of inference, and before postprocess.json
         raise KaggleCMRError(f"{out}: already exists (choose another --out)")
+    ds = load_dataset(data_root)
     for s in splits:
-        if s != "oof" and s not in available_splits(data_root):
-            raise KaggleCMRError(f"{data_root}: split '{s}' has no image/ folder")
-    if "oof" in splits and not any(s in available_splits(data_root) for s in ("train", "val")):
+        if s != "oof" and s not in ds.split_names():
+            raise KaggleCMRError(f"{data_root}: no split '{s}' (has {', '.join(ds.split_names())})")
+    if "oof" in splits and not any(ds.has_masks(s) for s in ("train", "val")):
         raise KaggleCMRError(f"{data_root}: --split oof needs labelled images (train/ or val/ with masks)")
     dev = resolve_device(device)
     setup_threads(0)
@@ -217,66 +228,69 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     w = _weights(loaded, weights)
     passes = tta_passes(loaded, tta, tta_flips)
     cfg = loaded[0].cfg
+    apply_dataset(cfg, ds)  # the models' classes / channels / size must be the dataset's
+    k = ds.num_classes
     batch_size = batch_size or cfg.infer.batch_size_for(dev.type)
-    spec = DataSpec(size=cfg.data.size, in_channels=cfg.data.in_channels, num_classes=cfg.data.num_classes,
-                    resize=cfg.data.resize)
     n_models = sum(len(r.models) for r in loaded)
     print(f"ensemble of {n_models} models from {', '.join(r.name for r in loaded)} | TTA {'+'.join(passes)} | "
           f"device {dev}", flush=True)
 
     from .postprocess import describe_plan, load_plan
 
-    has_labels = any(s in available_splits(data_root) for s in ("train", "val"))
-    labelled = load_labelled(data_root, spec) if has_labels else None
+    has_labels = any(ds.has_masks(s) for s in ("train", "val"))
+    labelled = ds.labelled() if has_labels else None
     plan = oof_probs = None
     if postprocess not in ("auto", "none"):
-        plan = load_plan(postprocess, cfg.data.num_classes)
+        plan = load_plan(postprocess, k)
         print(f"postprocessing from {postprocess}: {describe_plan(plan)}", flush=True)
     if labelled is not None and ("oof" in splits or postprocess == "auto"):
         oof_probs = predict_oof(loaded, labelled, dev, passes, w, batch_size)
-        oof_pred = report_oof(oof_probs, labelled, passes, cfg.data.num_classes)
+        oof_pred = report_oof(oof_probs, labelled, passes, k)
         if postprocess == "auto":
-            plan = choose_postprocessing(oof_pred, labelled, cfg.data.num_classes)
+            plan = choose_postprocessing(oof_pred, labelled, k)
             if len(loaded) == 1:
                 save_plan(plan, loaded[0].path / "postprocess.json")
+        if len(loaded) == 1:  # for `kagglecmr runs` and `report`: OOF per TTA set, with postprocessing
+            record_oof(loaded[0].path, passes, oof_pred, labelled.masks, plan, cfg.data.num_classes)
     elif postprocess == "auto":
         print("note: no labelled images, so no out-of-fold postprocessing", flush=True)
 
     results = {}
     for s in splits:
         masks_dir = save_masks if save_masks is None or len(splits) == 1 else Path(save_masks) / s
-        results[s] = _write_split(s, loaded, labelled, oof_probs, plan, data_root=data_root, spec=spec, dev=dev,
+        results[s] = _write_split(s, loaded, labelled, oof_probs, plan, data_root=data_root, ds=ds, dev=dev,
                                   passes=passes, w=w, batch_size=batch_size, out=out, save_masks=masks_dir, t0=t0)
     return results[split] if isinstance(split, str) else results
 
 
-def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_probs, plan, *, data_root, spec, dev,
+def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_probs, plan, *, data_root, ds, dev,
                  passes, w, batch_size, out, save_masks, t0) -> dict:
-    """Predict one split (OOF probabilities come computed), postprocess, write its CSV (and masks)."""
+    """Predict one split (OOF probabilities come computed), resize to each image's own size, postprocess,
+    score it when it has masks, write its CSV in the dataset's format (and masks in its own values)."""
     from .postprocess import apply_plan
-    from .rle import label_to_rows
 
-    cfg = loaded[0].cfg
+    k = ds.num_classes
     if split == "oof":
         if labelled is None:
             raise KaggleCMRError(f"{data_root}: --split oof needs labelled images (train/ or val/ with masks)")
         images = labelled
         probs = oof_probs
     else:  # the split's folder was checked on entry
-        images = load_split(data_root, split, spec, labelled=False if split == "test" else None)
+        images = ds.load(split)
         seen = {i for r in loaded for ids in r.holdout.values() for i in ids}
         if split != "test" and any(i in seen for i in images.ids):
             print(f"warning: the models trained on most '{split}' images; its score is optimistic "
                   f"(use --split oof for an honest estimate)", flush=True)
         probs = predict_images(loaded, images.images, dev, passes, w, batch_size)
-    pred = probs.argmax(1).astype(np.uint8)
+    labels = [label_at_size(p, hw) for p, hw in zip(probs, images.sizes())]  # each image's own size
     if plan is not None:
-        pred = apply_plan(pred, plan, cfg.data.num_classes)
-    if images.masks is not None and split != "oof":
-        table = dice_table(pred, images.masks, cfg.data.num_classes)
-        print(f"{split} Dice: {_score_line(table)}", flush=True)
+        labels = [apply_plan(m, plan, k) for m in labels]
+    if split != "oof" and ds.has_masks(split):  # a labelled split (e.g. a holdout test set): score it
+        truth = {i: ds.read_mask(mp, resize=False) for i, _, mp in ds.items(split)}
+        print(score_report(split, dict(zip(images.ids, labels)), truth, ds), flush=True)
 
-    rows = [row for i, m in zip(images.ids, pred) for row in label_to_rows(i, m, cfg.data.num_classes)]
+    fmt = ds.submission
+    rows = [row for i, m in zip(images.ids, labels) for row in fmt.rows(i, m, k)]
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         base = f"{'+'.join(r.name for r in loaded)}-{split}-{stamp}"
@@ -285,20 +299,48 @@ def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_prob
         while out.exists():  # two runs within one second
             n += 1
             out = Path("submissions") / f"{base}-{n}.csv"
-    write_submission(rows, out, shape=pred.shape[1:], overwrite=False)
-    empty = {k: int(sum(1 for m in pred if not (m == k).any())) for k in range(1, cfg.data.num_classes)}
+    write_submission(rows, out, shape={i: m.shape for i, m in zip(images.ids, labels)}, overwrite=False, fmt=fmt)
+    empty = {c: int(sum(1 for m in labels if not (m == c).any())) for c in range(1, k)}
     print(f"wrote {len(rows)} rows for {len(images)} images to {out} "
-          f"(empty rows per class: {', '.join(f'{k}: {v}' for k, v in empty.items())}) in {time.time() - t0:.1f}s",
+          f"(empty rows per class: {', '.join(f'{c}: {v}' for c, v in empty.items())}) in {time.time() - t0:.1f}s",
           flush=True)
     if save_masks is not None:
-        write_masks(save_masks, images.ids, pred, images.images)
+        write_masks(save_masks, images.ids, labels, images.images, ds=ds,
+                    preview=[apply_plan(p, plan, k) if plan is not None else p for p in probs.argmax(1).astype(np.uint8)])
     return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan, "ids": list(images.ids), "probs": probs,
-            "labels": pred, "truth": images.masks, "tta": passes, "runs": [str(r.path) for r in loaded]}
+            "labels": labels, "truth": images.masks, "tta": passes, "runs": [str(r.path) for r in loaded]}
 
 
-def write_masks(folder: Path, ids: list[str], pred: np.ndarray, images: np.ndarray) -> None:
-    """PNG masks valued 0..K-1 named ``<id>_mask.png``, plus an overlay contact sheet beside the folder
-    (``<folder>_contact_sheet.png``), so the folder holds masks only (``score --truth``, ``encode``)."""
+def label_at_size(probs: np.ndarray, hw) -> np.ndarray:
+    """Argmax of ``[K, h, w]`` probabilities after resizing them (bilinear) to ``hw`` = ``(H, W)``."""
+    import cv2
+
+    if tuple(probs.shape[1:]) == tuple(hw):
+        return probs.argmax(0).astype(np.uint8)
+    chans = [cv2.resize(np.ascontiguousarray(c, dtype=np.float32), (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+             for c in probs]
+    return np.stack(chans).argmax(0).astype(np.uint8)
+
+
+def score_report(split: str, pred: dict, truth: dict, ds) -> str:
+    """``<split> Dice ... IoU ... pixel accuracy ...`` of label maps at their own sizes (per class)."""
+    from .score import score_label_maps
+
+    r = score_label_maps(pred, truth, ds.num_classes, fmt=ds.submission)
+    names = ds.classes
+
+    def per(d):
+        return " ".join(f"{names[int(c)] if str(c).isdigit() and int(c) < len(names) else c}:{v:.4f}"
+                        for c, v in d.items())
+
+    return (f"{split} Dice: {r.score:.4f} [{per(r.per_class)}] | IoU {r.iou:.4f} [{per(r.per_class_iou)}] | "
+            f"pixel accuracy {r.pixel_accuracy:.4f} [{per(r.per_class_pixel_accuracy)}] ({len(truth)} images)")
+
+
+def write_masks(folder: Path, ids: list[str], pred, images: np.ndarray, *, ds=None, preview=None) -> None:
+    """PNG masks named ``<id>_mask.png`` (in the dataset's own mask values, e.g. 0/255, at each image's own
+    size; 0..K-1 without a dataset), plus an overlay contact sheet beside the folder
+    (``<folder>_contact_sheet.png``, at the model size), so the folder holds masks only."""
     import cv2
 
     from .io import atomic_path
@@ -308,11 +350,21 @@ def write_masks(folder: Path, ids: list[str], pred: np.ndarray, images: np.ndarr
     folder.mkdir(parents=True, exist_ok=True)
     for i, m in zip(ids, pred):
         with atomic_path(folder / f"{i}_mask.png") as tmp:  # the temp name ends in .png too
-            if not cv2.imwrite(str(tmp), m):
+            if not cv2.imwrite(str(tmp), ds.to_raw(m) if ds is not None else m):
                 raise KaggleCMRError(f"{folder}: cannot write PNG masks")
     sheet = contact_sheet_path(folder)
-    contact_sheet(images, pred, ids, sheet)
+    contact_sheet(_bgr(images), np.stack(preview if preview is not None else pred), ids, sheet)
     print(f"wrote {len(ids)} masks to {folder} and the contact sheet {sheet}", flush=True)
+
+
+def _bgr(images: np.ndarray) -> np.ndarray:
+    """RGB(A) images with 1..4 kept channels -> grey or BGR for OpenCV drawing."""
+    c = images.shape[-1]
+    if c == 1:
+        return images
+    if c == 2:
+        images = np.concatenate([images, np.zeros_like(images[..., :1])], -1)
+    return np.ascontiguousarray(images[..., 2::-1])
 
 
 def contact_sheet_path(mask_folder: Path) -> Path:

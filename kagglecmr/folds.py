@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from .data import DataSpec, Split, load_labelled, natural_key
+from .data import DataSpec, Split, natural_key
 from .errors import DataError, KaggleCMRError
 from .io import atomic_write_text
 
@@ -182,11 +182,13 @@ def _natural_order(split: Split) -> Split:
     return split.subset([split.ids[k] for k in order])
 
 
-def make_folds(split: Split, n_folds: int = 5, seed: int = 42, groups: bool = True, num_classes: int = 4) -> pd.DataFrame:
+def make_folds(split: Split, n_folds: int = 5, seed: int = 42, groups: bool = True, num_classes: int = 4,
+               group_of=None) -> pd.DataFrame:
     """Assign every labelled image of ``split`` to one of ``n_folds`` folds.
 
     Returns one row per image in natural id order with ``id, split, fold, group, stratum``
-    and the :func:`fold_features` columns.  ``groups=False`` makes every image its own group.
+    and the :func:`fold_features` columns.  ``groups=False`` makes every image its own group;
+    ``group_of`` (ids -> group names, e.g. a dataset's ``group`` regex) replaces the similarity guard.
     """
     if split.masks is None:
         raise DataError("make_folds needs labelled images (masks)")
@@ -194,10 +196,13 @@ def make_folds(split: Split, n_folds: int = 5, seed: int = 42, groups: bool = Tr
         raise KaggleCMRError(f"--n-folds must be at least 2 (got {n_folds})")
     split = _natural_order(split)
     n = len(split)
-    group = similarity_groups(split.images) if groups else np.arange(n, dtype=np.int64)
+    if groups and group_of is not None:
+        group = pd.factorize(pd.Series(group_of(split.ids)), sort=False)[0].astype(np.int64)
+    else:
+        group = similarity_groups(split.images) if groups else np.arange(n, dtype=np.int64)
     n_groups = int(group.max()) + 1 if n else 0
     if n_folds > n_groups:
-        what = "groups of near-duplicate images" if groups else "images"
+        what = ("groups" if group_of is not None else "groups of near-duplicate images") if groups else "images"
         raise KaggleCMRError(f"--n-folds {n_folds} is more than the {n_groups} {what} ({n} labelled images)")
     feats = fold_features(split.masks, num_classes, n_folds=n_folds)
     cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
@@ -214,11 +219,13 @@ def make_folds(split: Split, n_folds: int = 5, seed: int = 42, groups: bool = Tr
                      axis=1)
 
 
-def fold_table(df: pd.DataFrame) -> str:
+def fold_table(df: pd.DataFrame, class_names: list[str] | None = None) -> str:
     """Human-readable per-fold summary: images, groups, val images, class presence, mean size."""
     has_cols = [c for c in df.columns if c.startswith("has_")]
     names = {c: CMR_CLASS_NAMES.get(int(c[4:]), f"class{c[4:]}") if len(has_cols) == 3 else f"class{c[4:]}"
              for c in has_cols}
+    if class_names is not None and class_names[1:] != [f"class{k}" for k in range(1, len(class_names))]:
+        names = {c: class_names[int(c[4:])] if int(c[4:]) < len(class_names) else names[c] for c in has_cols}
     size_col = next((c for c in ("lv_myo_area", "fg_area") if c in df.columns), None)
     show_val = "split" in df.columns and (df["split"] != "train").any()
     header = ["fold", "images"] + (["groups"] if "group" in df.columns else []) + (["val"] if show_val else [])
@@ -315,22 +322,41 @@ def read_folds(path, ids=None) -> pd.DataFrame:
 
 
 def run_make_folds(data, n_folds: int = 5, seed: int = 42, out=Path("folds/folds.csv"), groups: bool = True,
-                   force: bool = False, spec: DataSpec | None = None) -> pd.DataFrame:
-    """Load train/ (+ val/) of ``data``, make folds, write ``out`` and print a per-fold table."""
+                   force: bool = False, spec: DataSpec | None = None, config=None) -> pd.DataFrame:
+    """Load the labelled images of ``data`` (a folder or a dataset file), make folds, write ``out`` and
+    print a per-fold table.  Groups: the dataset's ``group`` regex, else the similarity guard.
+    ``config`` (or the legacy ``spec``) pins size/channels/classes as ``train`` would."""
+    from .config import Config, DataConfig
+    from .dataset import apply_dataset, load_dataset
+
     out = Path(out)
     if n_folds < 2:
         raise KaggleCMRError(f"--n-folds must be at least 2 (got {n_folds})")
     if out.exists() and not force:
         raise KaggleCMRError(f"{out}: already exists (use --force to overwrite)")
-    spec = spec or DataSpec()
-    split = load_labelled(data, spec)
-    df = make_folds(split, n_folds=n_folds, seed=seed, groups=groups, num_classes=spec.num_classes)
+    ds = load_dataset(data)
+    if config is None and spec is not None:
+        config = Config(data=DataConfig(size=spec.size, in_channels=spec.in_channels, num_classes=spec.num_classes,
+                                        resize=spec.resize))
+    if config is not None:
+        apply_dataset(config, ds)
+    for note in ds.notes:
+        print(note, flush=True)
+    split = ds.labelled()
+    by_regex = groups and ds.group is not None
+    df = make_folds(split, n_folds=n_folds, seed=seed, groups=groups, num_classes=ds.num_classes,
+                    group_of=ds.groups if by_regex else None)
     write_folds(df, out, force=force)
     sizes = df["group"].value_counts()
     per_split = ", ".join(f"{s} {n}" for s, n in df["split"].value_counts(sort=False).items())
-    grouping = (f"{len(sizes)} similarity groups (largest {sizes.max()} images, threshold {SIMILARITY_THRESHOLD})"
-                if groups else "no grouping (--no-groups)")
+    if by_regex:
+        grouping = f"groups: regex {ds.group!r} ({len(sizes)} groups, largest {sizes.max()} images)"
+    elif groups:
+        grouping = (f"groups: similarity guard ({len(sizes)} similarity groups, largest {sizes.max()} images, "
+                    f"threshold {SIMILARITY_THRESHOLD})")
+    else:
+        grouping = "groups: none, no grouping (--no-groups)"
     print(f"make-folds: {len(df)} labelled images ({per_split}) -> {n_folds} folds, seed {seed}; {grouping}")
-    print(fold_table(df))
+    print(fold_table(df, ds.classes))
     print(f"wrote {out}")
     return df

@@ -32,15 +32,20 @@ OFFLINE_HINT = (
 class SegModel(nn.Module):
     """``net`` plus the input handling every caller must agree on.
 
-    ``forward(x)`` takes ``[B, C, H, W]`` floats in ``[0, 1]``, normalises them (per image z-score or a
-    fixed ImageNet-like shift), optionally resizes to ``input_size`` and resizes the logits back.
+    ``forward(x)`` takes ``[B, C, H, W]`` floats in ``[0, 1]`` (any H, W), normalises them (per image
+    z-score or a fixed ImageNet-like shift), optionally resizes them by ``input_scale`` (or to the square
+    ``input_size``), pads H and W up to the encoder's required multiple (``multiple``, usually 32), and
+    returns logits cropped and resized back to ``[B, K, H, W]``.
     """
 
-    def __init__(self, net: nn.Module, *, normalize: str = "image", input_size: int | None = None):
+    def __init__(self, net: nn.Module, *, normalize: str = "image", input_size: int | None = None,
+                 input_scale: float | None = None, multiple: int = 1):
         super().__init__()
         self.net = net
         self.normalize = normalize
         self.input_size = input_size
+        self.input_scale = input_scale
+        self.multiple = max(1, int(multiple))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize == "image":
@@ -50,10 +55,34 @@ class SegModel(nn.Module):
         else:
             x = (x - 0.449) / 0.226
         h, w = x.shape[-2:]
-        if self.input_size and (h, w) != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-            return F.interpolate(self.net(x), size=(h, w), mode="bilinear", align_corners=False)
-        return self.net(x)
+        if self.input_size:
+            size = (self.input_size, self.input_size)
+        elif self.input_scale and self.input_scale != 1:
+            size = (max(1, round(h * self.input_scale)), max(1, round(w * self.input_scale)))
+        else:
+            size = (h, w)
+        if size != (h, w):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        m = self.multiple
+        ph, pw = -size[0] % m, -size[1] % m
+        if ph or pw:  # zeros are the normalised mean; the padding is cropped off the logits again
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        y = self.net(x)
+        if ph or pw:
+            y = y[..., ph // 2:ph // 2 + size[0], pw // 2:pw // 2 + size[1]]
+        if size != (h, w):
+            y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+        return y
+
+
+def required_multiple(net: nn.Module) -> int:
+    """What H and W must be divisible by: the encoder's output stride (smp models), else 1."""
+    enc = getattr(net, "encoder", None)
+    stride = getattr(enc, "output_stride", None)
+    try:
+        return int(stride) if stride else 1
+    except (TypeError, ValueError):
+        return 1
 
 
 def architectures() -> dict[str, type]:
@@ -114,7 +143,7 @@ def _create(cfg: Config, encoder_weights) -> nn.Module:
     m = cfg.model
     return smp.create_model(
         m.arch, encoder_name=m.encoder, encoder_weights=encoder_weights,
-        in_channels=cfg.data.in_channels, classes=cfg.data.num_classes, **m.params,
+        in_channels=cfg.data.in_channels or 1, classes=cfg.data.num_classes or 4, **m.params,
     )
 
 
@@ -265,7 +294,8 @@ def build_model(cfg: Config, *, weights: str | None = None, check_size: bool = T
     except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"model: cannot build {m.arch} with encoder {m.encoder}: {first}") from None
-    model = SegModel(net, normalize=m.normalize, input_size=m.input_size)
+    model = SegModel(net, normalize=m.normalize, input_size=m.input_size, input_scale=m.input_scale,
+                     multiple=required_multiple(net))
     if check_size:
         check_runs_at_size(model, cfg)
     return model
@@ -273,8 +303,9 @@ def build_model(cfg: Config, *, weights: str | None = None, check_size: bool = T
 
 def check_runs_at_size(model: SegModel, cfg: Config) -> None:
     """One tiny forward pass, so an architecture that cannot run at the image size fails before training."""
-    size = cfg.data.size
-    x = torch.rand(2, cfg.data.in_channels, size, size)
+    h, w = cfg.data.hw or (96, 96)
+    k = cfg.data.num_classes or 4
+    x = torch.rand(2, cfg.data.in_channels or 1, h, w)
     was_training = model.training
     model.eval()
     try:
@@ -282,13 +313,14 @@ def check_runs_at_size(model: SegModel, cfg: Config) -> None:
             y = model(x)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"model: {cfg.model.arch}/{cfg.model.encoder} cannot run at {size}x{size} px "
-                          f"(input_size={cfg.model.input_size}): {first[:200]}") from None
+        raise ConfigError(f"model: {cfg.model.arch}/{cfg.model.encoder} cannot run at {w}x{h} px "
+                          f"(input_size={cfg.model.input_size}, input_scale={cfg.model.input_scale}): "
+                          f"{first[:200]}") from None
     finally:
         model.train(was_training)
-    if tuple(y.shape) != (2, cfg.data.num_classes, size, size):
-        raise ConfigError(f"model: {cfg.model.arch} returns shape {tuple(y.shape)} at {size} px, "
-                          f"expected {(2, cfg.data.num_classes, size, size)}")
+    if tuple(y.shape) != (2, k, h, w):
+        raise ConfigError(f"model: {cfg.model.arch} returns shape {tuple(y.shape)} at {w}x{h} px, "
+                          f"expected {(2, k, h, w)}")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,191 +1,74 @@
-"""Training curves and image/mask contact sheets, drawn with OpenCV (no matplotlib).
+"""Plots: learning curves and per-class Dice bars (matplotlib, Agg canvas, no display needed) and
+contact sheets of images with their masks (numpy + OpenCV: pixel-exact cells).
 
-Both functions write PNGs atomically (:mod:`kagglecmr.io`) and return the path.  Colours are
-BGR tuples, as OpenCV uses them.
+Every function writes one PNG atomically (:mod:`kagglecmr.io`) and returns its path.  Colours are
+RGB: images are drawn in their true colours (arrays are ``[..., R, G, B]``; a 2-channel image is
+shown as R, G with B = 0; one channel is grey) and masks as class-coloured contours, the colour
+swapped for a contrasting one where it would vanish into the image (red glands on red tissue).
+
+Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas, never ``pyplot``, so
+importing this module does not change the backend of a notebook or a GUI session.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .io import atomic_write_bytes
+from .io import atomic_path, atomic_write_bytes
 
-FONT = cv2.FONT_HERSHEY_SIMPLEX
-WHITE = (255, 255, 255)
-BLACK = (0, 0, 0)
-GRID = (225, 225, 225)
-AXIS = (90, 90, 90)
-TEXT = (40, 40, 40)
-
-CURVES_SIZE = (900, 380)  # width, height
+DPI = 100
+CURVES_SIZE = (1100, 400)  # width, height in pixels of plot_curves
+RUN_CURVES_SIZE = (1500, 420)  # plot_run_curves
 SHEET_PAD = 2  # pixels between (and around) contact-sheet cells
 OVERLAY_ALPHA = 0.45
+SHEET_BACKGROUND = 32
 
-# Label colours (BGR): 1 RV red, 2 myocardium green, 3 LV blue, then generic ones.
-CLASS_COLOURS = {
-    1: (0, 0, 255),
-    2: (0, 200, 0),
-    3: (255, 0, 0),
-}
-_GENERIC = [(0, 215, 255), (255, 0, 255), (255, 255, 0), (0, 128, 255), (128, 0, 128), (128, 128, 0),
-            (0, 128, 128), (203, 192, 255)]
-LOSS_COLOURS = {"train_loss": (200, 100, 0), "val_loss": (0, 140, 255)}
-OVERALL_COLOUR = (30, 30, 30)
+# Label colours (RGB): 1 RV red, 2 myocardium green, 3 LV blue, then generic ones.
+CLASS_COLOURS = {1: (255, 0, 0), 2: (0, 200, 0), 3: (0, 0, 255)}
+_GENERIC = [(255, 215, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0), (128, 0, 128), (0, 128, 128),
+            (128, 128, 0), (255, 192, 203)]
+# Candidates when a class colour is too close to the image under it: far from most tissue colours.
+_CONTRAST = [(255, 255, 0), (0, 255, 255), (0, 255, 0), (255, 255, 255), (0, 0, 0), (255, 0, 255)]
+MIN_CONTRAST = 160.0  # RGB distance (10th percentile along the contour) below which a mask colour is replaced
+LOSS_COLOURS = {"train_loss": "#0064c8", "val_loss": "#ff8c00"}
 
 
 def class_colour(k: int) -> tuple[int, int, int]:
-    """BGR colour of label ``k`` (>= 1): RV red, Myo green, LV blue, then a fixed cycle."""
+    """RGB colour of label ``k`` (>= 1): RV red, Myo green, LV blue, then a fixed cycle."""
     k = int(k)
     return CLASS_COLOURS.get(k, _GENERIC[(k - 4) % len(_GENERIC)])
 
 
-def _write_png(img: np.ndarray, out_png: str | os.PathLike) -> Path:
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:  # pragma: no cover - cv2 can always encode uint8 BGR
-        raise RuntimeError(f"{out_png}: PNG encoding failed")
-    return atomic_write_bytes(out_png, buf.tobytes())
+def _rgb01(colour) -> tuple[float, float, float]:
+    return tuple(c / 255.0 for c in colour)
 
 
-# --------------------------------------------------------------------------------------------
-# curves
+# --------------------------------------------------------------------------------------- figures
+def _figure(size: tuple[int, int]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _nice_step(span: float, n: int = 5) -> float:
-    raw = span / max(n, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if raw <= m * mag:
-            return m * mag
-    return 10 * mag  # pragma: no cover
+def _save(fig, out_png: str | os.PathLike) -> Path:
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return Path(out_png)
 
 
-def _value_range(series: list[np.ndarray], clip: tuple[float, float] | None = None) -> tuple[float, float]:
-    vals = np.concatenate([s[np.isfinite(s)] for s in series]) if series else np.zeros(0)
-    if vals.size == 0:
-        lo, hi = (clip if clip else (0.0, 1.0))
-        return float(lo), float(hi)
-    lo, hi = float(vals.min()), float(vals.max())
-    if hi - lo < 1e-12:  # constant series: centre it
-        pad = max(abs(lo) * 0.1, 0.05)
-        lo, hi = lo - pad, hi + pad
-    else:
-        pad = (hi - lo) * 0.08
-        lo, hi = lo - pad, hi + pad
-    if clip:
-        lo, hi = max(lo, clip[0]), min(hi, clip[1])
-        if hi - lo < 1e-12:
-            lo, hi = clip
-    return lo, hi
+def _frame(metrics):
+    import pandas as pd
 
-
-def _fmt(v: float, step: float) -> str:
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
-    if step * 10 ** decimals % 1 > 1e-6:  # steps like 0.25
-        decimals += 1
-    return f"{v:.{min(decimals, 6)}f}"
-
-
-def _text(img, s: str, org, scale=0.4, colour=TEXT, thickness=1) -> None:
-    cv2.putText(img, s, (int(org[0]), int(org[1])), FONT, scale, colour, thickness, cv2.LINE_AA)
-
-
-def _text_size(s: str, scale=0.4, thickness=1) -> tuple[int, int]:
-    (w, h), _ = cv2.getTextSize(s, FONT, scale, thickness)
-    return w, h
-
-
-def _panel(img, box, x: np.ndarray, lines: list[tuple[str, np.ndarray, tuple, int]], *, title: str,
-           clip=None) -> None:
-    """Draw one line chart into ``box`` = (x0, y0, x1, y1) of ``img``."""
-    x0, y0, x1, y1 = box
-    left, right, top, bottom = x0 + 52, x1 - 12, y0 + 26, y1 - 34
-    _text(img, title, (left, y0 + 17), 0.5, TEXT, 1)
-
-    finite = [s for _, s, _, _ in lines if np.isfinite(s).any()]
-    ylo, yhi = _value_range(finite, clip)
-    ystep = _nice_step(yhi - ylo)
-    xs_finite = x[np.isfinite(x)]
-    xlo, xhi = (float(xs_finite.min()), float(xs_finite.max())) if xs_finite.size else (0.0, 1.0)
-    if xhi - xlo < 1e-12:
-        xlo, xhi = xlo - 1, xhi + 1
-
-    def px(v):
-        return left + (v - xlo) / (xhi - xlo) * (right - left)
-
-    def py(v):
-        return bottom - (v - ylo) / (yhi - ylo) * (bottom - top)
-
-    # grid and y ticks
-    t = math.ceil(ylo / ystep - 1e-9) * ystep
-    while t <= yhi + 1e-9 * ystep:
-        yy = round(py(t))
-        cv2.line(img, (left, yy), (right, yy), GRID, 1)
-        label = _fmt(t, ystep)
-        w, h = _text_size(label, 0.35)
-        _text(img, label, (left - 6 - w, yy + h // 2), 0.35, AXIS)
-        t += ystep
-    # x ticks: integers (epochs), at most ~8
-    xstep = max(1.0, _nice_step(xhi - xlo, 6))
-    xstep = float(math.ceil(xstep))
-    t = math.ceil(xlo / xstep - 1e-9) * xstep
-    while t <= xhi + 1e-9:
-        xx = round(px(t))
-        cv2.line(img, (xx, bottom), (xx, bottom + 4), AXIS, 1)
-        label = f"{t:g}"
-        w, h = _text_size(label, 0.35)
-        _text(img, label, (xx - w // 2, bottom + 8 + h), 0.35, AXIS)
-        t += xstep
-    cv2.rectangle(img, (left, top), (right, bottom), AXIS, 1)
-    w, _ = _text_size("epoch", 0.38)
-    _text(img, "epoch", ((left + right - w) // 2, y1 - 4), 0.38, AXIS)
-
-    if not finite:
-        w, h = _text_size("no data", 0.5)
-        _text(img, "no data", ((left + right - w) // 2, (top + bottom + h) // 2), 0.5, AXIS)
-        return
-
-    # lines: consecutive finite points joined; isolated points (or few epochs) get markers
-    few = len(x) <= 25
-    for _, s, colour, thick in lines:
-        ok = np.isfinite(s) & np.isfinite(x)
-        pts = np.rint(np.nan_to_num(np.stack([px(x), py(s)], axis=1), nan=0.0, posinf=0.0, neginf=0.0)).astype(np.int32)
-        run: list[tuple[int, int]] = []
-        for i in range(len(s) + 1):
-            if i < len(s) and ok[i]:
-                run.append((int(pts[i, 0]), int(pts[i, 1])))
-                continue
-            if len(run) >= 2:
-                cv2.polylines(img, [np.array(run, np.int32)], False, colour, thick, cv2.LINE_AA)
-            if len(run) == 1 or (few and run):
-                for p in run:
-                    cv2.circle(img, p, thick + 1, colour, -1, cv2.LINE_AA)
-            run = []
-
-    # legend: in whichever corner of the plot area covers the fewest data points
-    entries = [(name, colour, thick) for name, s, colour, thick in lines if np.isfinite(s).any()]
-    lw = max(_text_size(name, 0.35)[0] for name, _, _ in entries) + 30
-    lh = 14 * len(entries) + 6
-    allx = np.concatenate([px(x)] * len(lines))
-    ally = np.concatenate([py(s) for _, s, _, _ in lines])
-    best = None
-    for lx, ly in ((right - lw - 6, top + 6), (right - lw - 6, bottom - lh - 6), (left + 6, top + 6),
-                   (left + 6, bottom - lh - 6)):
-        inside = int(np.sum((allx >= lx - 4) & (allx <= lx + lw + 4) & (ally >= ly - 4) & (ally <= ly + lh + 4)))
-        if best is None or inside < best[0]:
-            best = (inside, lx, ly)
-    _, lx, ly = best
-    cv2.rectangle(img, (lx, ly), (lx + lw, ly + lh), WHITE, -1)
-    cv2.rectangle(img, (lx, ly), (lx + lw, ly + lh), GRID, 1)
-    for j, (name, colour, thick) in enumerate(entries):
-        yy = ly + 11 + 14 * j
-        cv2.line(img, (lx + 5, yy - 4), (lx + 21, yy - 4), colour, thick, cv2.LINE_AA)
-        _text(img, name, (lx + 26, yy), 0.35, TEXT)
+    return metrics.copy() if isinstance(metrics, pd.DataFrame) else pd.DataFrame(list(metrics))
 
 
 def _column(df, name: str) -> np.ndarray:
@@ -197,80 +80,246 @@ def _column(df, name: str) -> np.ndarray:
     return np.where(np.isfinite(values), values, np.nan)  # inf is as unplottable as NaN
 
 
-def plot_curves(metrics, out_png: str | os.PathLike, *, title: str = "") -> Path:
-    """Loss and Dice curves over epochs, two panels side by side (900x380 PNG, written atomically).
-
-    ``metrics``: a list of per-epoch dicts or a DataFrame with ``epoch`` (else 1, 2, ...),
-    ``train_loss``, ``val_loss``, ``val_dice`` and any ``dice_<k>`` columns; missing columns
-    and NaNs are skipped (a single finite point is drawn as a dot).
-    """
-    import pandas as pd
-
-    df = metrics.copy() if isinstance(metrics, pd.DataFrame) else pd.DataFrame(list(metrics))
+def _epochs(df) -> np.ndarray:
     n = len(df)
     x = _column(df, "epoch") if "epoch" in df.columns else np.arange(1, n + 1, dtype=np.float64)
-    if n and not np.isfinite(x).any():
-        x = np.arange(1, n + 1, dtype=np.float64)
+    return x if (not n or np.isfinite(x).any()) else np.arange(1, n + 1, dtype=np.float64)
 
-    width, height = CURVES_SIZE
-    img = np.full((height, width, 3), 255, np.uint8)
-    top = 0
+
+def _dice_columns(df) -> list[str]:
+    return sorted((c for c in df.columns if re.fullmatch(r"dice_\d+", str(c))), key=lambda c: int(c[5:]))
+
+
+def best_epoch(metrics) -> tuple[float, float] | None:
+    """``(epoch, val_dice)`` of the kept checkpoint: the last row flagged ``best`` with a finite Dice,
+    else the highest ``val_dice``; None without a finite Dice."""
+    df = _frame(metrics)
+    x, dice = _epochs(df), _column(df, "val_dice")
+    ok = np.isfinite(dice) & np.isfinite(x)
+    if not ok.any():
+        return None
+    if "best" in df.columns:
+        flags = df["best"].astype(str).str.lower().isin(("true", "1")).to_numpy() & ok
+        if flags.any():
+            i = int(np.flatnonzero(flags)[-1])
+            return float(x[i]), float(dice[i])
+    i = int(np.nanargmax(np.where(ok, dice, np.nan)))
+    return float(x[i]), float(dice[i])
+
+
+def _line(ax, x, y, few: bool, **kw) -> bool:
+    if not np.isfinite(y).any():
+        return False
+    ax.plot(x, y, marker="o" if few else None, markersize=3, **kw)
+    return True
+
+
+def _loss_axis(ax, drawn: list[np.ndarray]) -> None:
+    vals = np.concatenate([v[np.isfinite(v)] for v in drawn]) if drawn else np.zeros(0)
+    if vals.size and (vals > 0).all():
+        ax.set_yscale("log")
+    ax.set_ylabel("loss" + (" (log)" if vals.size and (vals > 0).all() else ""))
+
+
+def _finish(ax, title: str, any_data: bool) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3, which="both")
+    if not any_data:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+    elif ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+
+
+def plot_curves(metrics, out_png: str | os.PathLike, *, title: str = "", size: tuple[int, int] = CURVES_SIZE) -> Path:
+    """Learning curves of one fold: train/val loss on a log axis (left) and val Dice overall and per
+    class (right), the best epoch marked (a dotted line and a star).  ``size`` pixels, written atomically.
+
+    ``metrics``: a list of per-epoch dicts or a DataFrame with ``epoch`` (else 1, 2, ...),
+    ``train_loss``, ``val_loss``, ``val_dice``, ``dice_<k>`` and ``best`` columns; missing columns
+    and NaNs are skipped.
+    """
+    df = _frame(metrics)
+    x = _epochs(df)
+    few = len(df) <= 25
+    fig = _figure(size)
+    ax_loss, ax_dice = fig.subplots(1, 2)
+    drawn = []
+    for name in ("train_loss", "val_loss"):
+        y = _column(df, name)
+        if _line(ax_loss, x, y, few, label=name.replace("_", " "), color=LOSS_COLOURS[name], lw=1.8):
+            drawn.append(y)
+    _loss_axis(ax_loss, drawn)
+    any_dice = False
+    for c in _dice_columns(df):
+        any_dice |= _line(ax_dice, x, _column(df, c), few, label=f"class {c[5:]}",
+                          color=_rgb01(class_colour(int(c[5:]))), lw=1.0, alpha=0.85)
+    any_dice |= _line(ax_dice, x, _column(df, "val_dice"), few, label="val Dice", color="black", lw=2.2)
+    best = best_epoch(df)
+    if best is not None:
+        for ax in (ax_loss, ax_dice):
+            ax.axvline(best[0], color="grey", ls=":", lw=1.2)
+        ax_dice.plot([best[0]], [best[1]], marker="*", markersize=13, color="gold", markeredgecolor="black",
+                     ls="none", label=f"best {best[1]:.4f} @ {best[0]:g}")
+    ax_dice.set_ylim(0, 1.0)
+    ax_dice.set_ylabel("Dice")
+    _finish(ax_loss, "loss", bool(drawn))
+    _finish(ax_dice, "validation Dice", any_dice)
     if title:
-        top = 26
-        w, _ = _text_size(title, 0.55)
-        _text(img, title, ((width - w) // 2, 19), 0.55, TEXT, 1)
-
-    loss_lines = [(name, _column(df, name), LOSS_COLOURS[name], 2) for name in ("train_loss", "val_loss")]
-    dice_cols = sorted((c for c in df.columns if re.fullmatch(r"dice_\d+", str(c))), key=lambda c: int(c[5:]))
-    dice_lines = [(f"class {c[5:]}", _column(df, c), class_colour(int(c[5:])), 1) for c in dice_cols]
-    dice_lines.append(("val_dice", _column(df, "val_dice"), OVERALL_COLOUR, 3))
-
-    half = width // 2
-    _panel(img, (0, top, half, height), x, loss_lines, title="loss")
-    _panel(img, (half, top, width, height), x, dice_lines, title="Dice", clip=(0.0, 1.0))
-    return _write_png(img, out_png)
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out_png)
 
 
-# --------------------------------------------------------------------------------------------
-# contact sheet
+def plot_run_curves(histories: Mapping[str, object], out_png: str | os.PathLike, *, title: str = "",
+                    size: tuple[int, int] = RUN_CURVES_SIZE) -> Path:
+    """Curves of every fold of a run in one figure: train loss, val loss (log axes) and val Dice, one
+    colour per fold, each fold's best epoch starred.  ``histories``: ``{fold name: metrics}``."""
+    from matplotlib import colormaps
+
+    fig = _figure(size)
+    axes = fig.subplots(1, 3)
+    cmap = colormaps["tab10"]
+    drawn: dict[str, list] = {"train_loss": [], "val_loss": []}
+    any_dice = False
+    for j, (name, metrics) in enumerate(histories.items()):
+        df = _frame(metrics)
+        x, few, colour = _epochs(df), len(df) <= 25, cmap(j % 10)
+        for ax, col in zip(axes[:2], ("train_loss", "val_loss")):
+            y = _column(df, col)
+            if _line(ax, x, y, few, label=str(name), color=colour, lw=1.4):
+                drawn[col].append(y)
+        any_dice |= _line(axes[2], x, _column(df, "val_dice"), few, label=str(name), color=colour, lw=1.6)
+        best = best_epoch(df)
+        if best is not None:
+            axes[2].plot([best[0]], [best[1]], marker="*", markersize=11, color=colour, markeredgecolor="black")
+    for ax, col in zip(axes[:2], ("train_loss", "val_loss")):
+        _loss_axis(ax, drawn[col])
+        _finish(ax, col.replace("_", " "), bool(drawn[col]))
+    axes[2].set_ylim(0, 1.0)
+    axes[2].set_ylabel("Dice")
+    _finish(axes[2], "validation Dice (star: best epoch)", any_dice)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out_png)
 
 
-def _to_bgr(img: np.ndarray) -> np.ndarray:
+def plot_class_dice(scores: Mapping[str, Mapping], out_png: str | os.PathLike, *, title: str = "",
+                    class_names: Mapping | None = None, size: tuple[int, int] = (900, 380)) -> Path:
+    """Grouped bars of Dice per class: ``scores`` = ``{series (fold0, OOF...): {class: Dice}}``; the
+    classes are the union of the series' keys (numeric order), ``class_names`` labels them."""
+    series = {str(s): {str(k): v for k, v in d.items()} for s, d in scores.items()}
+    classes = sorted({k for d in series.values() for k in d}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    names = {str(k): str(v) for k, v in (class_names or {}).items()}
+    fig = _figure(size)
+    ax = fig.subplots()
+    n = max(len(series), 1)
+    width = 0.8 / n
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    for j, (s, d) in enumerate(series.items()):
+        vals = [float(d[k]) if d.get(k) is not None else np.nan for k in classes]
+        pos = np.arange(len(classes)) - 0.4 + width * (j + 0.5)
+        colour = "black" if s.lower() == "oof" else cmap(j % 10)
+        bars = ax.bar(pos, vals, width * 0.92, label=s, color=colour, alpha=0.85)
+        if len(classes) * n <= 24:
+            ax.bar_label(bars, labels=[f"{v:.3f}" if np.isfinite(v) else "" for v in vals], fontsize=7, rotation=90,
+                         padding=2)
+    ax.set_xticks(np.arange(len(classes)), [names.get(k, f"class {k}") for k in classes])
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("Dice")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(title or "Dice per class", fontsize=10)
+    if series and classes:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach the top
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+# ---------------------------------------------------------------------------------- contact sheet
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W]`` or ``[H, W, C]`` -> ``[H, W, 3]`` RGB in true colours: grey for one channel,
+    R, G, 0 for two, the first three channels (R, G, B) for three or more (alpha dropped)."""
+    img = np.asarray(image, dtype=np.uint8)
     if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        return np.repeat(img[..., None], 3, axis=2)
     c = img.shape[-1]
     if c == 1:
-        return cv2.cvtColor(img[..., 0], cv2.COLOR_GRAY2BGR)
-    if c == 3:
-        return img.copy()
-    if c == 4:
-        return img[..., :3].copy()
-    return cv2.cvtColor(np.ascontiguousarray(img[..., 0]), cv2.COLOR_GRAY2BGR)
+        return np.repeat(img, 3, axis=2)
+    if c == 2:
+        return np.concatenate([img, np.zeros_like(img[..., :1])], axis=2)
+    return np.ascontiguousarray(img[..., :3])
 
 
-def overlay(image: np.ndarray, label: np.ndarray | None, *, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """One image (``[H, W]`` or ``[H, W, C]`` uint8) as BGR with label colours blended over it."""
-    bgr = _to_bgr(np.asarray(image, dtype=np.uint8))
+def mask_colour(rgb: np.ndarray, region: np.ndarray, k: int) -> tuple[int, int, int]:
+    """Class ``k``'s colour, unless a tenth of the pixels along ``region``'s border (where its contour
+    lies) are closer than ``MIN_CONTRAST`` to it: then the contrast colour that stands out best there.
+    On grey images the class colours always stay (each is at least 160 from every grey)."""
+    colour = class_colour(k)
+    m = np.asarray(region, np.uint8)
+    if not m.any():
+        return colour
+    kernel = np.ones((3, 3), np.uint8)
+    ring = cv2.dilate(m, kernel).astype(bool) & ~cv2.erode(m, kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
+    pixels = rgb[ring if ring.any() else m.astype(bool)].reshape(-1, 3).astype(np.float64)
+
+    def contrast(c) -> float:
+        return float(np.percentile(np.linalg.norm(pixels - np.asarray(c, np.float64), axis=1), 10))
+
+    if contrast(colour) >= MIN_CONTRAST:
+        return colour
+    return max(_CONTRAST, key=contrast)
+
+
+def overlay(image: np.ndarray, label: np.ndarray | None, *, style: str = "contour", alpha: float = OVERLAY_ALPHA,
+            thickness: int = 1) -> np.ndarray:
+    """One image as RGB (true colours) with label ``k >= 1`` drawn as contours (``style="contour"``)
+    or blended fills (``"fill"``) in the class colour or one chosen against the image."""
+    rgb = to_rgb(image)
     if label is None:
-        return bgr
+        return rgb.copy()
     label = np.asarray(label)
-    out = bgr.astype(np.float32)
+    out = rgb.copy()
+    blend = out.astype(np.float32)
     for k in np.unique(label):
         if k <= 0:
             continue
         m = label == k
-        out[m] = (1 - alpha) * out[m] + alpha * np.asarray(class_colour(int(k)), np.float32)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        colour = mask_colour(rgb, m, int(k))
+        if style == "fill":
+            blend[m] = (1 - alpha) * blend[m] + alpha * np.asarray(colour, np.float32)
+        else:
+            contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), thickness)
+    if style == "fill":
+        return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    return out
+
+
+def _caption(cell: np.ndarray, text: str, scale: float) -> None:
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    cw = cell.shape[1]
+    cv2.rectangle(cell, (0, 0), (min(tw + 5, cw - 1), th + 6), (0, 0, 0), -1)  # keeps the text legible
+    cv2.putText(cell, text, (2, th + 3), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
 
 
 def contact_sheet(images: np.ndarray, labels: np.ndarray | None, ids, out_png: str | os.PathLike, *,
-                  cols: int = 8, scale: int = 2) -> Path:
-    """Grid of images with their label masks overlaid (RV red, Myo green, LV blue), id in the corner.
+                  cols: int = 8, scale: int = 2, truth: np.ndarray | None = None, style: str = "contour") -> Path:
+    """Grid of images (true colours) with their label masks drawn over them, id in the corner.
 
-    ``images``: uint8 ``[N, H, W]`` or ``[N, H, W, C]`` (C = 1 gray, 3 BGR); ``labels``: ``[N, H, W]``
-    or None (images only); ``ids``: N names (or None: 0..N-1).  Cells are ``H*scale x W*scale``
-    (nearest neighbour) with ``SHEET_PAD`` pixels between and around them on a dark background;
-    the sheet has ``min(cols, N)`` columns.  Written atomically as PNG.
+    ``images``: uint8 ``[N, H, W]`` or ``[N, H, W, C]`` (channels R, G, B; see :func:`to_rgb`);
+    ``labels``: ``[N, H, W]`` or None (images only); ``ids``: N names (or None: 0..N-1).  With
+    ``truth`` (``[N, H, W]``) every cell is a pair, the image with the truth on the left and with
+    ``labels`` (the prediction) on the right.  Masks are scaled with the image (nearest neighbour,
+    cells ``H*scale x W*scale``) and drawn at that resolution; ``SHEET_PAD`` dark pixels between and
+    around cells; ``min(cols, N)`` columns.  Written atomically as PNG.
     """
     images = np.asarray(images)
     if images.ndim not in (3, 4) or images.shape[0] == 0:
@@ -278,30 +327,43 @@ def contact_sheet(images: np.ndarray, labels: np.ndarray | None, ids, out_png: s
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {images.dtype}")
     n, h, w = images.shape[:3]
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (n, h, w):
-            raise ValueError(f"labels shape {labels.shape} does not match images {(n, h, w)}")
+    for name, arr in (("labels", labels), ("truth", truth)):
+        if arr is not None and np.asarray(arr).shape != (n, h, w):
+            raise ValueError(f"{name} shape {np.asarray(arr).shape} does not match images {(n, h, w)}")
     ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
     if len(ids) != n:
         raise ValueError(f"{len(ids)} ids for {n} images")
     scale, cols = int(scale), int(cols)
     if scale < 1 or cols < 1:
         raise ValueError(f"cols and scale must be >= 1, got cols={cols}, scale={scale}")
+    if style not in ("contour", "fill"):
+        raise ValueError(f"style must be 'contour' or 'fill', got {style!r}")
 
+    panels = 1 if truth is None else 2
     ncols = min(cols, n)
     nrows = -(-n // ncols)
-    ch, cw = h * scale, w * scale
-    sheet = np.full((nrows * ch + (nrows + 1) * SHEET_PAD, ncols * cw + (ncols + 1) * SHEET_PAD, 3), 32, np.uint8)
-    font_scale = float(np.clip(cw / 550.0, 0.25, 0.6))
+    ch, cw = h * scale, w * scale * panels + SHEET_PAD * (panels - 1)
+    sheet = np.full((nrows * ch + (nrows + 1) * SHEET_PAD, ncols * cw + (ncols + 1) * SHEET_PAD, 3),
+                    SHEET_BACKGROUND, np.uint8)
+    font_scale = float(np.clip(w * scale / 550.0, 0.25, 0.6))
+
+    def big(a):
+        return a if scale == 1 else np.repeat(np.repeat(np.asarray(a), scale, 0), scale, 1)
+
     for i in range(n):
-        cell = overlay(images[i], None if labels is None else labels[i])
-        if scale > 1:
-            cell = cv2.resize(cell, (cw, ch), interpolation=cv2.INTER_NEAREST)
+        img = big(images[i])
+        masks = [labels] if truth is None else [truth, labels]
         r, c = divmod(i, ncols)
         y0, x0 = SHEET_PAD + r * (ch + SHEET_PAD), SHEET_PAD + c * (cw + SHEET_PAD)
-        tw, th = _text_size(ids[i], font_scale)
-        cv2.rectangle(cell, (0, 0), (min(tw + 5, cw - 1), th + 6), BLACK, -1)  # keeps the id legible
-        cv2.putText(cell, ids[i], (2, th + 3), FONT, font_scale, WHITE, 1, cv2.LINE_AA)
-        sheet[y0:y0 + ch, x0:x0 + cw] = cell
-    return _write_png(sheet, out_png)
+        for p, m in enumerate(masks):
+            cell = overlay(img, None if m is None else big(m[i]), style=style, thickness=max(1, scale))
+            text = ids[i] if p == 0 else "pred"
+            if truth is not None and p == 0:
+                text += " truth"
+            _caption(cell, text, font_scale)
+            xs = x0 + p * (w * scale + SHEET_PAD)
+            sheet[y0:y0 + ch, xs:xs + w * scale] = cell
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    if not ok:  # pragma: no cover - cv2 can always encode uint8
+        raise RuntimeError(f"{out_png}: PNG encoding failed")
+    return atomic_write_bytes(out_png, buf.tobytes())

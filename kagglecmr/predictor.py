@@ -41,7 +41,7 @@ def run_dataset(run: Run) -> dict:
     """The image/mask conventions ``run`` was trained with (``dataset.json`` of a fold, else the config)."""
     d = run.cfg.data
     info = {"in_channels": d.in_channels, "channels": {1: "grey", 3: "rgb"}.get(d.in_channels, f"{d.in_channels}ch"),
-            "size": list(_size_hw(d.size)), "mask_values": {str(k): k for k in range(d.num_classes)},
+            "size": d.size, "mask_values": {str(k): k for k in range(d.num_classes)},
             "classes": [str(k) for k in range(d.num_classes)]}
     for f in sorted(run.path.glob("*/dataset.json")):
         try:
@@ -50,8 +50,11 @@ def run_dataset(run: Run) -> dict:
             raise KaggleCMRError(f"{f}: not readable JSON") from None
         if not isinstance(saved, dict):
             raise KaggleCMRError(f"{f}: expected a JSON object")
-        info.update({k: saved[k] for k in ("in_channels", "channels", "size", "mask_values", "classes") if k in saved})
+        info.update({k: saved[k] for k in ("in_channels", "channels", "size", "mask_values", "classes")
+                     if saved.get(k) is not None})
         break
+    if info["size"] is None:
+        raise KaggleCMRError(f"{run.path}: neither the config nor dataset.json gives the trained input size")
     info["size"] = list(_size_hw(info["size"]))
     return info
 

@@ -10,7 +10,11 @@ trainer of a fold is refused (exit 2), or, under ``--jobs`` and Ray, skips it.
 Run directory ``runs/<name>/fold<k>/`` (``full/`` for ``--fold all``)::
 
     config.yaml  env.json  metrics.csv  curves.png  last.pt  best.safetensors  oof.npz  summary.json
+    tb/  (TensorBoard events, with ``train.log: [csv, tensorboard]``)
     train.lock  (only while a process trains the fold)
+
+and beside the folds ``oof.json``; ``ensemble`` adds ``postprocess.json`` and ``ensemble_oof.json``,
+``kagglecmr report`` writes ``report.html``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 import yaml
 
 from .config import Config
-from .data import Split, load_labelled
+from .data import Split
 from .errors import KaggleCMRError
 from .io import atomic_write_json, atomic_write_text
 from .locks import LOCK_NAME, FoldLock, FoldLocked
@@ -101,8 +105,8 @@ def prepare_dir(out_dir: Path, cfg: Config, force: bool) -> bool:
 
 
 def _recipe(cfg: dict) -> dict:
-    """The config without where it runs (device, threads): those may change on resume."""
-    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("device", "threads")}
+    """The config without where it runs and logs (device, threads, log): those may change on resume."""
+    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("device", "threads", "log")}
     return cfg | {"train": train}
 
 
@@ -154,7 +158,7 @@ def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> d
 
 
 def train_locked(cfg: Config, data: Split, folds_df, fold, run_dir: Path, *, device, force: bool, quiet: bool,
-                 skip_locked: bool = False) -> FoldResult:
+                 skip_locked: bool = False, dataset: dict | None = None) -> FoldResult:
     """Train one fold holding its lock; a fold another trainer holds raises :class:`FoldLocked`, or with
     ``skip_locked`` is skipped (a ``FoldResult`` with ``locked_by``) and says so."""
     from .train import train_fold
@@ -162,7 +166,8 @@ def train_locked(cfg: Config, data: Split, folds_df, fold, run_dir: Path, *, dev
     out_dir = fold_dir(run_dir, fold)
     try:
         with FoldLock(out_dir):
-            return train_fold(cfg, data, folds_df, fold, out_dir, device=device, force=force, quiet=quiet)
+            return train_fold(cfg, data, folds_df, fold, out_dir, device=device, force=force, quiet=quiet,
+                              dataset=dataset)
     except FoldLocked as exc:
         if not skip_locked:
             raise
@@ -191,6 +196,7 @@ def report_fold(res: FoldResult) -> None:
 def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name: str | None,
               runs_dir: Path, device: str | None, force: bool, quiet: bool, jobs: int = 1,
               executor: str = "local", ray_address: str | None = None) -> list[FoldResult]:
+    from .dataset import prepare
     from .folds import read_folds
 
     if executor not in EXECUTORS:
@@ -207,7 +213,7 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
     setup_threads(threads)
     name = name or cfg.name or "run"
     run_dir = Path(runs_dir) / name
-    data = load_labelled(data_root, cfg.data.spec())
+    cfg, ds, data = prepare(cfg, data_root)  # data keys from the dataset (folder or dataset file)
     folds_df = read_folds(folds_path, ids=data.ids)
     n_folds = int(folds_df["fold"].max()) + 1
     folds = parse_fold_spec(fold_spec, n_folds)
@@ -227,7 +233,7 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
         results = []
         for fold, fcfg in fold_configs(cfg, folds, run_dir):
             res = train_locked(fcfg, data, folds_df, fold, run_dir, device=dev, force=force, quiet=quiet,
-                               skip_locked=skip_locked)
+                               skip_locked=skip_locked, dataset=ds.describe())
             report_fold(res)
             results.append(res)
     oof = oof_summary(run_dir, data, n_folds, cfg.data.num_classes)

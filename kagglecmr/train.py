@@ -36,13 +36,14 @@ from .progress import Reporter, write_metrics
 from .runs import FULL, FoldResult, prepare_dir
 from .runtime import amp_dtype, autocast, environment, peak_memory_mb, seed_everything
 from .score import dice_table
+from .tracking import Tracker
 
 FULL_SEED_SLOT = 1_000_000  # stands in for the fold number when seeding the full fit (seeds must be >= 0)
 TIME_COLUMNS = ("time_s", "data_s", "model_s", "val_s")
 
 
 def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, device: torch.device,
-               force: bool = False, quiet: bool = False) -> FoldResult:
+               force: bool = False, quiet: bool = False, dataset: dict | None = None) -> FoldResult:
     t_start = time.time()
     if prepare_dir(out_dir, cfg, force):
         summary = json.loads((out_dir / "summary.json").read_text())
@@ -50,6 +51,8 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
         print(f"{out_dir}: already finished ({best}epoch {summary['best_epoch']}); --force retrains it", flush=True)
         best_score = float("nan") if summary["best_score"] is None else summary["best_score"]
         return FoldResult(fold, out_dir, best_score, summary["best_epoch"], skipped=True)
+    if dataset is not None:  # what the fold was trained on (Dataset.describe())
+        atomic_write_json(out_dir / "dataset.json", dataset)
 
     # ---- data: the fold's images as uint8 arrays in memory
     if fold == FULL:
@@ -129,6 +132,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     atomic_write_json(out_dir / "env.json", env)
 
     # ---- epochs
+    tracker = Tracker(out_dir, cfg.train.log, start_epoch)
     reporter = Reporter(f"{out_dir.parent.name}/{out_dir.name}", cfg.train.epochs, quiet)
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -173,7 +177,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
             if improved:
                 best_score = row["val_dice"] if va is not None else float("nan")
                 best_epoch = epoch + 1
-                save_best(best_path, eval_model, cfg, best_epoch, best_score)
+                save_best(best_path, eval_model, cfg, best_epoch, best_score, dataset)
             row["best"] = bool(improved)
             row |= {"time_s": time.time() - t0, "data_s": data_s, "model_s": model_s, "val_s": time.time() - tv}
             history.append(row)
@@ -185,8 +189,10 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                 "rng_torch": torch.get_rng_state(),
             })
             write_metrics(out_dir / "metrics.csv", history)
+            tracker.epoch(row)
             reporter.epoch(row)
     finally:
+        tracker.close()
         reporter.close()
     _plot(out_dir, history)
 

@@ -196,19 +196,27 @@ def test_section_must_be_a_mapping(tmp_path):
 
 
 def test_class_weights_length_must_match_num_classes(tmp_path):
-    num_classes = Config().data.num_classes
+    num_classes = 4
     bad = [1.0] * (num_classes - 1)
-    path = write(tmp_path, yaml.safe_dump({"loss": {"class_weights": bad}}))
+    path = write(tmp_path, yaml.safe_dump({"data": {"num_classes": num_classes}, "loss": {"class_weights": bad}}))
     msg = config_error(path)
     assert str(path) in msg
     assert "loss.class_weights" in msg
     assert f"{len(bad)} values" in msg and f"num_classes is {num_classes}" in msg
     # via --set, and fixed by also changing num_classes
-    assert "loss.class_weights" in config_error("demo", [f"loss.class_weights={bad}"])
+    assert "loss.class_weights" in config_error("demo", [f"loss.class_weights={bad}", "data.num_classes=4"])
     cfg = load_config("demo", [f"loss.class_weights={bad}", f"data.num_classes={len(bad)}"])
     assert cfg.loss.class_weights == bad
     good = [0.5] * num_classes
     assert load_config(None, [f"loss.class_weights={good}"]).loss.class_weights == good
+
+
+def test_shipped_configs_carry_no_data_keys():
+    """Classes, channels and size come from the dataset, so any shipped recipe trains any dataset."""
+    for name in ("default", "demo", "offline", "resnet34", "warwick"):
+        d = load_config(name).data
+        assert (d.size, d.in_channels, d.num_classes) == (None, None, None), name
+    assert load_config("default").model.input_scale == 2.0  # 96 -> 192 on CMR, as input_size: 192 was
 
 
 # ------------------------------------------------------------------------------------ overrides

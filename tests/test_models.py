@@ -30,7 +30,7 @@ from kagglecmr.models import (  # noqa: E402
 
 # resnet18 cut to 3 stages with a thin decoder: builds and runs in a fraction of a second on a CPU
 SMALL = ["model.arch=Unet", "model.encoder=resnet18", "model.weights=none", "model.params.encoder_depth=3",
-         "model.params.decoder_channels=[32, 16, 8]"]
+         "model.params.decoder_channels=[32, 16, 8]", "data.size=96", "data.in_channels=1", "data.num_classes=4"]
 FULL_DEPTH = ["model.params={}"]  # back to smp's defaults (depth 5) for architectures that need them
 
 
@@ -118,24 +118,57 @@ def test_unknown_names_suggest_closest(override, key, suggestion):
 # ------------------------------------------------------------------------------------ size check
 
 
-@pytest.mark.parametrize(
-    ("overrides", "size"),
-    [
-        (["model.arch=PAN", *FULL_DEPTH], 96),  # PAN's pyramid pooling needs more than 3x3 at stride 32
-        (["model.arch=FPN", *FULL_DEPTH, "data.size=100"], 100),  # not divisible by 32
-        (["model.arch=UnetPlusPlus", "data.size=36"], 36),  # not divisible by 8
-    ],
-)
-def test_architecture_that_cannot_run_at_size_fails_before_training(overrides, size):
-    c = cfg(*overrides)
-    assert c.data.size == size
+def test_architecture_that_cannot_run_at_size_fails_before_training():
+    c = cfg("model.arch=PAN", *FULL_DEPTH)  # PAN's pyramid pooling needs more than 3x3 at stride 32
     # the failure is real: without the check the model builds, then its first forward pass fails
     unchecked = build_model(c, check_size=False).eval()
     with pytest.raises(RuntimeError), torch.no_grad():
-        unchecked(torch.rand(2, c.data.in_channels, size, size))
+        unchecked(torch.rand(2, 1, 96, 96))
     msg = config_error(c)
-    assert f"cannot run at {size}x{size}" in msg
+    assert "cannot run at 96x96" in msg
     assert c.model.arch in msg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hw", "multiple"),
+    [
+        (["model.arch=FPN", *FULL_DEPTH], (100, 100), 32),  # not divisible by 32: smp itself refuses it
+        (["model.arch=UnetPlusPlus"], (36, 36), 8),  # not divisible by 8 (depth 3)
+        (["model.arch=FPN", *FULL_DEPTH], (70, 45), 32),  # non-square, odd
+    ],
+)
+def test_any_size_runs_padded_inside_the_wrapper(overrides, hw, multiple):
+    c = cfg(*overrides, f"data.size={list(hw)}")
+    model = build_model(c).eval()  # the size check passes
+    assert model.multiple == multiple
+    seen = []
+    model.net.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        y = model(torch.rand(2, 1, *hw))
+        assert y.shape == (2, 4, *hw)
+        with pytest.raises(RuntimeError):  # the bare network refuses the size
+            model.net(torch.rand(2, 1, *hw))
+    assert seen[0] == tuple(-(-s // multiple) * multiple for s in hw)
+
+
+def test_padding_does_not_change_the_valid_region_much_and_crops_exactly():
+    """Padded input, cropped logits: the centre of the output equals the unpadded network's on an exact size."""
+    torch.manual_seed(0)
+    c = cfg()
+    model = build_model(c).eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        same = model(x)  # 64 is a multiple of 8: no padding
+        ref = model.net((x - x.mean()) / x.std())
+    assert torch.allclose(same, ref, atol=1e-5)
+
+
+def test_input_scale_resizes_by_a_factor_on_any_shape():
+    net = Recorder()
+    model = SegModel(net, input_scale=2.0)
+    y = model(torch.rand(2, 1, 48, 40))
+    assert net.seen == [(2, 1, 96, 80)]
+    assert y.shape == (2, 4, 48, 40)
 
 
 def test_input_size_lets_an_architecture_run_at_a_small_image_size():
@@ -147,7 +180,7 @@ def test_input_size_lets_an_architecture_run_at_a_small_image_size():
 
 
 def test_unet_runs_at_sizes_not_divisible_by_its_stride():
-    c = cfg("data.size=100")  # smp's Unet handles it, so the check must not refuse it
+    c = cfg("data.size=100")  # padded inside the wrapper, so the check must not refuse it
     model = build_model(c).eval()
     with torch.no_grad():
         assert model(torch.rand(2, 1, 100, 100)).shape == (2, c.data.num_classes, 100, 100)
