@@ -14,6 +14,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import typer
 
+from . import api
 from .errors import KaggleCMRError
 
 app = typer.Typer(
@@ -35,9 +36,7 @@ def demo_data(
     force: bool = typer.Option(False, "--force", help="Replace an existing dataset at OUT."),
 ) -> None:
     """Write a synthetic CMR-like dataset (phantoms, labels 0..3) in the competition layout."""
-    from .demo import make_demo_dataset
-
-    make_demo_dataset(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force)
+    api.demo_data(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force)
 
 
 @app.command("make-folds")
@@ -52,11 +51,7 @@ def make_folds(
     config: str | None = typer.Option(None, "--config", help="Config (for image size / classes)."),
 ) -> None:
     """Stratified, grouped, deterministic k folds over train+val."""
-    from .config import load_config
-    from .folds import run_make_folds
-
-    cfg = load_config(config) if config else None
-    run_make_folds(data, n_folds=n_folds, seed=seed, out=out, groups=not no_groups, force=force, config=cfg)
+    api.make_folds(data, n_folds=n_folds, seed=seed, out=out, groups=not no_groups, force=force, config=config)
 
 
 @app.command("score")
@@ -70,14 +65,7 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Score a submission exactly as the leaderboard does (mean Dice over rows), plus IoU and pixel accuracy."""
-    from .score import run_score
-
-    if split is not None or str(data).endswith((".yaml", ".yml")) or (data / "dataset.yaml").is_file():
-        from .evaluate import run_score_dataset
-
-        run_score_dataset(submission, data=data, split=split, truth=truth, as_json=as_json)
-        return
-    run_score(submission, truth=truth, data=data, as_json=as_json)
+    api.score(submission, truth=truth, data=data, split=split, as_json=as_json)
 
 
 @app.command("encode")
@@ -90,23 +78,7 @@ def encode(
                                      "(masks named like its mask pattern or <id>_mask.png / <id>.png)."),
 ) -> None:
     """Convert PNG label masks to a validated submission CSV (the course's converter)."""
-    from .rle import run_encode
-
-    if data is not None:
-        from .evaluate import run_encode_dataset
-
-        run_encode_dataset(mask_dir, data=data, out=out, force=force)
-        return
-    run_encode(mask_dir, out=out, force=force, num_classes=num_classes)
-
-
-def _config(config: str | None, overrides: list[str] | None, **flags):
-    """Load ``--config`` and fold the common flags (``--epochs`` ...) into ``--set`` overrides."""
-    from .config import load_config
-
-    sets = list(overrides or [])
-    sets += [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return load_config(config or "default", sets)
+    api.encode(mask_dir, out=out, force=force, num_classes=num_classes, data=data)
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Config path or shipped name (default, demo, offline, warwick); "
@@ -141,15 +113,10 @@ def train(
 ) -> None:
     """Train folds: best checkpoint by the leaderboard metric, resume, out-of-fold predictions.
     Without --config: the dataset file's recipe, else default."""
-    from .dataset import recipe_for
-    from .runs import run_train
-
-    cfg = _config(config or recipe_for(data), overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
-                                        "train.pseudo.dir": pseudo, "train.pseudo.weight": pseudo_weight,
-                                        "train.pseudo.ratio": pseudo_ratio})
-    run_train(cfg, fold_spec=fold, data_root=data, folds_path=folds, name=name, runs_dir=runs_dir,
-              device=device, force=force, quiet=quiet, jobs=jobs, executor=executor,
-              ray_address=ray_address, seeds=seeds)
+    api.train(fold, config=config, data=data, folds=folds, name=name, runs_dir=runs_dir, epochs=epochs,
+              batch_size=batch_size, lr=lr, device=device, overrides=overrides, force=force, quiet=quiet, jobs=jobs,
+              executor=executor, ray_address=ray_address, pseudo=pseudo, pseudo_weight=pseudo_weight,
+              pseudo_ratio=pseudo_ratio, seeds=seeds)
 
 
 @app.command("pseudo-label")
@@ -164,10 +131,8 @@ def pseudo_label(
     force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
 ) -> None:
     """Pseudo masks of an unlabelled split: one set per fold from that fold's teachers, one from all."""
-    from .pseudo import pseudo_label as run
-
-    run(runs=runs, data_root=data, split=split, out=out, confidence=confidence, tta=tta, force=force,
-        device=device)
+    api.pseudo_label(runs, data=data, split=split, out=out, confidence=confidence, tta=tta, force=force,
+                     device=device)
 
 
 @app.command("ensemble")
@@ -191,10 +156,7 @@ def ensemble(
     full: bool = typer.Option(True, "--full/--no-full", help="Add the full-fit model (train --fold all) if any."),
 ) -> None:
     """Average fold softmax (+ flip TTA), OOF-tuned postprocessing, leaderboard-ready CSV."""
-    from .ensemble import run_ensemble
-
     splits = [s.strip() for item in split for s in item.split(",") if s.strip()]
-    flips = [f.strip() for f in tta_flips.split(",") if f.strip()] if tta_flips else None
     if weights and [w.lower() for w in weights] == ["auto"]:
         weights = "auto"
     elif weights:
@@ -202,9 +164,59 @@ def ensemble(
             weights = [float(w) for w in weights]
         except ValueError:
             raise KaggleCMRError(f"--weights {' '.join(weights)}: expected numbers (one per --runs) or auto") from None
-    run_ensemble(runs=runs, runs_dir=runs_dir, data_root=data, split=splits[0] if len(splits) == 1 else splits,
-                 tta=tta or bool(flips), tta_flips=flips, out=out, save_masks=save_masks, postprocess=postprocess,
-                 weights=weights, device=device, batch_size=batch_size, with_full=full)
+    api.ensemble(runs, weights=weights, runs_dir=runs_dir, data=data, split=splits[0] if len(splits) == 1 else splits,
+                 tta=tta, tta_flips=_flips(tta_flips), out=out, save_masks=save_masks, postprocess=postprocess,
+                 device=device, batch_size=batch_size, full=full)
+
+
+def _flips(text: str | None) -> list[str] | None:
+    return [f.strip() for f in text.split(",") if f.strip()] or None if text else None
+
+
+RunsOpt = typer.Option(None, "--runs", help="Run folders (repeatable; default: the latest under --runs-dir).")
+WeightsOpt = typer.Option(None, "--weights", help="One weight per --runs (repeatable).")
+TtaOpt = typer.Option(False, "--tta", help="Flip test-time augmentation (config infer.tta).")
+FlipsOpt = typer.Option(None, "--tta-flips", help="Comma list, e.g. none,hflip.")
+FullOpt = typer.Option(True, "--full/--no-full", help="Add the full-fit model (train --fold all) if any.")
+
+
+@app.command("predict")
+def predict(
+    images: list[Path] = typer.Argument(..., help="PNG files and/or folders of PNGs (any size, grey or colour)."),
+    out: Path = typer.Option(..., "--out", help="Folder for <name>.png masks (and overlays)."),
+    runs: list[Path] | None = typer.Option(None, "--runs", help="Run folders (repeatable; default: the latest "
+                                           "under --runs-dir), or one file written by export."),
+    weights: list[float] | None = WeightsOpt,
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the latest run."),
+    tta: bool = TtaOpt,
+    tta_flips: str | None = FlipsOpt,
+    overlay: bool = typer.Option(False, "--overlay", help="Also write <name>_overlay.png (class outlines)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing masks."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward pass."),
+    full: bool = FullOpt,
+) -> None:
+    """Masks for any PNG images, in the dataset's own mask values, at each image's own size."""
+    api.predict(images, runs=runs, out=out, tta=tta, tta_flips=_flips(tta_flips), weights=weights, overlay=overlay,
+                force=force, device=device, batch_size=batch_size, full=full, runs_dir=runs_dir)
+
+
+@app.command("export")
+def export(
+    out: Path = typer.Option(..., "--out", help="File to write (.onnx or .pt); FILE.json beside it."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
+    runs: list[Path] | None = RunsOpt,
+    weights: list[float] | None = WeightsOpt,
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where to look for the latest run."),
+    tta: bool = TtaOpt,
+    tta_flips: str | None = FlipsOpt,
+    data: Path | None = typer.Option(None, "--data", help="Dataset whose labelled images check the file."),
+    full: bool = FullOpt,
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """The whole ensemble (folds x runs x TTA, softmax mean) as one ONNX/TorchScript file, checked on load."""
+    api.export(runs, out=out, format=fmt, tta=tta, tta_flips=_flips(tta_flips), weights=weights, data=data,
+               full=full, force=force, runs_dir=runs_dir)
 
 
 @app.command("runs")

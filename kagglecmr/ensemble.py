@@ -365,7 +365,8 @@ def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_prob
     if save_masks is not None:
         write_masks(save_masks, images.ids, labels, images.images, ds=ds,
                     preview=[apply_plan(p, plan, k) if plan is not None else p for p in probs.argmax(1).astype(np.uint8)])
-    return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan}
+    return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan, "ids": list(images.ids), "probs": probs,
+            "labels": labels, "truth": images.masks, "tta": passes, "runs": [str(r.path) for r in loaded]}
 
 
 def label_at_size(probs: np.ndarray, hw) -> np.ndarray:

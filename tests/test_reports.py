@@ -61,7 +61,8 @@ def test_list_runs_reads_what_the_run_left(project, runs_dir):
     assert r["train_minutes"] == pytest.approx(sum(s["seconds"] for s in summaries.values()) / 60)
     assert r["parameters"] == env["parameters"] and r["device"] == env["device_name"]
     assert r["model_mb"] == pytest.approx((project.run / "fold0" / "best.safetensors").stat().st_size / 1e6, abs=0.01)
-    assert r["oof_last"] is None and r["oof_tta"] is None and r["oof_pp"] is None  # nothing recorded them
+    assert r["oof_last"] == oof["score_last"]  # the fixed-epoch (last-epoch) OOF that train records
+    assert r["oof_tta"] is None and r["oof_pp"] is None  # no ensemble has recorded them yet
     assert r["differs"]["model.encoder"] == "resnet18" and r["differs"]["train.epochs"] == 2
     assert "train.device" not in r["differs"] and "name" not in r["differs"]
     for name, k in (("tiny_no2", 2), ("tiny_no4", 4)):  # the last fold gone: the count comes from fold sizes

@@ -1,0 +1,307 @@
+"""The Python API: the CLI's verbs as functions for notebooks (``import kagglecmr as kc``).
+
+Every ``kagglecmr`` command is a thin layer over exactly one function here, with the command's options
+as keyword arguments; each returns a result object (scores as floats and dicts, probabilities as numpy
+arrays, the paths it wrote) and raises the same :class:`~kagglecmr.errors.KaggleCMRError` the CLI
+prints as ``error: ...``.  Progress lines go to stdout as in the CLI (plain text when stdout is not a
+terminal, e.g. in Jupyter or a log file).
+
+Nothing heavy is imported here at module level: ``import kagglecmr`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import pandas as pd
+
+    from .config import Config
+    from .export import ExportedModel
+    from .predictor import Predictor
+    from .runs import FoldResult
+    from .score import ScoreResult
+
+
+# ------------------------------------------------------------------------------------- results
+@dataclass
+class DemoDataResult:
+    path: Path
+    summary: dict
+
+
+@dataclass
+class FoldsResult:
+    path: Path
+    folds: pd.DataFrame  # id, split, fold, group, ... one row per labelled image
+
+
+@dataclass
+class EncodeResult:
+    path: Path
+    rows: int
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    folds: list[FoldResult]
+    oof: dict | None  # {"score", "per_class", "images", "rows"} once every fold has OOF predictions
+
+    @property
+    def score(self) -> float | None:
+        """The run's out-of-fold Dice (None until every fold is trained)."""
+        return None if self.oof is None else self.oof["score"]
+
+
+@dataclass
+class EnsembleResult:
+    out: Path  # the submission CSV written
+    ids: list[str]
+    probs: np.ndarray  # float32 [N, K, H, W] averaged softmax (before postprocessing)
+    labels: np.ndarray | list  # uint8 [N, H, W] submitted masks (after postprocessing; a list when sizes differ)
+    rows: int
+    empty: dict[int, int]  # empty rows per class
+    plan: dict | None  # postprocessing plan applied
+    tta: list[str]
+    runs: list[Path]
+    score: float | None = None  # Dice of ``labels`` when the split has masks (oof: the honest estimate)
+    per_class: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PredictResult:
+    masks: list[Path]
+    overlays: list[Path]
+    labels: list[np.ndarray]  # class maps at each image's own size
+    files: list[Path]
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sidecar: Path
+    max_error: float
+    checked_on: str
+    info: dict
+
+
+# ----------------------------------------------------------------------------------- functions
+def demo_data(out: str | Path, *, n_train: int = 60, n_val: int = 12, n_test: int = 24, seed: int = 0,
+              size: int = 96, force: bool = False) -> DemoDataResult:
+    """Synthetic CMR-like dataset in the competition layout (``kagglecmr demo-data``)."""
+    from .demo import make_demo_dataset
+
+    summary = make_demo_dataset(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force)
+    return DemoDataResult(Path(out), summary)
+
+
+def make_folds(data: str | Path = "data", *, n_folds: int = 5, seed: int = 42, out: str | Path = "folds/folds.csv",
+               groups: bool = True, force: bool = False, config: str | Path | Config | None = None) -> FoldsResult:
+    """Stratified, grouped, deterministic folds over train+val (``kagglecmr make-folds``)."""
+    from .folds import run_make_folds
+
+    cfg = _load_config(config) if config is not None else None
+    df = run_make_folds(Path(data), n_folds=n_folds, seed=seed, out=Path(out), groups=groups, force=force, config=cfg)
+    return FoldsResult(Path(out), df)
+
+
+def score(submission: str | Path, *, truth: str | Path | None = None, data: str | Path = "data",
+          split: str | None = None, as_json: bool = False) -> ScoreResult:
+    """Leaderboard score of a submission CSV (``kagglecmr score``): ``.score``, ``.per_class``, ``.worst``."""
+    from .score import run_score
+
+    data = Path(data)
+    if split is not None or str(data).endswith((".yaml", ".yml")) or (data / "dataset.yaml").is_file():
+        from .evaluate import run_score_dataset
+
+        return run_score_dataset(Path(submission), data=data, split=split, truth=truth, as_json=as_json)
+    return run_score(Path(submission), truth=None if truth is None else Path(truth), data=Path(data), as_json=as_json)
+
+
+def encode(mask_dir: str | Path, *, out: str | Path = "submission.csv", force: bool = False,
+           num_classes: int = 4, data: str | Path | None = None) -> EncodeResult:
+    """PNG label masks -> validated submission CSV (``kagglecmr encode``); ``data``: a dataset file's format."""
+    from .rle import run_encode
+
+    if data is not None:
+        from .evaluate import run_encode_dataset
+
+        rows = run_encode_dataset(Path(mask_dir), data=Path(data), out=Path(out), force=force)
+        return EncodeResult(Path(out), rows)
+    rows = run_encode(Path(mask_dir), out=Path(out), force=force, num_classes=num_classes)
+    return EncodeResult(Path(out), rows)
+
+
+def _load_config(config, overrides: list[str] | None = None, **flags) -> Config:
+    """A config from a name, path, dict or Config, with ``--set``-style overrides and flags
+    (``{"train.epochs": 3}``; None values are ignored)."""
+    from .config import Config, apply_overrides, load_config
+
+    sets = list(overrides or []) + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if isinstance(config, Config):
+        config = config.to_dict()
+    if isinstance(config, dict):
+        import copy
+
+        from pydantic import ValidationError
+
+        from .config import _format_validation_error
+        from .errors import ConfigError
+
+        try:
+            return Config.model_validate(apply_overrides(copy.deepcopy(config), sets))
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error("config", err)) from None
+    return load_config(config or "default", sets)
+
+
+def train(fold: str | int = "0..4", *, config: str | Path | Config | dict | None = None, data: str | Path = "data",
+          folds: str | Path = "folds/folds.csv", name: str | None = None, runs_dir: str | Path = "runs",
+          epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+          device: str | None = None, overrides: list[str] | None = None, force: bool = False, quiet: bool = False,
+          jobs: int = 1, executor: str = "local", ray_address: str | None = None, pseudo: str | Path | None = None,
+          pseudo_weight: float | None = None, pseudo_ratio: float | None = None,
+          seeds: str | list[int] | None = None) -> TrainResult:
+    """Train folds (``kagglecmr train``): ``fold`` is ``0``, ``"0..4"``, ``"0,2,4"`` or ``"all"``;
+    ``overrides`` are ``--set`` strings (``["train.lr=3e-4"]``); ``pseudo`` is a ``pseudo-label`` folder;
+    ``seeds`` (``"42,43"`` or a list) trains runs ``<name>-s42``, ``<name>-s43`` (the result is the last one's)."""
+    from .runs import run_train
+
+    if config is None:
+        from .dataset import recipe_for
+
+        config = recipe_for(data)  # the dataset file's recipe, else default
+    cfg = _load_config(config, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
+                                             "train.pseudo.dir": None if pseudo is None else str(pseudo),
+                                             "train.pseudo.weight": pseudo_weight, "train.pseudo.ratio": pseudo_ratio})
+    if seeds is not None and not isinstance(seeds, str):
+        seeds = ",".join(str(s) for s in seeds)
+    results = run_train(cfg, fold_spec=str(fold), data_root=Path(data), folds_path=Path(folds), name=name,
+                        runs_dir=Path(runs_dir), device=device, force=force, quiet=quiet, jobs=jobs,
+                        executor=executor, ray_address=ray_address, seeds=seeds)
+    run_dir = Path(runs_dir) / (name or cfg.name or "run")
+    if seeds:
+        from .runs import seed_runs
+
+        run_dir = Path(runs_dir) / seed_runs(cfg, seeds, name)[-1][1]
+    oof_path = run_dir / "oof.json"
+    import json
+
+    oof = json.loads(oof_path.read_text()) if oof_path.is_file() else None
+    return TrainResult(run_dir, results, oof)
+
+
+def ensemble(runs: list[str | Path] | str | Path | None = None, *, weights: list[float] | str | None = None,
+             runs_dir: str | Path = "runs", data: str | Path = "data", split: str | list[str] = "test",
+             tta: bool = False, tta_flips: list[str] | None = None, out: str | Path | None = None,
+             save_masks: str | Path | None = None, postprocess: str = "auto", device: str = "auto",
+             batch_size: int | None = None, full: bool = True) -> EnsembleResult | dict[str, EnsembleResult]:
+    """Fold-averaged softmax (+ TTA, run weights), OOF-tuned postprocessing, submission CSV (``kagglecmr ensemble``).
+    ``split`` is one name (-> an :class:`EnsembleResult`) or a list (-> ``{split: EnsembleResult}``, one load)."""
+    from .ensemble import run_ensemble
+
+    paths = None if runs is None else [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
+    res = run_ensemble(runs=paths or None, runs_dir=Path(runs_dir), data_root=Path(data), split=split,
+                       tta=tta or bool(tta_flips), tta_flips=list(tta_flips) if tta_flips else None,
+                       out=None if out is None else Path(out), save_masks=None if save_masks is None else Path(save_masks),
+                       postprocess=postprocess, weights=weights, device=device, batch_size=batch_size, with_full=full)
+    if isinstance(split, str):
+        return _ensemble_result(res)
+    return {s: _ensemble_result(r) for s, r in res.items()}
+
+
+def _ensemble_result(res: dict) -> EnsembleResult:
+    import numpy as np
+
+    labels = res["labels"]  # each image's own size
+    same = len({m.shape for m in labels}) <= 1
+    labels = np.stack(labels) if same and len(labels) else labels
+    result = EnsembleResult(Path(res["out"]), res["ids"], res["probs"], labels, res["rows"], res["empty"],
+                            res["plan"], list(res["tta"]), [Path(r) for r in res["runs"]])
+    if res["truth"] is not None and same and labels.shape == res["truth"].shape:
+        from .score import dice_table
+
+        table = dice_table(res["labels"], res["truth"], res["probs"].shape[1])
+        result.score = float(table.mean())
+        result.per_class = {str(k + 1): float(table[:, k].mean()) for k in range(table.shape[1])}
+    return result
+
+
+def load_ensemble(runs: list[str | Path] | str | Path | None = None, *, tta: bool = False,
+                  tta_flips: list[str] | None = None, weights: list[float] | None = None, device: str = "auto",
+                  batch_size: int | None = None, full: bool = True, runs_dir: str | Path = "runs") -> Predictor:
+    """The ensemble of ``runs`` ready for numpy images of any size: ``.predict_proba(images)`` (float32
+    ``[N, K, H, W]``, a list when sizes differ), ``.predict(images)`` (class maps), ``.to_raw(labels)``.
+    ``runs`` may also be one ``.onnx``/``.pt`` file written by :func:`export` (onnxruntime / TorchScript)."""
+    from .predictor import load_ensemble as _load
+
+    one = runs[0] if isinstance(runs, (list, tuple)) and len(runs) == 1 else runs
+    if isinstance(one, (str, Path)) and Path(one).suffix.lower() in (".onnx", ".pt"):
+        from .export import ExportPredictor
+
+        if tta or tta_flips or weights:
+            print(f"note: {one} has its TTA and weights built in; tta/tta_flips/weights are ignored", flush=True)
+        return ExportPredictor.load(one)
+    return _load(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
+                 full=full, runs_dir=Path(runs_dir))
+
+
+def predict(images: list[str | Path] | str | Path, *, runs: list[str | Path] | str | Path | None = None,
+            out: str | Path, tta: bool = False, tta_flips: list[str] | None = None, weights: list[float] | None = None,
+            overlay: bool = False, force: bool = False, device: str = "auto", batch_size: int | None = None,
+            full: bool = True, runs_dir: str | Path = "runs") -> PredictResult:
+    """PNG files or folders -> ``out/<stem>.png`` masks in the dataset's mask values at each image's own
+    size, plus ``<stem>_overlay.png`` with ``overlay`` (``kagglecmr predict``)."""
+    from .predictor import predict_files
+
+    inputs = [images] if isinstance(images, (str, Path)) else list(images)
+    pred = load_ensemble(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
+                         full=full, runs_dir=runs_dir)
+    res = predict_files(pred, inputs, Path(out), overlay=overlay, force=force)
+    return PredictResult(res["masks"], res["overlays"], list(res["labels"]), res["files"])
+
+
+def export(runs: list[str | Path] | str | Path | None = None, *, out: str | Path, format: str = "onnx",  # noqa: A002
+           tta: bool = False, tta_flips: list[str] | None = None, weights: list[float] | None = None,
+           data: str | Path | None = None, full: bool = True, force: bool = False,
+           runs_dir: str | Path = "runs") -> ExportResult:
+    """The whole ensemble as one ONNX / TorchScript file, verified against ``ensemble`` on ``data``'s
+    labelled images (``kagglecmr export``)."""
+    from .errors import KaggleCMRError
+    from .export import FORMATS, _require_onnx, export_ensemble
+
+    if format not in FORMATS:
+        raise KaggleCMRError(f"--format {format}: expected onnx or torchscript")
+    if format == "onnx":
+        _require_onnx()  # before minutes of loading
+    pred = load_ensemble(runs, tta=tta, tta_flips=tta_flips, weights=weights, device="cpu", full=full,
+                         runs_dir=runs_dir)
+    info = export_ensemble(pred, Path(out), format, data=None if data is None else Path(data), force=force)
+    return ExportResult(Path(out), Path(out).with_name(Path(out).name + ".json"), info["max_abs_error"],
+                        info["checked_on"], info)
+
+
+def load_export(path: str | Path) -> ExportedModel:
+    """An exported file loaded back: ``.predict_proba(uint8 [N, C, H, W])`` -> float32 ``[N, K, H, W]``."""
+    from .export import load_export as _load
+
+    return _load(Path(path))
+
+
+__all__ = ["demo_data", "make_folds", "score", "encode", "train", "ensemble", "load_ensemble", "predict", "export",
+           "load_export", "DemoDataResult", "FoldsResult", "EncodeResult", "TrainResult", "EnsembleResult",
+           "PredictResult", "ExportResult"]
+
+
+def pseudo_label(runs: list[str | Path], *, data: str | Path = "data", split: str = "test", out: str | Path | None = None,
+                 confidence: float = 0.9, tta: bool = False, force: bool = False, device: str = "auto"):
+    """Pseudo masks of an unlabelled split (``kagglecmr pseudo-label``): one set per fold from that fold's
+    teacher models only, one from the whole ensemble; returns what :func:`kagglecmr.pseudo.pseudo_label` returns."""
+    from .pseudo import pseudo_label as run
+
+    return run(runs=[Path(r) for r in runs], data_root=Path(data), split=split, out=None if out is None else Path(out),
+               confidence=confidence, tta=tta, force=force, device=device)
