@@ -226,11 +226,7 @@ def read_image(path: str | Path, spec: DataSpec = DataSpec()) -> np.ndarray:
 def read_mask(path: str | Path, spec: DataSpec = DataSpec()) -> np.ndarray:
     """Decode a label mask to uint8 ``[H, W]`` and check its values are ``< num_classes``."""
     path = Path(path)
-    m = _imread(path, cv2.IMREAD_UNCHANGED)
-    if m.ndim == 3:
-        if m.shape[2] >= 3 and not (np.array_equal(m[:, :, 0], m[:, :, 1]) and np.array_equal(m[:, :, 0], m[:, :, 2])):
-            raise DataError(f"{path}: mask is a colour image; expected one channel of class labels")
-        m = m[:, :, 0]
+    m = decode_mask(path)
     if m.dtype != np.uint8 and m.max(initial=0) > 255:
         raise DataError(f"{path}: mask value {int(m.max())} is not a class label 0..{spec.num_classes - 1}")
     m = m.astype(np.uint8)

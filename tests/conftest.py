@@ -189,3 +189,18 @@ def truth_masks(project, ids):
         split = "val" if (project.data / "val" / "mask" / f"{i}_mask.png").is_file() else "train"
         out.append(read_mask(project.data / split / "mask" / f"{i}_mask.png"))
     return np.stack(out)
+
+
+def course_rle(x):
+    """The course tutorial's converter, verbatim in spirit: x.T.flatten(), 1-based runs (the CMR encoding)."""
+    import numpy as np
+
+    dots = np.where(x.T.flatten() == 1)[0]
+    run_lengths: list[int] = []
+    prev = -2
+    for b in dots:
+        if b > prev + 1:
+            run_lengths.extend((b + 1, 0))
+        run_lengths[-1] += 1
+        prev = b
+    return " ".join(map(str, run_lengths))

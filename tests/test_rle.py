@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from conftest import course_rle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -22,20 +23,6 @@ from kagglecmr.rle import (
     run_encode,
 )
 from kagglecmr.score import read_submission
-
-
-def course_rle(x: np.ndarray) -> str:
-    """The course tutorial's converter, verbatim in spirit: x.T.flatten(), 1-based runs."""
-    dots = np.where(x.T.flatten() == 1)[0]
-    run_lengths: list[int] = []
-    prev = -2
-    for b in dots:
-        if b > prev + 1:
-            run_lengths.extend((b + 1, 0))
-        run_lengths[-1] += 1
-        prev = b
-    return " ".join(map(str, run_lengths))
-
 
 shapes = st.tuples(st.integers(1, 24), st.integers(1, 24))
 masks = shapes.flatmap(lambda s: arrays(np.bool_, s))

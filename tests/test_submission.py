@@ -7,6 +7,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+from conftest import course_rle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -26,18 +27,6 @@ from kagglecmr.submission import CMR, SubmissionFormat
 
 NAMES = ("background", "Fish", "Flower", "Sugar")
 
-
-def course_rle(x: np.ndarray) -> str:
-    """The course tutorial's converter: x.T.flatten(), 1-based runs (today's CMR encoding)."""
-    dots = np.where(x.T.flatten() == 1)[0]
-    run_lengths: list[int] = []
-    prev = -2
-    for b in dots:
-        if b > prev + 1:
-            run_lengths.extend((b + 1, 0))
-        run_lengths[-1] += 1
-        prev = b
-    return " ".join(map(str, run_lengths))
 
 
 def ref_runs(flat: np.ndarray, start: int) -> str:
