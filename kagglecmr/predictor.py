@@ -78,14 +78,19 @@ def to_uint8(img: np.ndarray, where: str) -> np.ndarray:
     raise DataError(f"{where}: pixel type {img.dtype} not supported (uint8 or uint16)")
 
 
-def prepare_image(img: np.ndarray, in_channels: int, size: tuple[int, int], where: str = "image") -> np.ndarray:
+def prepare_image(img: np.ndarray, in_channels: int, size: tuple[int, int], where: str = "image",
+                  keep: list[int] | None = None) -> np.ndarray:
     """One image (``[H, W]`` or ``[H, W, C]``, grey or RGB in RGB order, uint8/uint16) -> uint8
-    ``[h, w, in_channels]`` at the trained ``size``, converted as :func:`kagglecmr.data.read_image` does."""
+    ``[h, w, in_channels]`` at the trained ``size``, converted as :func:`kagglecmr.data.read_image` does.
+    ``keep``: the source channels the dataset kept (``dataset.json`` ``channels``, RGB order), e.g. ``[0, 1]``
+    when a dead blue channel was dropped."""
     img = to_uint8(np.asarray(img), where)
     if img.ndim == 2:
         img = img[:, :, None]
     if img.ndim != 3 or img.shape[2] not in (1, 2, 3, 4) or min(img.shape[:2]) < 1:
         raise DataError(f"{where}: shape {img.shape}, expected [H, W] or [H, W, C] with C in 1..4")
+    if keep and len(keep) == in_channels and img.shape[2] > max(keep) and img.shape[2] != in_channels:
+        img = img[:, :, list(keep)]
     if img.shape[2] == 4:  # drop alpha
         img = img[:, :, :3]
     if img.shape[2] == 3 and in_channels == 1:
@@ -142,6 +147,12 @@ class Predictor:
         return int(self.dataset["in_channels"])
 
     @property
+    def keep(self) -> list[int] | None:
+        """Source channels the dataset kept (RGB order), when ``dataset.json`` lists them."""
+        ch = self.dataset.get("channels")
+        return [int(c) for c in ch] if isinstance(ch, list) and all(isinstance(c, int) for c in ch) else None
+
+    @property
     def size(self) -> tuple[int, int]:
         return _size_hw(self.dataset["size"])
 
@@ -164,7 +175,7 @@ class Predictor:
         sizes = [im.shape[:2] for im in items]
         out: list[np.ndarray] = []
         for start in range(0, len(items), CHUNK):
-            batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]")
+            batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep)
                               for i, im in enumerate(items[start:start + CHUNK])])
             probs = self._probs(batch)
             out += [_resize_probs(p, hw) for p, hw in zip(probs, sizes[start:start + CHUNK])]

@@ -147,3 +147,17 @@ def test_overlay_draws_colour_images_in_true_colours():
     assert tuple(bgr[20, 20]) == (0, 0, 200)  # inside: not painted over
     edge = bgr[10, 10:30]
     assert any(tuple(px) != (0, 0, 200) for px in edge)  # the outline is drawn
+
+
+def test_prepare_image_keeps_the_datasets_channels():
+    """dataset.json ``channels`` (RGB order) selects the source channels, e.g. R and B of an RGB image."""
+    import numpy as np
+
+    from kagglecmr.predictor import prepare_image
+
+    img = np.zeros((8, 10, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = 10, 20, 30
+    assert prepare_image(img, 2, (8, 10), keep=[0, 2])[0, 0].tolist() == [10, 30]
+    assert prepare_image(img, 2, (8, 10), keep=[0, 1])[0, 0].tolist() == [10, 20]
+    assert prepare_image(img, 2, (8, 10))[0, 0].tolist() == [10, 20]  # no list: the first two, as before
+    assert prepare_image(img[..., :2], 2, (4, 5), keep=[0, 1]).shape == (4, 5, 2)  # already the kept channels
