@@ -38,6 +38,10 @@ def runs_dir(project, tmp_path_factory):
         shutil.rmtree(root / name / f"fold{k}")
     copy_run(project.run, root / "tiny_unfinished", slim=True)
     (root / "tiny_unfinished" / "fold3" / "summary.json").unlink()  # a fold still training
+    for leftover in root.glob("*/ensemble_oof.json"):  # other tests may have run ensemble on the shared run:
+        leftover.unlink()  # these copies are runs no ensemble has seen yet
+    for leftover in root.glob("*/postprocess.json"):
+        leftover.unlink()
     return root
 
 
