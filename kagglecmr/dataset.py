@@ -39,6 +39,18 @@ SPLIT_NAMES = ("train", "val", "test")
 MAX_LABEL_CLASSES = 32  # a folder's mask values below this are class labels; above, grey levels (mask_values: auto)
 
 
+def class_to_raw(mask_values: dict, num_classes: int) -> np.ndarray:
+    """Lookup table ``class -> raw mask value`` from ``{raw: class}`` (keys may be strings, as in
+    ``dataset.json``): the smallest raw value of each class wins; a class without one keeps its index."""
+    lut = np.arange(num_classes, dtype=np.int64)
+    seen = set()
+    for raw, k in sorted((int(r), int(c)) for r, c in mask_values.items()):
+        if 0 <= k < num_classes and k not in seen:
+            lut[k] = raw
+            seen.add(k)
+    return lut
+
+
 def auto_mask_map(values, num_classes: int | None, where: str) -> dict[int, int]:
     """``mask_values: auto``: 0..K-1 stay; {0, v} -> {0, 1}; K evenly spaced grey levels -> 0..K-1."""
     vs = sorted(int(v) for v in values)
@@ -122,10 +134,7 @@ class Dataset:
 
     def to_raw(self, label_mask: np.ndarray) -> np.ndarray:
         """Class labels -> the dataset's own mask values (the first raw value of each class)."""
-        inv = {}
-        for v, k in sorted(self.mask_values.items()):
-            inv.setdefault(k, v)
-        lut = np.array([inv.get(k, k) for k in range(self.num_classes)])
+        lut = class_to_raw(self.mask_values, self.num_classes)
         return lut[np.asarray(label_mask)].astype(np.uint16 if lut.max() > 255 else np.uint8)
 
     def load(self, split: str, labelled: bool | None = None) -> Split:

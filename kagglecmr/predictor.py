@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .data import natural_sorted
+from .dataset import class_to_raw
 from .ensemble import Run, _weights, check_compatible, latest_run, load_run, predict_images, tta_passes
 from .errors import DataError, KaggleCMRError
 from .io import atomic_path
@@ -57,17 +58,6 @@ def run_dataset(run: Run) -> dict:
         raise KaggleCMRError(f"{run.path}: neither the config nor dataset.json gives the trained input size")
     info["size"] = list(_size_hw(info["size"]))
     return info
-
-
-def class_to_raw(mask_values: dict, num_classes: int) -> np.ndarray:
-    """Lookup table ``class -> raw mask value`` from ``{raw: class}`` (the first raw value of a class wins)."""
-    lut = np.arange(num_classes, dtype=np.int64)
-    seen = set()
-    for raw, k in sorted(((int(r), int(c)) for r, c in mask_values.items()), key=lambda rc: rc[0]):
-        if 0 <= k < num_classes and k not in seen:
-            lut[k] = raw
-            seen.add(k)
-    return lut
 
 
 def to_uint8(img: np.ndarray, where: str) -> np.ndarray:
