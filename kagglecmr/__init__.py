@@ -2,7 +2,7 @@
 
 ``import kagglecmr as kc`` gives the CLI's verbs as functions (:mod:`kagglecmr.api`): ``kc.demo_data``,
 ``kc.make_folds``, ``kc.train``, ``kc.ensemble``, ``kc.score``, ``kc.encode``, ``kc.predict``, ``kc.export``,
-``kc.load_ensemble``, ``kc.load_export``.  They are imported on first use, so importing the package
+``kc.load_ensemble``, ``kc.load_export``, ``kc.pseudo_label``.  They are imported on first use, so importing the package
 does not import torch.
 
 Four verbs share their name with a module (``kagglecmr.train``, ``.ensemble``, ``.score``, ``.export``):
@@ -17,7 +17,7 @@ import types
 __version__ = "0.1.0"
 
 _API = ("demo_data", "make_folds", "score", "encode", "train", "ensemble", "load_ensemble", "predict", "export",
-        "load_export")
+        "load_export", "pseudo_label")
 _VERB_MODULES = ("train", "ensemble", "score", "export")  # modules of these names double as the API verb
 __all__ = [*_API, "KaggleCMRError", "__version__"]
 

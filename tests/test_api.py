@@ -111,3 +111,14 @@ def test_notebook_example_runs_and_its_submission_equals_ensemble(tmp_path, monk
                       device="cpu", out=tmp_path / "ensemble.csv")
     assert (work / "submission.csv").read_bytes() == res.out.read_bytes()
     assert len(os.listdir(work / "data" / "test" / "image")) == 6
+
+
+def test_every_listed_verb_is_the_api_function():
+    """``kc.<verb>`` for every name in ``kagglecmr.__all__`` resolves to :mod:`kagglecmr.api`'s function."""
+    from kagglecmr import api
+
+    for name in kc._API:
+        verb = getattr(kc, name)
+        target = getattr(api, name)
+        assert verb is target or (callable(verb) and verb._verb() is target), name
+    assert "pseudo_label" in kc.__all__
