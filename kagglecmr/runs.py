@@ -341,11 +341,18 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
     return results
 
 
+def chunk_folds(folds: list, jobs: int) -> list[list]:
+    """The folds of each ``--jobs`` child process: ``0..4`` on 2 jobs -> ``[0, 2, 4], [1, 3]``.  A child
+    trains its folds one after another with one warm-up (:mod:`kagglecmr.warm`)."""
+    return [folds[i::jobs] for i in range(min(jobs, len(folds)))]
+
+
 def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, folds_path: Path, run_dir: Path,
                     device: str, force: bool) -> list[FoldResult]:
-    """Train folds in ``jobs`` child processes at once: round-robin over the visible GPUs when the device
-    is auto/cuda and there are several (:func:`assign_devices`), else several folds share one device;
-    CPU threads are split.  A fold another trainer holds is skipped (the child says so)."""
+    """Train folds in ``jobs`` child processes at once, each a share of the folds one after another
+    (:func:`chunk_folds`): round-robin over the visible GPUs when the device is auto/cuda and there are
+    several (:func:`assign_devices`), else the children share one device; CPU threads are split.  A fold
+    another trainer holds is skipped (the child says so)."""
     import subprocess
 
     import torch
@@ -357,17 +364,19 @@ def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, fol
     atomic_write_text(cfg_path, cfg.to_yaml())
     env = os.environ | {THREADS_ENV: str(max(1, cpu_count() // jobs)), SKIP_LOCKED_ENV: "1"}
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    devices = dict(zip(folds, assign_devices(folds, device, n_gpus)))
-    if len(set(devices.values())) > 1:
-        print("devices: " + ", ".join(f"fold {k} -> {d}" for k, d in devices.items()), flush=True)
+    groups = chunk_folds(folds, jobs)
+    devices = assign_devices(groups, device, n_gpus)
+    if len(set(devices)) > 1:
+        print("devices: " + ", ".join(f"folds {','.join(map(str, g))} -> {d}" for g, d in zip(groups, devices)),
+              flush=True)
     base = [sys.executable, "-m", "kagglecmr", "train", "--config", str(cfg_path), "--data", str(data_root),
             "--folds", str(folds_path), "--name", run_dir.name, "--runs-dir", str(run_dir.parent),
             "--quiet"] + (["--force"] if force else [])
-    pending, running, failed = list(folds), [], []
-    while pending or running:
-        while pending and len(running) < jobs:
-            k = pending.pop(0)
-            running.append((k, subprocess.Popen([*base, "--fold", str(k), "--device", devices[k]], env=env)))
+    running, failed = [], []
+    for group, dev in zip(groups, devices):
+        spec = ",".join(map(str, group))
+        running.append((spec, subprocess.Popen([*base, "--fold", spec, "--device", dev], env=env)))
+    while running:
         time.sleep(0.2)
         for item in list(running):
             if item[1].poll() is not None:

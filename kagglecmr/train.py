@@ -30,22 +30,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .averaging import EMA
 from .batches import BatchMaker
 from .checkpoint import MODEL_FILES, load_best, load_last, save_best, save_last
 from .config import Config
-from .cudagraph import GraphedStep, use_cuda_graphs
+from .cudagraph import use_cuda_graphs
 from .data import Split
 from .infer import predict_proba, to_tensor
 from .io import atomic_path, atomic_write_json
-from .losses import build_loss
 from .models import build_model, count_parameters
-from .optim import build_optimizer, lr_lambda
+from .optim import lr_lambda
 from .progress import Reporter, write_metrics
 from .runs import FULL, FoldResult, prepare_dir
 from .runtime import amp_dtype, autocast, environment, peak_memory_mb, seed_everything
 from .score import dice_table
 from .tracking import Tracker
+from .warm import step_state
 
 FULL_SEED_SLOT = 1_000_000  # stands in for the fold number when seeding the full fit (seeds must be >= 0)
 TIME_COLUMNS = ("time_s", "data_s", "model_s", "val_s")
@@ -78,51 +77,16 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     steps_per_epoch = max(1, len(tr) // bs_lab)  # drop the ragged last batch (BatchNorm on tiny batches)
     k_fg = cfg.data.num_classes - 1
 
-    # ---- model, optimiser, schedule, loss
+    # ---- model, optimiser, schedule, loss: the process's warm step state when the last fold had the same shapes
     fold_num = FULL_SEED_SLOT if fold == FULL else int(fold)
     seed_everything(cfg.seed, fold_num)
-    model = build_model(cfg).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    t_setup = time.time()
     dtype = amp_dtype(cfg.train.amp, device)
-    graphs = use_cuda_graphs(cfg, device, dtype)
-    optimizer = build_optimizer(cfg, model, capturable=graphs)
+    st, warm = step_state(cfg, build_model(cfg), device, dtype, use_cuda_graphs(cfg, device, dtype), bs_lab, n_pseudo)
+    model, optimizer, criterion, ema, swa = st.model, st.optimizer, st.criterion, st.ema, st.swa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and device.type == "cuda"))
-    criterion = build_loss(cfg.loss, cfg.data.num_classes).to(device)
-    ema = EMA(model, cfg.train.ema) if cfg.train.ema > 0 else None
     swa_start = cfg.train.epochs - cfg.train.swa_epochs  # epochs (0-based) from which SWA averages
-    swa = torch.optim.swa_utils.AveragedModel(model) if cfg.train.swa_epochs > 0 else None
-    pseudo_w = float(cfg.train.pseudo.weight)
-    forward = torch.compile(model) if cfg.train.compile else model
 
-    def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimisation step on a batch (gradients must be cleared before); returns the loss."""
-        with autocast(device, dtype):
-            logits = forward(x)
-        if n_pseudo:
-            loss = criterion(logits[:bs_lab], y[:bs_lab]) + pseudo_w * criterion(logits[bs_lab:], y[bs_lab:])
-        else:
-            loss = criterion(logits, y)
-        scaler.scale(loss).backward()
-        if cfg.train.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update(model)
-        return loss.detach()
-
-    def state_tensors() -> list[torch.Tensor]:
-        """Everything a training step changes, in a stable order (for CUDA-graph warm-up undo)."""
-        out = list(model.state_dict(keep_vars=True).values())
-        out += list(ema.model.state_dict(keep_vars=True).values()) if ema is not None else []
-        out += list(swa.state_dict(keep_vars=True).values()) if swa is not None else []
-        out += [v for p in model.parameters() for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
-        return out
-
-    graphed = None
     batches = BatchMaker(cfg, tr.images, tr.masks, device)
     pseudo_batches = BatchMaker(cfg, pseudo.images, pseudo.masks, device) if n_pseudo else None
     x_val = to_tensor(va.images, device, cfg.train.channels_last) if va else None
@@ -134,14 +98,14 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     if last_path.is_file():
         state = load_last(last_path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        st.load_optimizer(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        st.scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.model.load_state_dict(state["ema"])
         if swa is not None and state.get("swa") is not None:
             swa.load_state_dict(state["swa"])
-        if graphs:  # the learning rate must stay a tensor on the GPU for the captured optimiser
+        if st.graphs:  # the learning rate must stay a tensor on the GPU for the captured optimiser
             for group in optimizer.param_groups:
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
         history, start_epoch = state["history"], state["epoch"]
@@ -149,7 +113,8 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
         print(f"{out_dir}: resuming after epoch {start_epoch}", flush=True)
     env = environment(device) | {"parameters": count_parameters(model), "train_images": len(tr),
                                  "val_images": len(val_ids), "augment_backend": batches.backend,
-                                 "cuda_graphs": graphs, "pseudo_images": len(pseudo) if n_pseudo else 0,
+                                 "cuda_graphs": st.graphs, "warm_start": warm,
+                                 "setup_s": round(time.time() - t_setup, 3), "pseudo_images": len(pseudo) if n_pseudo else 0,
                                  "amp": str(dtype).replace("torch.", "") if dtype else "float32"} | (env_extra or {})
     atomic_write_json(out_dir / "env.json", env)
 
@@ -179,14 +144,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                     if cfg.train.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                 tb = time.perf_counter()
-                if graphs and graphed is None:
-                    graphed = GraphedStep.capture(train_step, state_tensors, x, y, optimizer)
-                    graphs = graphed is not None
-                if graphed is not None:
-                    loss = graphed(x, y)
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = train_step(x, y)
+                loss = st.step(x, y)  # replayed from a CUDA graph on GPUs (captured once per process)
                 scheduler.step()
                 loss_sum += loss.item()  # also synchronises, so model_s is honest on a GPU
                 data_s += tb - ta
@@ -218,7 +176,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
             history.append(row)
             save_last(last_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": st.scaler.state_dict(),
                 "ema": ema.model.state_dict() if ema is not None else None,
                 "swa": swa.state_dict() if swa is not None else None,
                 "epoch": epoch + 1, "history": history, "best_score": float(best_score), "best_epoch": best_epoch,

@@ -38,7 +38,8 @@ def test_assign_devices_round_robin(device, n_gpus, expected):
 
 
 def test_jobs_children_get_round_robin_gpus(project, tmp_path, monkeypatch, capsys):
-    """``--jobs 2`` on 2 (mocked) GPUs: each child process is told its GPU."""
+    """``--jobs 2`` on 2 (mocked) GPUs: each child process trains its share of the folds (one warm-up
+    each) and is told its GPU."""
     launched = []
 
     class FakeChild:
@@ -59,9 +60,9 @@ def test_jobs_children_get_round_robin_gpus(project, tmp_path, monkeypatch, caps
                               folds_path=project.folds, run_dir=tmp_path / RUN_NAME, device="auto", force=False)
     devices = [cmd[cmd.index("--device") + 1] for cmd, _ in launched]
     folds = [cmd[cmd.index("--fold") + 1] for cmd, _ in launched]
-    assert folds == ["0", "1", "2"] and devices == ["cuda:0", "cuda:1", "cuda:0"]
+    assert folds == ["0,2", "1"] and devices == ["cuda:0", "cuda:1"]
     assert all(env["KAGGLECMR_SKIP_LOCKED"] == "1" for _, env in launched)
-    assert "fold 1 -> cuda:1" in capsys.readouterr().out
+    assert "folds 0,2 -> cuda:0, folds 1 -> cuda:1" in capsys.readouterr().out
     assert all(r.skipped for r in results)  # the fake children wrote nothing
 
 
