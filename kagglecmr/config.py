@@ -154,7 +154,9 @@ class TrainConfig(_Section):
 
 
 class InferConfig(_Section):
-    tta: list[Literal["none", "hflip", "vflip", "hvflip"]] = Field(default_factory=lambda: ["none", "hflip", "vflip", "hvflip"])
+    tta: list[Literal["none", "hflip", "vflip", "hvflip", "rot90", "rot270", "transpose", "antitranspose"]] = Field(
+        default_factory=lambda: ["none", "hflip", "vflip", "hvflip"],
+        description="TTA passes (kagglecmr.infer): flips, and quarter turns / diagonal mirrors for rot90-trained models.")
     batch_size: int = Field(64, ge=1, description="Images per forward pass on a GPU.")
     cpu_batch_size: int = Field(8, ge=1, description="Images per forward pass on a CPU (small = cache-friendly).")
 

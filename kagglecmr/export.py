@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import KaggleCMRError
-from .infer import TTA_FLIPS, predict_proba
+from .infer import predict_proba, tta_apply, tta_undo
 from .io import atomic_path, atomic_write_json
 from .predictor import Predictor
 
@@ -46,16 +46,15 @@ class EnsembleModule(nn.Module):
         super().__init__()
         self.models = nn.ModuleList(models)
         self.model_weights = [float(w) for w in model_weights]
-        self.flips = [TTA_FLIPS[p] for p in passes]
+        self.passes = list(passes)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image.float() / 255.0
         acc = None
         for w, model in zip(self.model_weights, self.models):
-            for dims in self.flips:
-                xi = x.flip(dims) if dims else x
-                p = torch.softmax(model(xi).float(), dim=1)
-                p = (p.flip(dims) if dims else p) * (w / len(self.flips))
+            for name in self.passes:
+                p = torch.softmax(model(tta_apply(x, name)).float(), dim=1)
+                p = tta_undo(p, name) * (w / len(self.passes))
                 acc = p if acc is None else acc + p
         return acc
 

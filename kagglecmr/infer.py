@@ -1,4 +1,12 @@
-"""Batched inference: uint8 images -> softmax probabilities, with flip test-time augmentation."""
+"""Batched inference: uint8 images -> softmax probabilities, with flip/rotation test-time augmentation.
+
+TTA passes are the 8 symmetries of the square (the dihedral group D4): ``none, hflip, vflip, hvflip``
+(= a half turn), and ``rot90, rot270`` (quarter turns, counter-clockwise), ``transpose`` and
+``antitranspose`` (mirrors on the diagonals).  Each pass transforms the input and undoes itself on
+the output before averaging.  The four quarter-turn passes swap height and width: fine for square
+images and for the model wrapper's padding, but only sensible for models trained with 90-degree
+rotations (``augment.rot90``), e.g. histology.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,26 @@ import torch
 from .runtime import autocast
 
 TTA_FLIPS = {"none": (), "hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}
+TTA_TURNS = {"rot90": (1, ()), "rot270": (3, ()), "transpose": (1, (-1,)), "antitranspose": (1, (-2,))}
+TTA_PASSES = (*TTA_FLIPS, *TTA_TURNS)  # (quarter turns, flip dims applied first) for the turned ones
+
+
+def tta_apply(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The TTA pass ``name`` on an ``[N, C, H, W]`` tensor."""
+    if name in TTA_FLIPS:
+        dims = TTA_FLIPS[name]
+        return x.flip(dims) if dims else x
+    turns, dims = TTA_TURNS[name]
+    return torch.rot90(x.flip(dims) if dims else x, turns, (-2, -1))
+
+
+def tta_undo(p: torch.Tensor, name: str) -> torch.Tensor:
+    """The inverse of :func:`tta_apply` (flips are their own inverse; turns turn back, then unflip)."""
+    if name in TTA_FLIPS:
+        return tta_apply(p, name)
+    turns, dims = TTA_TURNS[name]
+    p = torch.rot90(p, -turns, (-2, -1))
+    return p.flip(dims) if dims else p
 
 
 def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
@@ -21,9 +49,9 @@ def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool = Tr
 def predict_proba(models, images: np.ndarray | torch.Tensor, device: torch.device, *, tta=("none",),
                   batch_size: int = 64, amp: torch.dtype | None = None, channels_last: bool = True,
                   weights=None) -> np.ndarray:
-    """Mean softmax over ``models`` (one or a list) and TTA flips: float32 ``[N, K, H, W]``.
+    """Mean softmax over ``models`` (one or a list) and TTA passes: float32 ``[N, K, H, W]``.
 
-    Each flip is undone on the output before averaging; ``weights`` weighs the models.
+    Each pass is undone on the output before averaging; ``weights`` weighs the models.
     """
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     weights = np.ones(len(models)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -37,12 +65,10 @@ def predict_proba(models, images: np.ndarray | torch.Tensor, device: torch.devic
         acc = None
         for w, model in zip(weights, models):
             for name in tta:
-                dims = TTA_FLIPS[name]
-                xi = x.flip(dims) if dims else x
+                xi = tta_apply(x, name)
                 with autocast(device, amp):
                     logits = model(xi)
-                p = torch.softmax(logits.float(), dim=1)
-                p = p.flip(dims) if dims else p
+                p = tta_undo(torch.softmax(logits.float(), dim=1), name)
                 p = p * (w / len(tta))
                 acc = p if acc is None else acc + p
         out.append(acc.cpu())

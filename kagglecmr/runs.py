@@ -1,8 +1,9 @@
 """Runs: fold specs, run folders, and ``kagglecmr train``'s orchestration of folds.
 
 ``run_train`` loads the labelled data and the folds file once, then trains the requested folds one after
-another in this process (:func:`kagglecmr.train.train_fold`), ``--jobs N`` of them at once in child
-processes (round-robin over the visible GPUs when there are several), or as Ray tasks
+another in this process (:func:`kagglecmr.train.train_fold`, one warm-up for all: :mod:`kagglecmr.warm`),
+in ``--jobs N`` child processes each training a share of them (round-robin over the visible GPUs when
+there are several), or as Ray tasks
 (``--executor ray``, :mod:`kagglecmr.executors`); when every fold has out-of-fold predictions it writes
 the run's ``oof.json`` (best-epoch score,
 plus ``score_last``, the honest fixed-epoch rule, and ``score_swa`` with SWA).  Each fold is trained under its fold lock (:mod:`kagglecmr.locks`): a second

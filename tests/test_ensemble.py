@@ -22,7 +22,8 @@ from kagglecmr import ensemble
 from kagglecmr.checkpoint import load_best
 from kagglecmr.config import Config
 from kagglecmr.data import load_split, natural_sorted, read_mask
-from kagglecmr.infer import TTA_FLIPS, predict_proba
+from kagglecmr.errors import ConfigError
+from kagglecmr.infer import TTA_FLIPS, TTA_PASSES, predict_proba, tta_apply, tta_undo
 from kagglecmr.models import build_model
 from kagglecmr.postprocess import apply_plan, load_plan, tune_plan
 from kagglecmr.score import dice_table, read_submission
@@ -244,6 +245,43 @@ def test_flip_tta_averages_unflipped_predictions_of_a_non_equivariant_model():
     np.testing.assert_allclose(h, manual[1].numpy(), atol=1e-6)
 
 
+def test_d4_passes_undo_exactly_and_are_the_eight_symmetries():
+    x = torch.arange(12.0).reshape(1, 1, 3, 4)  # non-square: the turns swap height and width
+    seen = set()
+    for name in TTA_PASSES:
+        y = tta_apply(x, name)
+        assert torch.equal(tta_undo(y, name), x), name
+        seen.add((tuple(y.shape), tuple(y.flatten().tolist())))
+    assert len(TTA_PASSES) == 8 and len(seen) == 8
+    assert torch.equal(tta_apply(x, "transpose"), x.transpose(-2, -1))
+    assert torch.equal(tta_apply(x, "rot90"), torch.rot90(x, 1, (-2, -1)))
+
+
+def test_d4_tta_is_exact_on_an_equivariant_model_and_averages_turned_predictions():
+    torch.manual_seed(0)
+    images = _toy_images()
+    model = Pointwise().eval()
+    plain = predict_proba(model, images, CPU)
+    np.testing.assert_allclose(predict_proba(model, images, CPU, tta=list(TTA_PASSES), batch_size=2), plain, atol=1e-6)
+    biased = WithPositionBias().eval()
+    tta = predict_proba(biased, images, CPU, tta=["rot90", "transpose"], batch_size=2)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        a = torch.rot90(torch.softmax(biased(torch.rot90(x, 1, (-2, -1))), 1), -1, (-2, -1))
+        b = torch.softmax(biased(x.transpose(-2, -1)), 1).transpose(-2, -1)
+    np.testing.assert_allclose(tta, ((a + b) / 2).numpy(), atol=1e-6)
+    assert np.abs(tta - predict_proba(biased, images, CPU)).max() > 1e-2
+
+
+def test_turned_tta_on_a_run_never_trained_with_rot90_warns(project, capsys):
+    run = ensemble.load_run(project.run, CPU)
+    assert run.cfg.augment.rot90 == 0
+    assert ensemble.tta_passes([run], True, ["none", "rot90"]) == ["none", "rot90"]
+    assert "rot90" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="unknown pass 'rot45'"):
+        ensemble.tta_passes([run], True, ["rot45"])
+
+
 # ------------------------------------------------------------------------------------ out of fold
 def test_oof_split_score_equals_training_oof(project, tmp_path, main_cli, labelled):
     oof = json.loads((project.run / "oof.json").read_text())
@@ -350,7 +388,7 @@ def test_errors(project, err_run, tmp_path, main_cli, assert_cli_error, request,
         args = ["ensemble", "--runs", err_run, "--weights", "1", "--weights", "2", *common]
         needles = ["--weights", "need 1"]
     elif case == "tta_flip":
-        args, needles = ["ensemble", "--runs", err_run, "--tta-flips", "none,rot90", *common], ["rot90"]
+        args, needles = ["ensemble", "--runs", err_run, "--tta-flips", "none,rot45", *common], ["rot45"]
     elif case == "no_runs":
         (tmp_path / "empty_runs").mkdir()
         args, needles = ["ensemble", "--runs-dir", tmp_path / "empty_runs", *common], ["no trained runs"]
