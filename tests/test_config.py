@@ -142,7 +142,7 @@ def test_unknown_key_in_file_named(tmp_path, key):
         ("data.num_classes", 1),
         ("model.normalize", "batch"),
         ("train.amp", "fp8"),
-        ("infer.tta", ["rot90"]),
+        ("infer.tta", ["rot45"]),
     ],
 )
 def test_bad_value_is_one_line_error_naming_file_and_key(tmp_path, key, value):
