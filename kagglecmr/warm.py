@@ -87,7 +87,7 @@ class StepState:
                                     enabled=(self.dtype == torch.float16 and self.device.type == "cuda"))
 
     @torch.no_grad()
-    def reset(self, cfg: Config, fresh: torch.nn.Module) -> None:
+    def reset(self, fresh: torch.nn.Module) -> None:
         """Start the next fold from ``fresh`` (a newly built, seeded model), in the same tensors."""
         self.model.load_state_dict(fresh.state_dict())  # copies into the existing tensors
         if self.graphed is None:
@@ -163,7 +163,7 @@ def step_state(cfg: Config, fresh: torch.nn.Module, device: torch.device, dtype,
     key = state_key(cfg, device, dtype, graphs, bs_lab, n_pseudo)
     if warm_enabled() and key in _CACHE:
         st = _CACHE[key]
-        st.reset(cfg, fresh)
+        st.reset(fresh)
         return st, True
     _CACHE.clear()  # one kept state per process: its device memory is freed before a new one is built
     st = StepState(cfg, fresh, device, dtype, graphs, bs_lab, n_pseudo)
