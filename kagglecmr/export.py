@@ -1,6 +1,6 @@
 """``kagglecmr export``: the whole ensemble in one ONNX or TorchScript file, checked against ``ensemble``.
 
-The file holds every fold model of every run (plus the full fit when present), the flip TTA passes,
+The file holds every fold model of every run (plus the full fit when present), the TTA passes (flips, turns),
 the softmax average with the run weights and the models' own normalisation: input ``image`` uint8
 ``[N, C, H, W]`` at the trained size, output ``probs`` float32 ``[N, K, H, W]``, dynamic batch.
 
@@ -40,7 +40,7 @@ EXTRA_HINT = "pip install 'kagglecmr[export]'"
 
 
 class EnsembleModule(nn.Module):
-    """uint8 ``[N, C, H, W]`` -> weighted mean softmax over models and flips, float32 ``[N, K, H, W]``."""
+    """uint8 ``[N, C, H, W]`` -> weighted mean softmax over models and TTA passes, float32 ``[N, K, H, W]``."""
 
     def __init__(self, models: list[nn.Module], model_weights: list[float], passes: list[str]):
         super().__init__()
