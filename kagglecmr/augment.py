@@ -6,7 +6,8 @@
 
 Both draw, per sample: horizontal/vertical flips, a 90° rotation, an affine (rotation about the
 centre, isotropic scale, translation), an elastic warp, brightness/contrast
-(``x * alpha + beta``), gamma (``x ** g``) and gaussian noise, each with its own probability.
+(``x * alpha + beta``), a per-channel colour jitter (``x_c * gain_c + shift_c``: stain and scanner
+variation in histology), gamma (``x ** g``) and gaussian noise, each with its own probability.
 Images are ``[0, 1]`` floats (torch) or uint8 (albumentations); masks use nearest neighbour.
 """
 
@@ -43,6 +44,12 @@ def build_albumentations(cfg: AugmentConfig, seed: int | None = None, *, square:
         A.ElasticTransform(alpha=cfg.elastic_alpha, sigma=cfg.elastic_sigma, interpolation=cv2.INTER_LINEAR,
                            mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, p=cfg.elastic),
         A.RandomBrightnessContrast(brightness_limit=cfg.brightness, contrast_limit=cfg.contrast, p=cfg.intensity),
+        A.Sequential([  # per channel: gain, then shift (TorchAugment's x_c * gain_c + shift_c)
+            A.MultiplicativeNoise(multiplier=(1 - cfg.color_gain, 1 + cfg.color_gain), per_channel=True,
+                                  elementwise=False, p=1.0),
+            A.AdditiveNoise(noise_type="uniform", spatial_mode="constant",
+                            noise_params={"ranges": [(-cfg.color_shift, cfg.color_shift)]}, p=1.0),
+        ], p=cfg.color),
         A.RandomGamma(gamma_limit=(cfg.gamma_range[0] * 100, cfg.gamma_range[1] * 100), p=cfg.gamma),
         A.GaussNoise(std_range=(0.0, cfg.noise_std), p=cfg.noise),
     ]
@@ -172,6 +179,12 @@ class TorchAugment:
             alpha = torch.where(on, 1 + self._u(b, -c.contrast, c.contrast, g, dev), torch.ones(b, device=dev))
             beta = torch.where(on, self._u(b, -c.brightness, c.brightness, g, dev), torch.zeros(b, device=dev))
             x = (x * alpha[:, None, None, None] + beta[:, None, None, None]).clamp(0, 1)
+        if c.color > 0:
+            on = self._p(b, c.color, g, dev)[:, None, None, None]
+            n_ch = x.shape[1]
+            gain = 1 + (torch.rand(b, n_ch, 1, 1, generator=g, device=dev) * 2 - 1) * c.color_gain
+            shift = (torch.rand(b, n_ch, 1, 1, generator=g, device=dev) * 2 - 1) * c.color_shift
+            x = torch.where(on, ((x * gain).clamp(0, 1) + shift).clamp(0, 1), x)  # clipped twice, as uint8
         if c.gamma > 0:
             on = self._p(b, c.gamma, g, dev)
             gam = torch.where(on, self._u(b, *c.gamma_range, g, dev), torch.ones(b, device=dev))

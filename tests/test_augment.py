@@ -27,7 +27,7 @@ from kagglecmr.augment import (
 from kagglecmr.config import AugmentConfig
 
 H = W = 96
-PROBABILITIES = ("hflip", "vflip", "rot90", "affine", "elastic", "intensity", "gamma", "noise")
+PROBABILITIES = ("hflip", "vflip", "rot90", "affine", "elastic", "intensity", "color", "gamma", "noise")
 LABELS = 4
 
 
@@ -333,6 +333,58 @@ def test_albumentations_brightness_contrast_is_the_same_formula():
         assert resid <= 1.5 / 255
         assert 1 - cfg.contrast - 0.01 <= alpha <= 1 + cfg.contrast + 0.01
         assert -cfg.brightness - 0.01 <= beta <= cfg.brightness + 0.01
+
+
+def per_channel_lines(x: torch.Tensor, out: torch.Tensor) -> list[tuple[float, float, float]]:
+    """``fit_line`` per channel of ``[C, H, W]`` tensors, on pixels the gain cannot push past 1 (both
+    implementations clip after the gain and again after the shift, as uint8 arithmetic does)."""
+    keep = x < 0.85
+    return [fit_line(x[ch][keep[ch]], out[ch][keep[ch]]) for ch in range(x.shape[0])]
+
+
+def test_color_jitter_is_a_clipped_linear_map_per_channel():
+    cfg = only(color=1.0, color_gain=0.15, color_shift=0.05)  # unequal: a swap would show
+    x = torch.from_numpy(np.stack([[smooth_image(s), smooth_image(s + 50)] for s in range(32)]))  # [B, 2, H, W]
+    y = torch.zeros(len(x), H, W, dtype=torch.long)
+    xo, yo = TorchAugment(cfg)(x, y, gen(7))
+    assert torch.equal(yo, y)
+    gains, shifts, differ = [], [], 0
+    for i in range(len(x)):
+        lines = per_channel_lines(x[i], xo[i])
+        for gain, shift, resid in lines:
+            assert resid < 1e-5
+            assert 1 - cfg.color_gain - 1e-5 <= gain <= 1 + cfg.color_gain + 1e-5
+            assert -cfg.color_shift - 1e-5 <= shift <= cfg.color_shift + 1e-5
+            gains.append(gain)
+            shifts.append(shift)
+        differ += abs(lines[0][0] - lines[1][0]) > 1e-3  # channels drawn independently
+    assert differ > 0.8 * len(x)
+    assert max(gains) - min(gains) > 1.6 * cfg.color_gain and max(shifts) - min(shifts) > 1.6 * cfg.color_shift
+    # probability 0.5: about half of the images are untouched
+    xo, _ = TorchAugment(only(color=0.5))(x, y, gen(8))
+    untouched = sum(torch.equal(xo[i], x[i]) for i in range(len(x)))
+    assert 6 <= untouched <= 26
+
+
+def test_albumentations_color_jitter_is_the_same_formula():
+    cfg = only(color=1.0, color_gain=0.15, color_shift=0.05)
+    pipe = build_albumentations(cfg, seed=1)
+    (t,) = pipe.transforms
+    assert t.p == 1.0
+    img = (np.stack([smooth_image(10), smooth_image(11)], -1) * 255).round().astype(np.uint8)  # [H, W, 2]
+    x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255)
+    gains, differ = [], 0
+    for _ in range(12):
+        out = torch.from_numpy(pipe(image=img)["image"].transpose(2, 0, 1).astype(np.float32) / 255)
+        lines = per_channel_lines(x, out)
+        for gain, shift, resid in lines:
+            assert resid <= 2.0 / 255
+            assert 1 - cfg.color_gain - 0.01 <= gain <= 1 + cfg.color_gain + 0.01
+            assert -cfg.color_shift - 0.01 <= shift <= cfg.color_shift + 0.01
+            gains.append(gain)
+        differ += abs(lines[0][0] - lines[1][0]) > 1e-3
+    assert differ >= 9 and max(gains) - min(gains) > cfg.color_gain
+    assert not build_albumentations(only()).transforms  # off: nothing in the pipeline
 
 
 def test_albumentations_gamma_is_the_same_formula():
