@@ -199,8 +199,10 @@ def ensemble(runs: list[str | Path] | str | Path | None = None, *, weights: list
              runs_dir: str | Path = "runs", data: str | Path = "data", split: str | list[str] = "test",
              tta: bool = False, tta_flips: list[str] | None = None, out: str | Path | None = None,
              save_masks: str | Path | None = None, postprocess: str = "auto", device: str = "auto",
-             batch_size: int | None = None, full: bool = True) -> EnsembleResult | dict[str, EnsembleResult]:
+             batch_size: int | None = None, full: bool = True,
+             select: str | None = None) -> EnsembleResult | dict[str, EnsembleResult]:
     """Fold-averaged softmax (+ TTA, run weights), OOF-tuned postprocessing, submission CSV (``kagglecmr ensemble``).
+    ``select`` (best, last, swa) overrides which checkpoint every fold contributes.
     ``split`` is one name (-> an :class:`EnsembleResult`) or a list (-> ``{split: EnsembleResult}``, one load)."""
     from .ensemble import run_ensemble
 
@@ -208,7 +210,8 @@ def ensemble(runs: list[str | Path] | str | Path | None = None, *, weights: list
     res = run_ensemble(runs=paths or None, runs_dir=Path(runs_dir), data_root=Path(data), split=split,
                        tta=tta or bool(tta_flips), tta_flips=list(tta_flips) if tta_flips else None,
                        out=None if out is None else Path(out), save_masks=None if save_masks is None else Path(save_masks),
-                       postprocess=postprocess, weights=weights, device=device, batch_size=batch_size, with_full=full)
+                       postprocess=postprocess, weights=weights, device=device, batch_size=batch_size, with_full=full,
+                       select=select)
     if isinstance(split, str):
         return _ensemble_result(res)
     return {s: _ensemble_result(r) for s, r in res.items()}

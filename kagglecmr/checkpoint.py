@@ -18,10 +18,14 @@ from .io import atomic_path
 MODEL_FILES = {"best": "best.safetensors", "last": "last.safetensors", "swa": "swa.safetensors"}
 
 
-def model_file(fold_dir: Path) -> Path:
+def model_file(fold_dir: Path, select: str | None = None) -> Path:
     """The checkpoint a finished fold keeps for ensembles: ``train.select`` of its ``summary.json``
-    (``best`` for folds trained before the option existed)."""
+    (``best`` for folds trained before the option existed), or ``select`` (best, last, swa) when given."""
     fold_dir = Path(fold_dir)
+    if select is not None:
+        if select not in MODEL_FILES:
+            raise KaggleCMRError(f"--select {select}: expected {', '.join(MODEL_FILES)}")
+        return fold_dir / MODEL_FILES[select]
     select = "best"
     if (fold_dir / "summary.json").is_file():
         try:

@@ -154,6 +154,8 @@ def ensemble(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward pass (default: config infer.*)."),
     full: bool = typer.Option(True, "--full/--no-full", help="Add the full-fit model (train --fold all) if any."),
+    select: str | None = typer.Option(None, "--select", help="Checkpoint of every fold: best, last or swa "
+                                      "(default: each fold's train.select); last/swa give an honest OOF."),
 ) -> None:
     """Average fold softmax (+ flip TTA), OOF-tuned postprocessing, leaderboard-ready CSV."""
     splits = [s.strip() for item in split for s in item.split(",") if s.strip()]
@@ -166,7 +168,7 @@ def ensemble(
             raise KaggleCMRError(f"--weights {' '.join(weights)}: expected numbers (one per --runs) or auto") from None
     api.ensemble(runs, weights=weights, runs_dir=runs_dir, data=data, split=splits[0] if len(splits) == 1 else splits,
                  tta=tta, tta_flips=_flips(tta_flips), out=out, save_masks=save_masks, postprocess=postprocess,
-                 device=device, batch_size=batch_size, full=full)
+                 device=device, batch_size=batch_size, full=full, select=select)
 
 
 def _flips(text: str | None) -> list[str] | None:

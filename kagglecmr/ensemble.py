@@ -55,10 +55,11 @@ def latest_run(runs_dir: Path) -> Path:
     return max(cands, key=lambda d: max(p.stat().st_mtime for p in d.glob("fold*/best.safetensors")))
 
 
-def load_run(path: Path, device: torch.device, *, with_full: bool = False) -> Run:
-    """Load ``best.safetensors`` of every fold (0..n-1, each finished) and, with ``with_full``, of the
-    full fit (``full/``, from ``train --fold all``) when it exists.  The full fit holds nothing out, so it
-    never enters out-of-fold predictions."""
+def load_run(path: Path, device: torch.device, *, with_full: bool = False, select: str | None = None) -> Run:
+    """Load the kept model of every fold (0..n-1, each finished; its ``train.select``, or ``select`` =
+    best, last or swa for all folds) and, with ``with_full``, of the full fit (``full/``, from
+    ``train --fold all``) when it exists.  The full fit holds nothing out, so it never enters
+    out-of-fold predictions."""
     from .checkpoint import load_best, model_file
 
     path = Path(path)
@@ -74,7 +75,10 @@ def load_run(path: Path, device: torch.device, *, with_full: bool = False) -> Ru
         if not (d / "summary.json").is_file() or not model_file(d).is_file():
             raise KaggleCMRError(f"{path}: {d.name} is missing or unfinished "
                                  f"(train --fold {'all' if d.name == 'full' else k} --name {path.name})")
-        sd, meta = load_best(model_file(d))
+        if not model_file(d, select).is_file():
+            raise KaggleCMRError(f"{path}: {d.name} has no {model_file(d, select).name} (--select {select}: "
+                                 f"{'trained without train.swa_epochs' if select == 'swa' else 'not saved'})")
+        sd, meta = load_best(model_file(d, select))
         try:
             fcfg = Config.model_validate(meta["config"])
         except Exception:
@@ -235,10 +239,12 @@ SPLITS = ("test", "val", "train", "oof")
 def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str | list[str], tta: bool,
                  tta_flips: list[str] | None, out: Path | None, save_masks: Path | None, postprocess: str,
                  weights: list[float] | None, device: str, batch_size: int | None = None, with_full: bool = True,
-                 loaded: list[Run] | None = None) -> dict:
+                 loaded: list[Run] | None = None, select: str | None = None) -> dict:
     """Ensemble ``split`` (one name -> its result dict) or several (a list -> ``{split: result}``, one
     load of the models, one OOF pass; ``save_masks`` then gets a sub-folder per split).  ``loaded``:
-    runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored)."""
+    runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored).
+    ``select``: best, last or swa for every fold instead of each fold's ``train.select`` (``last``/``swa``
+    make the OOF and a weight fit honest: no epoch chosen on the fold it scores)."""
     from .dataset import apply_dataset, load_dataset
     from .postprocess import save_plan
     from .pseudo import check_same_folds
@@ -268,7 +274,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     if loaded is None:
         run_paths = list(runs) if runs else [latest_run(runs_dir)]
         check_same_folds(run_paths)
-        loaded = [load_run(p, dev, with_full=with_full and splits != ["oof"]) for p in run_paths]
+        loaded = [load_run(p, dev, with_full=with_full and splits != ["oof"], select=select) for p in run_paths]
     check_same_folds([r.path for r in loaded])
     check_compatible(loaded)
     w = _weights(loaded, weights)
@@ -299,9 +305,9 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
         oof_pred = report_oof(oof_probs, labelled, passes, k)
         if postprocess == "auto":
             plan = choose_postprocessing(oof_pred, labelled, k)
-            if len(loaded) == 1:
+            if len(loaded) == 1 and select is None:  # the run's own models: its plan and record
                 save_plan(plan, loaded[0].path / "postprocess.json")
-        if len(loaded) == 1:  # for `kagglecmr runs` and `report`: OOF per TTA set, with postprocessing
+        if len(loaded) == 1 and select is None:  # for `kagglecmr runs` and `report`: OOF per TTA set, with postprocessing
             record_oof(loaded[0].path, passes, oof_pred, labelled.masks, plan, cfg.data.num_classes)
     elif postprocess == "auto":
         print("note: no labelled images, so no out-of-fold postprocessing", flush=True)
@@ -316,7 +322,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
             from .io import atomic_write_json
 
             wpath = Path(results[s]["out"]).with_name(Path(results[s]["out"]).stem + ".weights.json")
-            atomic_write_json(wpath, blend | {"submission": results[s]["out"]})
+            atomic_write_json(wpath, blend | {"submission": results[s]["out"], "select": select or "train.select"})
             results[s]["blend"] = blend
             print(f"blend weights -> {wpath}", flush=True)
     return results[split] if isinstance(split, str) else results

@@ -89,3 +89,39 @@ def test_ensemble_weights_must_be_numbers_or_auto(project, tmp_path, main_cli, a
     proc = main_cli("ensemble", "--runs", project.run, "--data", project.data, "--weights", "heavy",
                     "--out", tmp_path / "s.csv")
     assert_cli_error(proc, "--weights")
+
+
+def test_ensemble_select_loads_the_named_checkpoint_of_every_fold(project):
+    """``--select last`` swaps every fold's model for its ``last.safetensors`` (an honest OOF for runs kept
+    at the best epoch); the default is each fold's ``train.select``."""
+    import torch
+
+    from kagglecmr.checkpoint import load_best
+    from kagglecmr.ensemble import load_run
+
+    dev = torch.device("cpu")
+    for select, name in ((None, "best"), ("best", "best"), ("last", "last")):
+        run = load_run(project.run, dev, select=select)
+        for k, model in run.models.items():
+            want, _ = load_best(project.run / f"fold{k}" / f"{name}.safetensors")
+            got = model.state_dict()
+            assert all(torch.equal(got[n].cpu(), t) for n, t in want.items()), (select, k)
+
+
+def test_ensemble_select_last_scores_oof_without_touching_the_run(project, tmp_path, main_cli, assert_cli_error):
+    from conftest import tree_snapshot
+
+    run = copy_run(project.run, tmp_path / "tiny", slim=True)
+    before = tree_snapshot(run)
+    proc = main_cli("ensemble", "--runs", run, "--data", project.data, "--split", "oof", "--select", "last",
+                    "--out", tmp_path / "oof_last.csv", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "OOF Dice" in proc.stdout and (tmp_path / "oof_last.csv").is_file()
+    assert tree_snapshot(run) == before  # no postprocess.json / ensemble_oof.json of other checkpoints
+    proc = main_cli("ensemble", "--runs", run, "--data", project.data, "--split", "oof", "--select", "swa",
+                    "--out", tmp_path / "swa.csv", "--device", "cpu")
+    assert_cli_error(proc, "swa.safetensors", "train.swa_epochs")
+    proc = main_cli("ensemble", "--runs", run, "--data", project.data, "--select", "final",
+                    "--out", tmp_path / "x.csv", "--device", "cpu")
+    assert_cli_error(proc, "--select final")
+    assert not (tmp_path / "swa.csv").exists() and not (tmp_path / "x.csv").exists()
