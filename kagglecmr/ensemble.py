@@ -75,14 +75,15 @@ def load_run(path: Path, device: torch.device, *, with_full: bool = False, selec
         if not (d / "summary.json").is_file() or not model_file(d).is_file():
             raise KaggleCMRError(f"{path}: {d.name} is missing or unfinished "
                                  f"(train --fold {'all' if d.name == 'full' else k} --name {path.name})")
-        if not model_file(d, select).is_file():
-            raise KaggleCMRError(f"{path}: {d.name} has no {model_file(d, select).name} (--select {select}: "
+        kept = model_file(d, select)
+        if not kept.is_file():
+            raise KaggleCMRError(f"{path}: {d.name} has no {kept.name} (--select {select}: "
                                  f"{'trained without train.swa_epochs' if select == 'swa' else 'not saved'})")
-        sd, meta = load_best(model_file(d, select))
+        sd, meta = load_best(kept)
         try:
             fcfg = Config.model_validate(meta["config"])
         except Exception:
-            raise KaggleCMRError(f"{model_file(d)}: checkpoint carries no valid config") from None
+            raise KaggleCMRError(f"{kept}: checkpoint carries no valid config") from None
         if cfg is not None and (fcfg.data.num_classes, fcfg.data.in_channels) != (cfg.data.num_classes, cfg.data.in_channels):
             raise KaggleCMRError(f"{d}: {fcfg.data.num_classes} classes / {fcfg.data.in_channels} channels, "
                                  f"fold0 has {cfg.data.num_classes} / {cfg.data.in_channels}")
