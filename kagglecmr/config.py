@@ -69,7 +69,9 @@ class ModelConfig(_Section):
     input_size: int | None = Field(None, ge=8, description="Resize inputs to this side inside the model (legacy; "
                                    "prefer input_scale).")
     input_scale: float | None = Field(None, gt=0, le=8, description="Resize inputs by this factor inside the model.")
-    normalize: Literal["image", "fixed"] = "image"
+    normalize: Literal["image", "channel", "fixed"] = Field(
+        "image", description="image: zero mean, unit std per image; channel: per image and channel (invariant to "
+        "per-channel gain/offset, e.g. stain strength); fixed: one constant mean/std.")
     params: dict[str, Any] = Field(default_factory=dict, description="Extra smp.create_model kwargs.")
 
 

@@ -33,7 +33,7 @@ class SegModel(nn.Module):
     """``net`` plus the input handling every caller must agree on.
 
     ``forward(x)`` takes ``[B, C, H, W]`` floats in ``[0, 1]`` (any H, W), normalises them (per image
-    z-score or a fixed ImageNet-like shift), optionally resizes them by ``input_scale`` (or to the square
+    z-score, per image and channel z-score, or a fixed ImageNet-like shift), optionally resizes them by ``input_scale`` (or to the square
     ``input_size``), pads H and W up to the encoder's required multiple (``multiple``, usually 32), and
     returns logits cropped and resized back to ``[B, K, H, W]``.
     """
@@ -48,9 +48,10 @@ class SegModel(nn.Module):
         self.multiple = max(1, int(multiple))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.normalize == "image":
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+        if self.normalize in ("image", "channel"):
+            dims = (1, 2, 3) if self.normalize == "image" else (2, 3)
+            mean = x.mean(dim=dims, keepdim=True)
+            std = x.std(dim=dims, keepdim=True).clamp_min(1e-3)
             x = (x - mean) / std
         else:
             x = (x - 0.449) / 0.226

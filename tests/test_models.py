@@ -469,6 +469,37 @@ def test_fixed_normalisation_is_not_intensity_invariant(small_eval_model):
     assert not torch.allclose(y, y2, atol=1e-4 * float(y.abs().max()) + 1e-5)
 
 
+def _two_channel_outputs(normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs for an image and for the same image with each channel under its own gain and offset."""
+    torch.manual_seed(0)
+    model = build_model(cfg("data.in_channels=2", f"model.normalize={normalize}")).eval()
+    x = torch.rand(2, 2, 96, 96, generator=torch.Generator().manual_seed(7)) * 0.5 + 0.1
+    gain = torch.tensor([0.6, 1.4]).view(1, 2, 1, 1)
+    offset = torch.tensor([0.1, -0.05]).view(1, 2, 1, 1)
+    with torch.no_grad():
+        return model(x), model(x * gain + offset)
+
+
+def test_per_channel_normalisation_is_invariant_to_per_channel_gain_and_offset():
+    y, y2 = _two_channel_outputs("channel")
+    assert torch.allclose(y, y2, atol=1e-4 * float(y.abs().max()) + 1e-5)
+
+
+def test_per_image_normalisation_is_not_invariant_to_per_channel_gain():
+    """Counter-check: one mean/std for all channels does see a stain-like change of one channel."""
+    y, y2 = _two_channel_outputs("image")
+    assert not torch.allclose(y, y2, atol=1e-4 * float(y.abs().max()) + 1e-5)
+
+
+def test_per_channel_normalisation_of_a_constant_channel_is_finite():
+    torch.manual_seed(0)
+    model = build_model(cfg("data.in_channels=2", "model.normalize=channel")).eval()
+    x = torch.rand(1, 2, 96, 96)
+    x[:, 1] = 0.0
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
 def test_constant_image_gives_finite_output(small_eval_model):
     with torch.no_grad():
         y = small_eval_model(torch.full((2, 1, 96, 96), 0.3))
