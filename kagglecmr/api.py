@@ -301,10 +301,12 @@ __all__ = ["demo_data", "make_folds", "score", "encode", "train", "ensemble", "l
 
 
 def pseudo_label(runs: list[str | Path], *, data: str | Path = "data", split: str = "test", out: str | Path | None = None,
-                 confidence: float = 0.9, tta: bool = False, force: bool = False, device: str = "auto"):
+                 confidence: float = 0.9, tta: bool = False, force: bool = False, device: str = "auto",
+                 select: str | None = None):
     """Pseudo masks of an unlabelled split (``kagglecmr pseudo-label``): one set per fold from that fold's
-    teacher models only, one from the whole ensemble; returns what :func:`kagglecmr.pseudo.pseudo_label` returns."""
+    teacher models only, one from the whole ensemble; ``select`` (best, last, swa) picks that checkpoint of
+    every teacher fold; returns what :func:`kagglecmr.pseudo.pseudo_label` returns."""
     from .pseudo import pseudo_label as run
 
     return run(runs=[Path(r) for r in runs], data_root=Path(data), split=split, out=None if out is None else Path(out),
-               confidence=confidence, tta=tta, force=force, device=device)
+               confidence=confidence, tta=tta, force=force, device=device, select=select)

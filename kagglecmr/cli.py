@@ -129,10 +129,12 @@ def pseudo_label(
     tta: bool = typer.Option(False, "--tta", help="Flip TTA (the teachers' infer.tta)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
+    select: str | None = typer.Option(None, "--select", help="Checkpoint of every teacher fold: best, last or swa "
+                                      "(default: each fold's train.select)."),
 ) -> None:
     """Pseudo masks of an unlabelled split: one set per fold from that fold's teachers, one from all."""
     api.pseudo_label(runs, data=data, split=split, out=out, confidence=confidence, tta=tta, force=force,
-                     device=device)
+                     device=device, select=select)
 
 
 @app.command("ensemble")

@@ -142,9 +142,11 @@ def _fold_names(run_dir: Path) -> list[str]:
     return [d.name for d in dirs]
 
 
-def teacher_probs(run_dirs: list[Path], fold, images: np.ndarray, device, passes, batch_size: int):
+def teacher_probs(run_dirs: list[Path], fold, images: np.ndarray, device, passes, batch_size: int,
+                  select: str | None = None):
     """Mean softmax of the teachers' models for ``fold`` (one per run: its ``fold<k>`` model; ``"all"``:
-    every fold model and the full fit of every run), and the checkpoint files read."""
+    every fold model and the full fit of every run), and the checkpoint files read.  ``select`` (best, last,
+    swa) picks that checkpoint of every fold instead of the one its ``train.select`` kept."""
     import torch
 
     from .checkpoint import load_best, model_file
@@ -161,7 +163,10 @@ def teacher_probs(run_dirs: list[Path], fold, images: np.ndarray, device, passes
             d = Path(run) / name
             if not (d / "summary.json").is_file():
                 raise KaggleCMRError(f"{run}: {name} is missing or unfinished (train it before pseudo-labelling)")
-            path = model_file(d)
+            path = model_file(d, select)
+            if not path.is_file():
+                raise KaggleCMRError(f"{run}: {name} has no {path.name} (--select {select}: "
+                                     f"{'trained without train.swa_epochs' if select == 'swa' else 'not saved'})")
             sd, meta = load_best(path)
             cfg = Config.model_validate(meta["config"])
             model = build_model(cfg, weights="none", check_size=False)
@@ -192,7 +197,7 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
 
 def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out: Path | None = None,
                  confidence: float = 0.9, tta: bool = False, force: bool = False, device: str = "auto",
-                 batch_size: int | None = None) -> dict:
+                 batch_size: int | None = None, select: str | None = None) -> dict:
     """Write ``out/fold<k>/``, ``out/full/`` and ``out/manifest.json`` (see the module docstring)."""
     from .checkpoint import load_best, model_file
     from .config import Config
@@ -203,6 +208,8 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
         raise KaggleCMRError("--runs: give at least one teacher run")
     if not 0 <= confidence <= 1:
         raise KaggleCMRError(f"--confidence {confidence}: expected a probability 0..1")
+    if select is not None:
+        model_file(Path("."), select)  # an unknown name is an error before anything is read or written
     runs = [Path(r) for r in runs]
     for r in runs:
         if not r.is_dir() or not _fold_names(r):
@@ -236,7 +243,7 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
     try:
         per_fold = {}
         for fold in [*range(n_folds), "all"]:
-            probs, files = teacher_probs(runs, fold, data.images, dev, passes, bsz)
+            probs, files = teacher_probs(runs, fold, data.images, dev, passes, bsz, select)
             conf = probs.max(1)
             labels = probs.argmax(1).astype(np.uint8)
             labels[conf < confidence] = IGNORE
@@ -267,6 +274,7 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
                   f"{(labels == IGNORE).mean():.1%} of pixels ignored, from {len(files)} model(s)", flush=True)
         manifest = {
             "split": split, "data": str(data_root), "confidence": confidence, "tta": passes,
+            "select": select or "train.select",
             "teachers": [{"run": str(r), "name": r.name, "folds_sha256": info["folds_sha256"],
                           "folds": info.get("folds")} for r, info in zip(runs, infos)],
             "folds": infos[0].get("folds"), "folds_sha256": folds_sha, "n_folds": n_folds,

@@ -28,7 +28,7 @@ def fold_ids(folds: Path, k: int) -> list[str]:
     return sorted(df.loc[df["fold"] == k, "id"].tolist())
 
 
-def teacher_prediction(run: Path, names: list[str], images: np.ndarray) -> np.ndarray:
+def teacher_prediction(run: Path, names: list[str], images: np.ndarray, file: str = "best.safetensors") -> np.ndarray:
     """Mean softmax of the named fold models, computed here without kagglecmr.pseudo."""
     import torch
 
@@ -38,7 +38,7 @@ def teacher_prediction(run: Path, names: list[str], images: np.ndarray) -> np.nd
 
     total = 0
     for name in names:
-        sd, meta = ckpt.load_best(run / name / "best.safetensors")
+        sd, meta = ckpt.load_best(run / name / file)
         model = build_model(Config.model_validate(meta["config"]), weights="none", check_size=False)
         model.load_state_dict(sd)
         total = total + predict_proba(model, images, torch.device("cpu"), batch_size=8)
@@ -145,6 +145,34 @@ def test_teachers_on_different_folds_files_are_refused(project, tmp_path, main_c
                     "--out", tmp_path / "pl", "--device", "cpu")
     assert_cli_error(proc, "another folds file")
     assert not (tmp_path / "pl").exists()
+
+
+def test_select_last_labels_with_every_teachers_last_checkpoint(project, tmp_path, main_cli, one_torch_thread):
+    out = tmp_path / "pl_last"
+    proc = main_cli("pseudo-label", "--runs", project.run, "--data", project.data, "--out", out, "--confidence",
+                    "0.6", "--device", "cpu", "--select", "last")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["select"] == "last"
+    k = 2
+    rec = manifest["per_fold"][f"fold{k}"]
+    assert [Path(t["checkpoint"]) for t in rec["teachers"]] == [project.run / f"fold{k}" / "last.safetensors"]
+    test = load_split(project.data, "test", labelled=False)
+    probs = teacher_prediction(project.run, [f"fold{k}"], test.images, "last.safetensors")
+    expect = probs.argmax(1).astype(np.uint8)
+    expect[probs.max(1) < 0.6] = 255
+    for i, e in zip(test.ids, expect):
+        p = out / f"fold{k}" / "train" / "mask" / f"{i}_mask.png"
+        assert np.array_equal(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), e) if p.is_file() else (e == 255).all()
+
+
+@pytest.mark.parametrize(("select", "words"), [("swa", "swa.safetensors"), ("final", "--select final")])
+def test_select_missing_or_unknown_checkpoint_is_refused(project, tmp_path, main_cli, assert_cli_error,
+                                                        select, words):
+    proc = main_cli("pseudo-label", "--runs", project.run, "--data", project.data, "--out", tmp_path / "pl",
+                    "--device", "cpu", "--select", select)
+    assert_cli_error(proc, words)
+    assert not (tmp_path / "pl").exists() and not list(tmp_path.glob(".pl.*"))
 
 
 # ------------------------------------------------------------------------------------ train --pseudo
