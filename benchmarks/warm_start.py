@@ -66,14 +66,19 @@ def main() -> None:
         same_all = True
         for f in range(args.folds):
             (ew, mw), (ec, mc) = fold_rows(runs["warm"], f), fold_rows(runs["cold"], f)
-            later = (lambda m: sum(float(r["time_s"]) for r in m[1:]) / max(1, len(m) - 1))
             same = ([{c: v for c, v in r.items() if c not in TIME_COLUMNS} for r in mw]
                     == [{c: v for c, v in r.items() if c not in TIME_COLUMNS} for r in mc])
             same_all &= same
             print(f"{f:4d} | {str(ew['warm_start']):>12s} {ew['setup_s']:8.2f} {float(mw[0]['time_s']):9.2f} "
-                  f"{later(mw):8.2f} | {ec['setup_s']:13.2f} {float(mc[0]['time_s']):9.2f} {later(mc):8.2f} | {same}")
+                  f"{_later_epochs_s(mw):8.2f} | {ec['setup_s']:13.2f} {float(mc[0]['time_s']):9.2f} "
+                  f"{_later_epochs_s(mc):8.2f} | {same}")
         print(f"wall: warm {walls['warm']:.1f} s, cold {walls['cold']:.1f} s ({walls['cold'] - walls['warm']:+.1f} s "
               f"cold - warm); metrics identical in every fold: {same_all}")
+
+
+def _later_epochs_s(rows: list[dict]) -> float:
+    """Mean seconds of the epochs after the first (metrics.csv rows)."""
+    return sum(float(r["time_s"]) for r in rows[1:]) / max(1, len(rows) - 1)
 
 
 if __name__ == "__main__":

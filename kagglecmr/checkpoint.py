@@ -35,6 +35,16 @@ def model_file(fold_dir: Path, select: str | None = None) -> Path:
     return fold_dir / MODEL_FILES.get(select, MODEL_FILES["best"])
 
 
+def selected_model_file(fold_dir: Path, select: str | None, run: Path) -> Path:
+    """:func:`model_file` of a finished fold, which must exist: a ``--select`` the fold never saved (``swa``
+    without ``train.swa_epochs``) is a one-line error naming the run and fold."""
+    path = model_file(fold_dir, select)
+    if not path.is_file():
+        raise KaggleCMRError(f"{run}: {Path(fold_dir).name} has no {path.name} (--select {select}: "
+                             f"{'trained without train.swa_epochs' if select == 'swa' else 'not saved'})")
+    return path
+
+
 def save_best(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, score: float,
               dataset: dict | None = None) -> None:
     """Model weights as safetensors, with the config, epoch and dataset description in its metadata."""

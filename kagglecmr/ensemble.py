@@ -60,7 +60,7 @@ def load_run(path: Path, device: torch.device, *, with_full: bool = False, selec
     best, last or swa for all folds) and, with ``with_full``, of the full fit (``full/``, from
     ``train --fold all``) when it exists.  The full fit holds nothing out, so it never enters
     out-of-fold predictions."""
-    from .checkpoint import load_best, model_file
+    from .checkpoint import load_best, model_file, selected_model_file
 
     path = Path(path)
     if not path.is_dir():
@@ -75,10 +75,7 @@ def load_run(path: Path, device: torch.device, *, with_full: bool = False, selec
         if not (d / "summary.json").is_file() or not model_file(d).is_file():
             raise KaggleCMRError(f"{path}: {d.name} is missing or unfinished "
                                  f"(train --fold {'all' if d.name == 'full' else k} --name {path.name})")
-        kept = model_file(d, select)
-        if not kept.is_file():
-            raise KaggleCMRError(f"{path}: {d.name} has no {kept.name} (--select {select}: "
-                                 f"{'trained without train.swa_epochs' if select == 'swa' else 'not saved'})")
+        kept = selected_model_file(d, select, path)
         sd, meta = load_best(kept)
         try:
             fcfg = Config.model_validate(meta["config"])

@@ -32,10 +32,10 @@ OFFLINE_HINT = (
 class SegModel(nn.Module):
     """``net`` plus the input handling every caller must agree on.
 
-    ``forward(x)`` takes ``[B, C, H, W]`` floats in ``[0, 1]`` (any H, W), normalises them (per image
-    z-score, per image and channel z-score, or a fixed ImageNet-like shift), optionally resizes them by ``input_scale`` (or to the square
-    ``input_size``), pads H and W up to the encoder's required multiple (``multiple``, usually 32), and
-    returns logits cropped and resized back to ``[B, K, H, W]``.
+    ``forward(x)`` takes ``[B, C, H, W]`` floats in ``[0, 1]`` (any H, W), normalises them (``normalize``:
+    z-score per image, per image and channel, or a fixed ImageNet-like shift), optionally resizes them by
+    ``input_scale`` (or to the square ``input_size``), pads H and W up to the encoder's required multiple
+    (``multiple``, usually 32), and returns logits cropped and resized back to ``[B, K, H, W]``.
     """
 
     def __init__(self, net: nn.Module, *, normalize: str = "image", input_size: int | None = None,

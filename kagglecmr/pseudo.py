@@ -149,7 +149,7 @@ def teacher_probs(run_dirs: list[Path], fold, images: np.ndarray, device, passes
     swa) picks that checkpoint of every fold instead of the one its ``train.select`` kept."""
     import torch
 
-    from .checkpoint import load_best, model_file
+    from .checkpoint import load_best, selected_model_file
     from .config import Config
     from .context import add_context
     from .infer import predict_proba
@@ -163,10 +163,7 @@ def teacher_probs(run_dirs: list[Path], fold, images: np.ndarray, device, passes
             d = Path(run) / name
             if not (d / "summary.json").is_file():
                 raise KaggleCMRError(f"{run}: {name} is missing or unfinished (train it before pseudo-labelling)")
-            path = model_file(d, select)
-            if not path.is_file():
-                raise KaggleCMRError(f"{run}: {name} has no {path.name} (--select {select}: "
-                                     f"{'trained without train.swa_epochs' if select == 'swa' else 'not saved'})")
+            path = selected_model_file(d, select, run)
             sd, meta = load_best(path)
             cfg = Config.model_validate(meta["config"])
             model = build_model(cfg, weights="none", check_size=False)
