@@ -18,13 +18,18 @@ from .io import atomic_path
 MODEL_FILES = {"best": "best.safetensors", "last": "last.safetensors", "swa": "swa.safetensors"}
 
 
+def check_select(select: str | None) -> None:
+    """A ``--select`` name must be one of :data:`MODEL_FILES` (``None``: each fold's ``train.select``)."""
+    if select is not None and select not in MODEL_FILES:
+        raise KaggleCMRError(f"--select {select}: expected {', '.join(MODEL_FILES)}")
+
+
 def model_file(fold_dir: Path, select: str | None = None) -> Path:
     """The checkpoint a finished fold keeps for ensembles: ``train.select`` of its ``summary.json``
     (``best`` for folds trained before the option existed), or ``select`` (best, last, swa) when given."""
     fold_dir = Path(fold_dir)
     if select is not None:
-        if select not in MODEL_FILES:
-            raise KaggleCMRError(f"--select {select}: expected {', '.join(MODEL_FILES)}")
+        check_select(select)
         return fold_dir / MODEL_FILES[select]
     select = "best"
     if (fold_dir / "summary.json").is_file():

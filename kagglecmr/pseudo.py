@@ -196,7 +196,7 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
                  confidence: float = 0.9, tta: bool = False, force: bool = False, device: str = "auto",
                  batch_size: int | None = None, select: str | None = None) -> dict:
     """Write ``out/fold<k>/``, ``out/full/`` and ``out/manifest.json`` (see the module docstring)."""
-    from .checkpoint import load_best, model_file
+    from .checkpoint import check_select, load_best, model_file
     from .config import Config
     from .data import load_split, png_size
     from .runtime import resolve_device, setup_threads
@@ -205,8 +205,7 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
         raise KaggleCMRError("--runs: give at least one teacher run")
     if not 0 <= confidence <= 1:
         raise KaggleCMRError(f"--confidence {confidence}: expected a probability 0..1")
-    if select is not None:
-        model_file(Path("."), select)  # an unknown name is an error before anything is read or written
+    check_select(select)  # an unknown name is an error before anything is read or written
     runs = [Path(r) for r in runs]
     for r in runs:
         if not r.is_dir() or not _fold_names(r):
