@@ -236,9 +236,11 @@ def _ensemble_result(res: dict) -> EnsembleResult:
 
 def load_ensemble(runs: list[str | Path] | str | Path | None = None, *, tta: bool = False,
                   tta_flips: list[str] | None = None, weights: list[float] | None = None, device: str = "auto",
-                  batch_size: int | None = None, full: bool = True, runs_dir: str | Path = "runs") -> Predictor:
+                  batch_size: int | None = None, full: bool = True, runs_dir: str | Path = "runs",
+                  select: str | None = None) -> Predictor:
     """The ensemble of ``runs`` ready for numpy images of any size: ``.predict_proba(images)`` (float32
     ``[N, K, H, W]``, a list when sizes differ), ``.predict(images)`` (class maps), ``.to_raw(labels)``.
+    ``select`` (best, last, swa): that checkpoint of every fold instead of its ``train.select``.
     ``runs`` may also be one ``.onnx``/``.pt`` file written by :func:`export` (onnxruntime / TorchScript)."""
     from .predictor import load_ensemble as _load
 
@@ -246,24 +248,25 @@ def load_ensemble(runs: list[str | Path] | str | Path | None = None, *, tta: boo
     if isinstance(one, (str, Path)) and Path(one).suffix.lower() in (".onnx", ".pt"):
         from .export import ExportPredictor
 
-        if tta or tta_flips or weights:
-            print(f"note: {one} has its TTA and weights built in; tta/tta_flips/weights are ignored", flush=True)
+        if tta or tta_flips or weights or select:
+            print(f"note: {one} has its models, TTA and weights built in; tta/tta_flips/weights/select are ignored",
+                  flush=True)
         return ExportPredictor.load(one)
     return _load(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
-                 full=full, runs_dir=Path(runs_dir))
+                 full=full, runs_dir=Path(runs_dir), select=select)
 
 
 def predict(images: list[str | Path] | str | Path, *, runs: list[str | Path] | str | Path | None = None,
             out: str | Path, tta: bool = False, tta_flips: list[str] | None = None, weights: list[float] | None = None,
             overlay: bool = False, force: bool = False, device: str = "auto", batch_size: int | None = None,
-            full: bool = True, runs_dir: str | Path = "runs") -> PredictResult:
+            full: bool = True, runs_dir: str | Path = "runs", select: str | None = None) -> PredictResult:
     """PNG files or folders -> ``out/<stem>.png`` masks in the dataset's mask values at each image's own
     size, plus ``<stem>_overlay.png`` with ``overlay`` (``kagglecmr predict``)."""
     from .predictor import predict_files
 
     inputs = [images] if isinstance(images, (str, Path)) else list(images)
     pred = load_ensemble(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
-                         full=full, runs_dir=runs_dir)
+                         full=full, runs_dir=runs_dir, select=select)
     res = predict_files(pred, inputs, Path(out), overlay=overlay, force=force)
     return PredictResult(res["masks"], res["overlays"], list(res["labels"]), res["files"])
 
@@ -271,7 +274,7 @@ def predict(images: list[str | Path] | str | Path, *, runs: list[str | Path] | s
 def export(runs: list[str | Path] | str | Path | None = None, *, out: str | Path, format: str = "onnx",  # noqa: A002
            tta: bool = False, tta_flips: list[str] | None = None, weights: list[float] | None = None,
            data: str | Path | None = None, full: bool = True, force: bool = False,
-           runs_dir: str | Path = "runs") -> ExportResult:
+           runs_dir: str | Path = "runs", select: str | None = None) -> ExportResult:
     """The whole ensemble as one ONNX / TorchScript file, verified against ``ensemble`` on ``data``'s
     labelled images (``kagglecmr export``)."""
     from .errors import KaggleCMRError
@@ -282,7 +285,7 @@ def export(runs: list[str | Path] | str | Path | None = None, *, out: str | Path
     if format == "onnx":
         _require_onnx()  # before minutes of loading
     pred = load_ensemble(runs, tta=tta, tta_flips=tta_flips, weights=weights, device="cpu", full=full,
-                         runs_dir=runs_dir)
+                         runs_dir=runs_dir, select=select)
     info = export_ensemble(pred, Path(out), format, data=None if data is None else Path(data), force=force)
     return ExportResult(Path(out), Path(out).with_name(Path(out).name + ".json"), info["max_abs_error"],
                         info["checked_on"], info)

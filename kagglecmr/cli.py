@@ -81,6 +81,8 @@ def encode(
     api.encode(mask_dir, out=out, force=force, num_classes=num_classes, data=data)
 
 
+SelectOpt = typer.Option(None, "--select", help="Checkpoint of every fold: best, last or swa (default: each "
+                         "fold's train.select); last/swa give an honest OOF.")
 ConfigOpt = typer.Option(None, "--config", "-c", help="Config path or shipped name (default, demo, offline, warwick); "
                          "default: the dataset file's recipe, else default.")
 SetOpt = typer.Option(None, "--set", help="Override a config key: --set train.lr=3e-4 (repeatable).")
@@ -129,8 +131,7 @@ def pseudo_label(
     tta: bool = typer.Option(False, "--tta", help="Flip TTA (the teachers' infer.tta)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
-    select: str | None = typer.Option(None, "--select", help="Checkpoint of every teacher fold: best, last or swa "
-                                      "(default: each fold's train.select)."),
+    select: str | None = SelectOpt,
 ) -> None:
     """Pseudo masks of an unlabelled split: one set per fold from that fold's teachers, one from all."""
     api.pseudo_label(runs, data=data, split=split, out=out, confidence=confidence, tta=tta, force=force,
@@ -156,8 +157,7 @@ def ensemble(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward pass (default: config infer.*)."),
     full: bool = typer.Option(True, "--full/--no-full", help="Add the full-fit model (train --fold all) if any."),
-    select: str | None = typer.Option(None, "--select", help="Checkpoint of every fold: best, last or swa "
-                                      "(default: each fold's train.select); last/swa give an honest OOF."),
+    select: str | None = SelectOpt,
 ) -> None:
     """Average fold softmax (+ flip TTA), OOF-tuned postprocessing, leaderboard-ready CSV."""
     splits = [s.strip() for item in split for s in item.split(",") if s.strip()]
@@ -199,10 +199,11 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward pass."),
     full: bool = FullOpt,
+    select: str | None = SelectOpt,
 ) -> None:
     """Masks for any PNG images, in the dataset's own mask values, at each image's own size."""
     api.predict(images, runs=runs, out=out, tta=tta, tta_flips=_flips(tta_flips), weights=weights, overlay=overlay,
-                force=force, device=device, batch_size=batch_size, full=full, runs_dir=runs_dir)
+                force=force, device=device, batch_size=batch_size, full=full, runs_dir=runs_dir, select=select)
 
 
 @app.command("export")
@@ -217,10 +218,11 @@ def export(
     data: Path | None = typer.Option(None, "--data", help="Dataset whose labelled images check the file."),
     full: bool = FullOpt,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    select: str | None = SelectOpt,
 ) -> None:
     """The whole ensemble (folds x runs x TTA, softmax mean) as one ONNX/TorchScript file, checked on load."""
     api.export(runs, out=out, format=fmt, tta=tta, tta_flips=_flips(tta_flips), weights=weights, data=data,
-               full=full, force=force, runs_dir=runs_dir)
+               full=full, force=force, runs_dir=runs_dir, select=select)
 
 
 @app.command("runs")

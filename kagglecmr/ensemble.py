@@ -44,6 +44,7 @@ class Run:
     cfg: Config
     models: dict[int, torch.nn.Module]
     holdout: dict[int, list[str]] = field(default_factory=dict)
+    kept: dict[int, str] = field(default_factory=dict)  # checkpoint file each fold's model came from
 
 
 def latest_run(runs_dir: Path) -> Path:
@@ -69,7 +70,7 @@ def load_run(path: Path, device: torch.device, *, with_full: bool = False, selec
     if not fold_dirs:
         raise KaggleCMRError(f"{path}: no fold folders (train --fold 0..4 first)")
     n = int(fold_dirs[-1].name[4:]) + 1
-    models, holdout, cfg = {}, {}, None
+    models, holdout, kept_files, cfg = {}, {}, {}, None
     dirs = [path / f"fold{k}" for k in range(n)] + ([path / "full"] if with_full and (path / "full").is_dir() else [])
     for k, d in enumerate(dirs):
         if not (d / "summary.json").is_file() or not model_file(d).is_file():
@@ -77,6 +78,7 @@ def load_run(path: Path, device: torch.device, *, with_full: bool = False, selec
                                  f"(train --fold {'all' if d.name == 'full' else k} --name {path.name})")
         kept = selected_model_file(d, select, path)
         sd, meta = load_best(kept)
+        kept_files[k] = f"{d.name}/{kept.name}"
         try:
             fcfg = Config.model_validate(meta["config"])
         except Exception:
@@ -91,7 +93,7 @@ def load_run(path: Path, device: torch.device, *, with_full: bool = False, selec
         if (d / "oof.npz").is_file():
             with np.load(d / "oof.npz") as z:
                 holdout[k] = [str(i) for i in z["ids"]]
-    return Run(path.name, path, cfg, models, holdout)
+    return Run(path.name, path, cfg, models, holdout, kept_files)
 
 
 def check_compatible(runs: list[Run]) -> None:

@@ -258,6 +258,7 @@ def export_ensemble(pred: Predictor, out: Path, fmt: str, *, data=None, force: b
         "output": {"name": "probs", "dtype": "float32", "shape": ["N", k, h, w], "note": "softmax, sums to 1"},
         "classes": pred.classes, "mask_values": pred.dataset["mask_values"],
         "tta": list(pred.passes), "runs": [str(r.path) for r in pred.runs], "weights": [float(x) for x in pred.weights],
+        "checkpoints": [list(r.kept.values()) for r in pred.runs],
         "models": pred.n_models, "max_abs_error": err, "tolerance": TOLERANCE, "checked_on": checked_on,
         "checked_with": "onnxruntime" if fmt == "onnx" else "torch.jit.load",
         "torch": torch.__version__, "python": platform.python_version(),

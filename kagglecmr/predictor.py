@@ -189,15 +189,16 @@ class Predictor:
 
 def load_ensemble(runs, *, tta: bool = False, tta_flips: list[str] | None = None, weights: list[float] | None = None,
                   device: str = "auto", batch_size: int | None = None, full: bool = True,
-                  runs_dir: Path = Path("runs")) -> Predictor:
+                  runs_dir: Path = Path("runs"), select: str | None = None) -> Predictor:
     """The fold models of ``runs`` (one path or a list; default the latest under ``runs_dir``) with the full
-    fit when present (``full``), flip TTA as ``ensemble --tta`` and run ``weights``."""
+    fit when present (``full``), flip TTA as ``ensemble --tta`` and run ``weights``; ``select`` (best, last,
+    swa) takes that checkpoint of every fold instead of its ``train.select``, as ``ensemble --select``."""
     if runs is None or (isinstance(runs, (list, tuple)) and not runs):
         runs = [latest_run(runs_dir)]
     paths = [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
     dev = resolve_device(device)
     setup_threads(0)
-    loaded = [load_run(p, dev, with_full=full) for p in paths]
+    loaded = [load_run(p, dev, with_full=full, select=select) for p in paths]
     check_compatible(loaded)
     passes = tta_passes(loaded, tta or bool(tta_flips), tta_flips)
     bs = batch_size or loaded[0].cfg.infer.batch_size_for(dev.type)

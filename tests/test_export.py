@@ -75,6 +75,8 @@ def test_torchscript_export_via_cli_checks_on_random_images(run2, tmp_path, main
     assert "max |probs - ensemble|" in proc.stdout and "random images" in proc.stdout
     info = json.loads((tmp_path / "two.pt.json").read_text())
     assert info["max_abs_error"] <= 1e-3 and info["tta"] == ["none", "hflip", "vflip", "hvflip"]
+    kept = [f for run in info["checkpoints"] for f in run]  # which checkpoint of each fold went in
+    assert len(kept) == info["models"] and all(f.endswith("/best.safetensors") for f in kept)
     traced = torch.jit.load(str(out))
     with torch.no_grad():
         probs = traced(torch.from_numpy(nchw)).numpy()

@@ -161,3 +161,32 @@ def test_prepare_image_keeps_the_datasets_channels():
     assert prepare_image(img, 2, (8, 10), keep=[0, 1])[0, 0].tolist() == [10, 20]
     assert prepare_image(img, 2, (8, 10))[0, 0].tolist() == [10, 20]  # no list: the first two, as before
     assert prepare_image(img[..., :2], 2, (4, 5), keep=[0, 1]).shape == (4, 5, 2)  # already the kept channels
+
+
+def test_select_last_predicts_with_every_folds_last_checkpoint(project, tmp_path, main_cli, assert_cli_error,
+                                                                test_images, one_torch_thread):
+    """``predict --select last`` (and ``load_ensemble(select=...)``, which ``export`` shares) predicts with the
+    ``last.safetensors`` of every fold, as ``ensemble --select last`` scores them; unknown names are refused."""
+    from kagglecmr.ensemble import load_run
+
+    batch = np.stack(test_images)
+    last = kc.load_ensemble(project.run, device="cpu", select="last")
+    assert [list(r.kept.values()) for r in last.runs] == [[f"fold{k}/last.safetensors" for k in range(5)]]
+    ref = predict_images([load_run(project.run, torch.device("cpu"), select="last")], batch[..., None],
+                         torch.device("cpu"), ["none"], np.ones(1), 8)
+    np.testing.assert_array_equal(last.predict_proba(batch), ref.astype(np.float32))
+    best = kc.load_ensemble(project.run, device="cpu")
+    assert list(best.runs[0].kept.values()) == [f"fold{k}/best.safetensors" for k in range(5)]
+    assert not np.array_equal(best.predict_proba(batch), last.predict_proba(batch))  # the two checkpoints differ
+
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), test_images[0])
+    run = copy_run(project.run, tmp_path / "runs" / "r", slim=True)
+    proc = main_cli("predict", src, "--runs", run, "--out", tmp_path / "out", "--device", "cpu", "--select", "last")
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "a.png"), cv2.IMREAD_UNCHANGED),
+                                  last.to_raw(last.predict(test_images[:1]))[0])
+    proc = main_cli("predict", src, "--runs", run, "--out", tmp_path / "out2", "--device", "cpu", "--select", "swa")
+    assert_cli_error(proc, "swa.safetensors", "train.swa_epochs")
+    assert not (tmp_path / "out2").exists()
