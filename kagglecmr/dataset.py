@@ -65,7 +65,19 @@ def auto_mask_map(values, num_classes: int | None, where: str) -> dict[int, int]
         return {v: i for i, v in enumerate(vs)}
     shown = ", ".join(map(str, vs[:12])) + (", ..." if n > 12 else "")
     raise DataError(f"{where}: mask_values auto cannot map the mask values found ({shown}) to "
-                    f"{k or 'its'} classes; give a map, e.g. mask_values: {{{vs[0]}: 0, {vs[-1]}: 1}}")
+                    f"{k or 'its'} classes; give a map, e.g. mask_values: {{{vs[0]}: 0, {vs[-1]}: 1}}, or for a "
+                    f"binary task mask_values: threshold (noisy 0/255, e.g. JPEG) or nonzero (instance ids)")
+
+
+MASK_RULES = ("nonzero", "threshold")
+
+
+def binary_mask(raw: np.ndarray, rule: str) -> np.ndarray:
+    """``mask_values: nonzero`` (any value > 0 is foreground: instance-id masks) or ``threshold`` (values
+    from half the pixel type's range up: 128 of 8 bits, 32768 of 16 bits; JPEG or anti-aliased masks)."""
+    if rule == "nonzero":
+        return (raw > 0).astype(np.uint8)
+    return (raw >= (128 if raw.dtype == np.uint8 else 32768)).astype(np.uint8)
 
 
 @dataclass
@@ -86,6 +98,7 @@ class Dataset:
     folder: bool = False
     resized: bool = False
     size_error: str | None = None  # images differ in size and nothing says which to use (yet)
+    mask_rule: str | None = None  # nonzero | threshold: binary masks by a rule instead of the value map
     notes: list[str] = field(default_factory=list)
     _items: dict[str, list] = field(default_factory=dict, repr=False)
     _masked: dict[str, bool] = field(default_factory=dict, repr=False)
@@ -121,6 +134,9 @@ class Dataset:
 
     def read_mask(self, path: Path, *, resize: bool = True) -> np.ndarray:
         raw = D.decode_mask(path)
+        if self.mask_rule:
+            m = binary_mask(raw, self.mask_rule)
+            return D.resize_to(m, self.size, nearest=True) if resize else m
         lut = np.full(int(raw.max(initial=0)) + 1, 255, np.uint8)
         for v, k in self.mask_values.items():
             if v < len(lut):
@@ -185,7 +201,7 @@ class Dataset:
             "source_channels": self.source_channels, "channels": list(self.channels), "in_channels": self.in_channels,
             "dropped_channels": [c for c in range(self.source_channels) if c not in self.channels],
             "size": list(self.size) if self.size else None, "resized": self.resized,
-            "mask_values": {str(v): k for v, k in sorted(self.mask_values.items())},
+            "mask_values": {str(v): k for v, k in sorted(self.mask_values.items())}, "mask_rule": self.mask_rule,
             "submission": self.submission.to_dict(), "group": self.group, "recipe": self.recipe, "notes": list(self.notes),
             "splits": {s: {"images": len(self._items[s]), "masks": self.has_masks(s)} for s in self.split_names()},
         }
@@ -241,7 +257,8 @@ def _size(path: Path, items: dict, train_images, setting) -> tuple[tuple[int, in
     return next(iter(seen)), False
 
 
-def _mask_map(path: Path, items, masked, spec_map, k: int | None, folder: bool) -> tuple[dict[int, int], int]:
+def _mask_map(path: Path, items, masked, spec_map, k: int | None,
+              folder: bool) -> tuple[dict[int, int], int, str | None]:
     values: dict[int, Path] = {}
     for split, rows in items.items():
         if masked.get(split):
@@ -250,17 +267,25 @@ def _mask_map(path: Path, items, masked, spec_map, k: int | None, folder: bool) 
                     values.setdefault(int(v), mp)
     if folder and max(values, default=0) < MAX_LABEL_CLASSES:  # labels 0..K-1, as before dataset files
         k = max(2, max(values, default=0) + 1)
-        return {v: v for v in range(k)}, k
-    if spec_map != "auto" and not folder:
+        return {v: v for v in range(k)}, k, None
+    if spec_map in MASK_RULES and not folder:
+        if k not in (None, 2):
+            raise DataError(f"{path}: mask_values: {spec_map} makes a binary task, but classes has {k} names")
+        rule = binary_mask(np.array(sorted(values), np.uint16 if max(values, default=0) > 255 else np.uint8), spec_map)
+        if not rule.any():
+            raise DataError(f"{path}: mask_values: {spec_map}: no mask has a foreground value "
+                            f"(values found: {', '.join(map(str, sorted(values)[:12]))})")
+        return {0: 0, 255 if max(values) <= 255 else 65535: 1}, 2, spec_map
+    if isinstance(spec_map, dict) and not folder:
         k = k or max(spec_map.values()) + 1
         if max(spec_map.values()) >= k:
             raise DataError(f"{path}: mask_values: class {max(spec_map.values())} but only {k} classes")
         for v, mp in values.items():
             if v not in spec_map:
                 raise DataError(f"{mp}: mask value {v} is not in {path}'s mask_values")
-        return dict(spec_map), k
+        return dict(spec_map), k, None
     mapping = auto_mask_map(values, k, str(path))
-    return mapping, k or max(mapping.values()) + 1
+    return mapping, k or max(mapping.values()) + 1, None
 
 
 def _submission_format(d: dict | None, num_classes: int, names: list[str], source: str):
@@ -305,12 +330,12 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
             raise
         size, resized, size_error = None, False, str(exc).replace("set size:", "set data.size and data.resize: true")
     k = len(spec.classes) if spec.classes else None
-    mapping, k = _mask_map(path, items, masked, spec.mask_values, k, folder)
+    mapping, k, rule = _mask_map(path, items, masked, spec.mask_values, k, folder)
     names = list(spec.classes) if spec.classes else ["background"] + [f"class{c}" for c in range(1, k)]
     ds = Dataset(name=spec.name or (path.name if folder else path.stem), path=path, root=root, classes=names,
                  mask_values=mapping, channels=channels, source_channels=source, size=size,
                  group=spec.group, recipe=spec.recipe, folder=folder, resized=resized, size_error=size_error, notes=notes,
-                 _items=items, _masked=masked)
+                 mask_rule=rule, _items=items, _masked=masked)
     ds.submission = _submission_format(spec.submission, k, names, str(path))
     return ds
 

@@ -33,7 +33,7 @@ class DatasetFile(BaseModel):
     root: str = "."
     classes: list[str] | None = Field(None, min_length=2)
     splits: dict[Literal["train", "val", "test"], SplitPatterns]
-    mask_values: Literal["auto"] | dict[int, int] = "auto"
+    mask_values: Literal["auto", "nonzero", "threshold"] | dict[int, int] = "auto"
     channels: Literal["auto"] | list[int] = "auto"
     size: Literal["auto"] | int | tuple[int, int] = "auto"
     group: str | None = None
@@ -80,8 +80,8 @@ class DatasetFile(BaseModel):
     @field_validator("mask_values")
     @classmethod
     def _map(cls, v):
-        if v != "auto" and (not v or min(v.values()) < 0 or min(v) < 0):
-            raise ValueError("must be auto or a map {raw value: class} of non-negative integers")
+        if isinstance(v, dict) and (not v or min(v.values()) < 0 or min(v) < 0):
+            raise ValueError("must be auto, nonzero, threshold or a map {raw value: class} of non-negative integers")
         return v
 
 

@@ -117,6 +117,41 @@ def test_auto_mask_map_refuses_and_lists_values(values, k):
     assert ", ".join(map(str, sorted(values))) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_jpeg_masks_with_threshold_and_instance_masks_with_nonzero(tmp_path):
+    """Binary tasks whose masks are not clean label maps: JPEG-compressed 0/255 masks (values smeared
+    around 0 and 255 at edges) need ``threshold``; instance-id masks (one value per object) ``nonzero``."""
+    hw = (40, 48)
+    truth = {}
+    for i in range(4):
+        m = np.zeros(hw, np.uint8)
+        cv2.circle(m, (24, 20), 8 + i, 255, -1)
+        truth[f"k{i}"] = (m > 0).astype(np.uint8)
+        write_png(tmp_path / "kv" / "images" / f"k{i}.png", rgb(i, hw, dead_blue=False)[:, :, ::-1])
+        p = tmp_path / "kv" / "masks" / f"k{i}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(p), m, [cv2.IMWRITE_JPEG_QUALITY, 70])
+        inst = np.zeros(hw, np.uint8)
+        inst[2:10, 2:10], inst[20:30, 30:40] = 1, 7 + i  # instance ids 1 and 7+i
+        write_png(tmp_path / "gl" / f"g{i}.png", rgb(i, hw)[:, :, ::-1])
+        write_png(tmp_path / "gl" / f"g{i}_anno.png", inst)
+    kv = {"root": "kv", "splits": {"train": {"image": "images/{id}.png", "mask": "masks/{id}.jpg"}}}
+    with pytest.raises(DataError, match="mask_values: threshold"):  # auto refuses and says what to use
+        load_dataset(write_dataset(tmp_path, kv, "kv_auto.yaml"))
+    ds = load_dataset(write_dataset(tmp_path, kv | {"mask_values": "threshold"}, "kv.yaml"))
+    assert ds.num_classes == 2 and ds.mask_values == {0: 0, 255: 1} and ds.describe()["mask_rule"] == "threshold"
+    masks = ds.labelled().masks
+    for i, m in zip(ds.labelled().ids, masks):
+        assert set(np.unique(m)) <= {0, 1}
+        assert np.abs(m.astype(int) - truth[i]).sum() <= 4  # JPEG ringing moves at most a few edge pixels
+    np.testing.assert_array_equal(ds.to_raw(masks[0]), masks[0] * 255)  # written back as 0/255
+    gl = {"root": "gl", "splits": {"train": {"image": "{id}.png", "mask": "{id}_anno.png"}}, "mask_values": "nonzero"}
+    g = load_dataset(write_dataset(tmp_path, gl, "gl.yaml"))
+    m = g.labelled().masks[3]
+    assert m[5, 5] == 1 and m[25, 35] == 1 and m[15, 20] == 0 and m.sum() == 64 + 100
+    with pytest.raises(DataError, match="binary task, but classes has 3 names"):
+        load_dataset(write_dataset(tmp_path, gl | {"classes": ["bg", "a", "b"]}, "gl3.yaml"))
+
+
 def test_rgba_and_16bit_images(tmp_path):
     for i in range(3):
         bgra = np.dstack([rgb(i)[:, :, ::-1], np.full((24, 32), 255, np.uint8)])
