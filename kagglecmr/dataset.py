@@ -33,6 +33,7 @@ from . import data as D
 from .data import Split
 from .dataset_file import DatasetFile, SplitPatterns, file_items, read_dataset_file
 from .errors import ConfigError, DataError
+from .labels_csv import CsvMask
 
 DATASET_FILE = "dataset.yaml"
 SPLIT_NAMES = ("train", "val", "test")
@@ -133,6 +134,9 @@ class Dataset:
         return D.resize_to(img, self.size, nearest=False) if resize else img
 
     def read_mask(self, path: Path, *, resize: bool = True) -> np.ndarray:
+        if isinstance(path, CsvMask):  # class labels straight from a run-length CSV
+            m = path.decode()
+            return D.resize_to(m, self.size, nearest=True) if resize else m
         raw = D.decode_mask(path)
         if self.mask_rule:
             m = binary_mask(raw, self.mask_rule)
@@ -260,11 +264,19 @@ def _size(path: Path, items: dict, train_images, setting) -> tuple[tuple[int, in
 def _mask_map(path: Path, items, masked, spec_map, k: int | None,
               folder: bool) -> tuple[dict[int, int], int, str | None]:
     values: dict[int, Path] = {}
+    csv_k = max((mp.table.num_classes for rows in items.values() for _, _, mp in rows if isinstance(mp, CsvMask)),
+                default=None)
     for split, rows in items.items():
         if masked.get(split):
             for _, _, mp in rows:
+                if isinstance(mp, CsvMask):
+                    continue
                 for v in np.unique(D.decode_mask(mp)).tolist():
                     values.setdefault(int(v), mp)
+    if csv_k is not None:
+        k = k or csv_k
+        if not values:  # every mask comes from a labels CSV: its values are the classes
+            return {v: v for v in range(k)}, k, None
     if folder and max(values, default=0) < MAX_LABEL_CLASSES:  # labels 0..K-1, as before dataset files
         k = max(2, max(values, default=0) + 1)
         return {v: v for v in range(k)}, k, None

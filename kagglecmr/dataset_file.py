@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .data import natural_sorted
 from .errors import DataError
+from .labels_csv import CsvLabels, CsvMask, is_csv_pattern
 
 
 class SplitPatterns(BaseModel):
@@ -38,6 +39,7 @@ class DatasetFile(BaseModel):
     size: Literal["auto"] | int | tuple[int, int] = "auto"
     group: str | None = None
     submission: dict[str, Any] | None = None
+    labels: dict[str, Any] | None = None  # how a split's labels CSV is read (kagglecmr.labels_csv)
     recipe: str | None = None
 
     @field_validator("splits")
@@ -47,9 +49,12 @@ class DatasetFile(BaseModel):
             raise ValueError("needs a 'train' split")
         for name, s in v.items():
             for kind, pat in (("image", s.image), ("mask", s.mask)):
+                if kind == "mask" and is_csv_pattern(pat) and not pat.startswith("/") and "\\" not in pat:
+                    continue  # masks from a run-length CSV
                 if pat is not None and (pat.count("{id}") != 1 or re.search(r"\{(?!id\})", pat)
                                         or pat.startswith("/") or "\\" in pat):
-                    raise ValueError(f"{name}.{kind}: pattern {pat!r} must be a relative path with {{id}} exactly once")
+                    raise ValueError(f"{name}.{kind}: pattern {pat!r} must be a relative path with {{id}} exactly once"
+                                     + (" (or a labels .csv file)" if kind == "mask" else ""))
         return v
 
     @field_validator("channels")
@@ -134,13 +139,25 @@ def read_dataset_file(path: Path) -> DatasetFile:
 
 
 def file_items(path: Path, root: Path, spec: DatasetFile) -> tuple[dict, dict]:
-    items, masked = {}, {}
+    items, masked, tables, known = {}, {}, {}, {}
     for split, pats in spec.splits.items():
-        images = _match(root, pats.image, pats.mask)
+        csv_masks = is_csv_pattern(pats.mask)
+        images = _match(root, pats.image, None if csv_masks else pats.mask)
         if not images:
             raise DataError(f"{path}: splits.{split}.image: no file matches {root / pats.image}")
-        masks = _match(root, pats.mask, pats.image) if pats.mask else {}
-        if pats.mask:
+        if csv_masks:
+            csv_path = root / pats.mask
+            if not csv_path.is_file():
+                raise DataError(f"{path}: splits.{split}.mask: labels CSV {csv_path} not found")
+            if csv_path not in tables:
+                fmt = spec.labels if spec.labels is not None else \
+                    {k: v for k, v in (spec.submission or {}).items() if k in ("id", "header", "order", "start")}
+                tables[csv_path] = CsvLabels(csv_path, fmt, spec.classes, str(path))
+            known.setdefault(csv_path, set()).update(images)
+            masks = {i: CsvMask(tables[csv_path], i, p) for i, p in images.items()}
+        else:
+            masks = _match(root, pats.mask, pats.image) if pats.mask else {}
+        if pats.mask and not csv_masks:
             for i, p in images.items():
                 if i not in masks:
                     raise DataError(f"{p}: image has no mask ({root / pats.mask.replace('{id}', i)} missing)")
@@ -149,6 +166,10 @@ def file_items(path: Path, root: Path, spec: DatasetFile) -> tuple[dict, dict]:
                     raise DataError(f"{p}: mask has no image ({root / pats.image.replace('{id}', i)} missing)")
         items[split] = [(i, images[i], masks.get(i)) for i in natural_sorted(images)]
         masked[split] = bool(pats.mask)
+    for csv_path, table in tables.items():
+        table.check_ids(known[csv_path])
+    if spec.labels is not None and not tables:
+        raise DataError(f"{path}: labels: describes a labels CSV, but no split's mask is a .csv file")
     return items, masked
 
 
