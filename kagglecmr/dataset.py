@@ -9,12 +9,13 @@
     splits:                              # train required; val and test optional
       train: {image: "Train/image_{id}.png", mask: "Train/label_{id}.png"}
       test:  {image: "Test/image_{id}.png", mask: "Test/label_{id}.png"}
-    mask_values: auto                    # or {0: 0, 255: 1} (also merges labels)
+    mask_values: auto                    # or {0: 0, 255: 1} (also merges labels), or threshold / nonzero (binary)
     channels: auto                       # or [0, 1] (RGB order)
     size: auto                           # or 128 or [H, W]
     group: null                          # or a regex whose first group, applied to the id, names a group
     submission: {id: "{id}_mask{class}", header: [id, encoding], order: column, start: 1, classes: [1, 2, 3]}
     recipe: null                         # experiment config `train` uses without --config
+    labels: null                         # a split's mask may be a run-length CSV (kagglecmr.labels_csv)
 
 :func:`load_dataset` lists every split's files, reads the training masks (value map, classes) and
 images (channels, sizes) and fails early with a one-line :class:`DataError` naming the file.
