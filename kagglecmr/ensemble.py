@@ -303,6 +303,12 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
         if oof_probs is None:
             oof_probs = predict_oof(loaded, labelled, dev, passes, w, batch_size)
         oof_pred = report_oof(oof_probs, labelled, passes, k)
+        if any(tuple(hw) != labelled.masks.shape[1:] for hw in labelled.sizes()):  # resized for the model
+            from .evaluate import truth_masks
+
+            own = {i: label_at_size(p, hw) for i, p, hw in zip(labelled.ids, oof_probs, labelled.sizes())}
+            print(score_report("OOF at each image's own size (the leaderboard's way)", own,
+                               truth_masks(ds, None, labelled.ids), ds), flush=True)
         if postprocess == "auto":
             plan = choose_postprocessing(oof_pred, labelled, k)
             if len(loaded) == 1 and select is None:  # the run's own models: its plan and record

@@ -102,6 +102,15 @@ def test_any_competition_end_to_end(tmp_path, main_cli):
     assert f"{result['score']:.4f}" == line.split()[2]
     assert {"iou", "pixel_accuracy"} <= set(result)
 
+    # out-of-fold: the printed own-size line is what the leaderboard metric gives the written OOF CSV
+    oof = main_cli("ensemble", "--runs", tmp_path / "runs" / "tiny", "--data", ds_path, "--split", "oof", "--tta",
+                   "--postprocess", "none", "--out", tmp_path / "oof.csv", "--device", "cpu")
+    assert oof.returncode == 0, oof.stderr
+    own = next(x for x in oof.stdout.splitlines() if x.startswith("OOF at each image's own size"))
+    scored_oof = main_cli("score", tmp_path / "oof.csv", "--data", ds_path, "--json")
+    assert scored_oof.returncode == 0, scored_oof.stderr
+    assert f"Dice: {json.loads(scored_oof.stdout)['score']:.4f} " in own
+
     again = main_cli("encode", tmp_path / "masks", "--data", ds_path, "--out", tmp_path / "again.csv")
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again.csv").read_text() == sub.read_text()
