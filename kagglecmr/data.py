@@ -324,17 +324,33 @@ def decode_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
+class ColourMaskError(DataError):
+    """A mask whose pixels are colours (r, g, b not all equal) where grey labels were expected."""
+
+
 def decode_mask(path: str | Path) -> np.ndarray:
-    """A label mask's raw values (uint8 or uint16 ``[H, W]``); colour masks are errors."""
+    """A label mask's raw values (uint8 or uint16 ``[H, W]``); colour masks are :class:`ColourMaskError`."""
     path = Path(path)
     m = _imread(path, cv2.IMREAD_UNCHANGED)
     if m.ndim == 3:
         if m.shape[2] >= 3 and not (np.array_equal(m[:, :, 0], m[:, :, 1]) and np.array_equal(m[:, :, 0], m[:, :, 2])):
-            raise DataError(f"{path}: mask is a colour image; expected one channel of class labels")
+            raise ColourMaskError(f"{path}: mask is a colour image; expected one channel of class labels "
+                                  f"(colour-coded classes: describe them in a dataset file's mask_values)")
         m = m[:, :, 0]
     if m.dtype not in (np.uint8, np.uint16):
         raise DataError(f"{path}: unsupported mask pixel type {m.dtype}")
     return np.ascontiguousarray(m)
+
+
+def decode_colour_mask(path: str | Path) -> np.ndarray:
+    """A colour-coded mask as ``0xRRGGBB`` codes (uint32 ``[H, W]``; grey pixels have r = g = b)."""
+    from .mask_values import colour_codes
+
+    path = Path(path)
+    m = _imread(path, cv2.IMREAD_UNCHANGED)
+    if m.dtype != np.uint8:
+        raise DataError(f"{path}: colour masks must be 8-bit (found {m.dtype})")
+    return colour_codes(m if m.ndim == 2 or m.shape[2] >= 3 else m[:, :, 0])
 
 
 def resize_to(arr: np.ndarray, hw: tuple[int, int], *, nearest: bool) -> np.ndarray:

@@ -35,51 +35,21 @@ from .data import Split
 from .dataset_file import DatasetFile, SplitPatterns, file_items, read_dataset_file
 from .errors import ConfigError, DataError
 from .labels_csv import CsvMask
+from .mask_values import (  # noqa: F401 (auto_mask_map, class_to_raw: re-exported)
+    MASK_RULES,
+    auto_mask_map,
+    binary_mask,
+    class_to_raw,
+    hex_colour,
+    is_colour_map,
+    labels_to_raw,
+    map_values,
+    parse_raw,
+)
 
 DATASET_FILE = "dataset.yaml"
 SPLIT_NAMES = ("train", "val", "test")
 MAX_LABEL_CLASSES = 32  # a folder's mask values below this are class labels; above, grey levels (mask_values: auto)
-
-
-def class_to_raw(mask_values: dict, num_classes: int) -> np.ndarray:
-    """Lookup table ``class -> raw mask value`` from ``{raw: class}`` (keys may be strings, as in
-    ``dataset.json``): the smallest raw value of each class wins; a class without one keeps its index."""
-    lut = np.arange(num_classes, dtype=np.int64)
-    seen = set()
-    for raw, k in sorted((int(r), int(c)) for r, c in mask_values.items()):
-        if 0 <= k < num_classes and k not in seen:
-            lut[k] = raw
-            seen.add(k)
-    return lut
-
-
-def auto_mask_map(values, num_classes: int | None, where: str) -> dict[int, int]:
-    """``mask_values: auto``: 0..K-1 stay; {0, v} -> {0, 1}; K evenly spaced grey levels -> 0..K-1."""
-    vs = sorted(int(v) for v in values)
-    n, k = len(vs), num_classes
-    if k is not None and vs and vs[-1] < k:
-        return {v: v for v in range(k)}
-    if k is None and n >= 2 and vs == list(range(n)):
-        return {v: v for v in range(n)}
-    if n == 2 and vs[0] == 0 and k in (None, 2):
-        return {0: 0, vs[1]: 1}
-    if n >= 3 and vs[0] == 0 and k in (None, n) and all(abs(v - i * vs[-1] / (n - 1)) <= 1 for i, v in enumerate(vs)):
-        return {v: i for i, v in enumerate(vs)}
-    shown = ", ".join(map(str, vs[:12])) + (", ..." if n > 12 else "")
-    raise DataError(f"{where}: mask_values auto cannot map the mask values found ({shown}) to "
-                    f"{k or 'its'} classes; give a map, e.g. mask_values: {{{vs[0]}: 0, {vs[-1]}: 1}}, or for a "
-                    f"binary task mask_values: threshold (noisy 0/255, e.g. JPEG) or nonzero (instance ids)")
-
-
-MASK_RULES = ("nonzero", "threshold")
-
-
-def binary_mask(raw: np.ndarray, rule: str) -> np.ndarray:
-    """``mask_values: nonzero`` (any value > 0 is foreground: instance-id masks) or ``threshold`` (values
-    from half the pixel type's range up: 128 of 8 bits, 32768 of 16 bits; JPEG or anti-aliased masks)."""
-    if rule == "nonzero":
-        return (raw > 0).astype(np.uint8)
-    return (raw >= (128 if raw.dtype == np.uint8 else 32768)).astype(np.uint8)
 
 
 @dataclass
@@ -101,6 +71,7 @@ class Dataset:
     resized: bool = False
     size_error: str | None = None  # images differ in size and nothing says which to use (yet)
     mask_rule: str | None = None  # nonzero | threshold: binary masks by a rule instead of the value map
+    colour: bool = False  # colour-coded masks: mask_values keys are 0xRRGGBB colours
     notes: list[str] = field(default_factory=list)
     _items: dict[str, list] = field(default_factory=dict, repr=False)
     _masked: dict[str, bool] = field(default_factory=dict, repr=False)
@@ -138,6 +109,9 @@ class Dataset:
         if isinstance(path, CsvMask):  # class labels straight from a run-length CSV
             m = path.decode()
             return D.resize_to(m, self.size, nearest=True) if resize else m
+        if self.colour:
+            m = map_values(D.decode_colour_mask(path), self.mask_values, str(path), str(self.path))
+            return D.resize_to(m, self.size, nearest=True) if resize else m
         raw = D.decode_mask(path)
         if self.mask_rule:
             m = binary_mask(raw, self.mask_rule)
@@ -155,8 +129,11 @@ class Dataset:
 
     def to_raw(self, label_mask: np.ndarray) -> np.ndarray:
         """Class labels -> the dataset's own mask values (the first raw value of each class)."""
-        lut = class_to_raw(self.mask_values, self.num_classes)
-        return lut[np.asarray(label_mask)].astype(np.uint16 if lut.max() > 255 else np.uint8)
+        return labels_to_raw(label_mask, self.raw_values(), self.num_classes)
+
+    def raw_values(self) -> dict:
+        """``mask_values`` as written in ``dataset.json``: ``{"255": 1}`` or ``{"#ff0000": 1}``."""
+        return {hex_colour(v) if self.colour else str(v): k for v, k in sorted(self.mask_values.items())}
 
     def load(self, split: str, labelled: bool | None = None) -> Split:
         """Decode a split at the model size (masks when it has them, or as ``labelled`` says)."""
@@ -206,7 +183,7 @@ class Dataset:
             "source_channels": self.source_channels, "channels": list(self.channels), "in_channels": self.in_channels,
             "dropped_channels": [c for c in range(self.source_channels) if c not in self.channels],
             "size": list(self.size) if self.size else None, "resized": self.resized,
-            "mask_values": {str(v): k for v, k in sorted(self.mask_values.items())}, "mask_rule": self.mask_rule,
+            "mask_values": self.raw_values(), "mask_rule": self.mask_rule,
             "submission": self.submission.to_dict(), "group": self.group, "recipe": self.recipe, "notes": list(self.notes),
             "splits": {s: {"images": len(self._items[s]), "masks": self.has_masks(s)} for s in self.split_names()},
         }
@@ -263,24 +240,36 @@ def _size(path: Path, items: dict, train_images, setting) -> tuple[tuple[int, in
 
 
 def _mask_map(path: Path, items, masked, spec_map, k: int | None,
-              folder: bool) -> tuple[dict[int, int], int, str | None]:
-    values: dict[int, Path] = {}
+              folder: bool) -> tuple[dict[int, int], int, str | None, bool]:
     csv_k = max((mp.table.num_classes for rows in items.values() for _, _, mp in rows if isinstance(mp, CsvMask)),
                 default=None)
-    for split, rows in items.items():
-        if masked.get(split):
-            for _, _, mp in rows:
-                if isinstance(mp, CsvMask):
-                    continue
-                for v in np.unique(D.decode_mask(mp)).tolist():
-                    values.setdefault(int(v), mp)
+    colour = isinstance(spec_map, dict) and not folder and is_colour_map(spec_map)
+
+    def collect(decode) -> dict[int, Path]:
+        found: dict[int, Path] = {}
+        for split, rows in items.items():
+            for _, _, mp in rows if masked.get(split) else []:
+                if not isinstance(mp, CsvMask):
+                    for v in np.unique(decode(mp)).tolist():
+                        found.setdefault(int(v), mp)
+        return found
+
+    if not colour:
+        try:
+            values = collect(D.decode_mask)
+        except D.ColourMaskError:
+            if folder or spec_map != "auto":
+                raise
+            colour = True
+    if colour:
+        values = collect(D.decode_colour_mask)
     if csv_k is not None:
         k = k or csv_k
         if not values:  # every mask comes from a labels CSV: its values are the classes
-            return {v: v for v in range(k)}, k, None
+            return {v: v for v in range(k)}, k, None, False
     if folder and max(values, default=0) < MAX_LABEL_CLASSES:  # labels 0..K-1, as before dataset files
         k = max(2, max(values, default=0) + 1)
-        return {v: v for v in range(k)}, k, None
+        return {v: v for v in range(k)}, k, None, False
     if spec_map in MASK_RULES and not folder:
         if k not in (None, 2):
             raise DataError(f"{path}: mask_values: {spec_map} makes a binary task, but classes has {k} names")
@@ -288,17 +277,19 @@ def _mask_map(path: Path, items, masked, spec_map, k: int | None,
         if not rule.any():
             raise DataError(f"{path}: mask_values: {spec_map}: no mask has a foreground value "
                             f"(values found: {', '.join(map(str, sorted(values)[:12]))})")
-        return {0: 0, 255 if max(values) <= 255 else 65535: 1}, 2, spec_map
+        return {0: 0, 255 if max(values) <= 255 else 65535: 1}, 2, spec_map, False
     if isinstance(spec_map, dict) and not folder:
+        spec_map = {parse_raw(r)[0] * (0x010101 if colour and not parse_raw(r)[1] else 1): c
+                    for r, c in spec_map.items()}
         k = k or max(spec_map.values()) + 1
         if max(spec_map.values()) >= k:
             raise DataError(f"{path}: mask_values: class {max(spec_map.values())} but only {k} classes")
         for v, mp in values.items():
             if v not in spec_map:
-                raise DataError(f"{mp}: mask value {v} is not in {path}'s mask_values")
-        return dict(spec_map), k, None
-    mapping = auto_mask_map(values, k, str(path))
-    return mapping, k or max(mapping.values()) + 1, None
+                raise DataError(f"{mp}: mask value {hex_colour(v) if colour else v} is not in {path}'s mask_values")
+        return dict(spec_map), k, None, colour
+    mapping = auto_mask_map(values, k, str(path), colour=colour)
+    return mapping, k or max(mapping.values()) + 1, None, colour
 
 
 def _submission_format(d: dict | None, num_classes: int, names: list[str], source: str):
@@ -343,12 +334,12 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
             raise
         size, resized, size_error = None, False, str(exc).replace("set size:", "set data.size and data.resize: true")
     k = len(spec.classes) if spec.classes else None
-    mapping, k, rule = _mask_map(path, items, masked, spec.mask_values, k, folder)
+    mapping, k, rule, colour = _mask_map(path, items, masked, spec.mask_values, k, folder)
     names = list(spec.classes) if spec.classes else ["background"] + [f"class{c}" for c in range(1, k)]
     ds = Dataset(name=spec.name or (path.name if folder else path.stem), path=path, root=root, classes=names,
                  mask_values=mapping, channels=channels, source_channels=source, size=size,
                  group=spec.group, recipe=spec.recipe, folder=folder, resized=resized, size_error=size_error, notes=notes,
-                 mask_rule=rule, _items=items, _masked=masked)
+                 mask_rule=rule, colour=colour, _items=items, _masked=masked)
     ds.submission = _submission_format(spec.submission, k, names, str(path))
     return ds
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .data import natural_sorted
 from .errors import DataError
 from .labels_csv import CsvLabels, CsvMask, is_csv_pattern
+from .mask_values import parse_raw
 
 
 class SplitPatterns(BaseModel):
@@ -34,7 +35,7 @@ class DatasetFile(BaseModel):
     root: str = "."
     classes: list[str] | None = Field(None, min_length=2)
     splits: dict[Literal["train", "val", "test"], SplitPatterns]
-    mask_values: Literal["auto", "nonzero", "threshold"] | dict[int, int] = "auto"
+    mask_values: Literal["auto", "nonzero", "threshold"] | dict[int | str, int] = "auto"
     channels: Literal["auto"] | list[int] = "auto"
     size: Literal["auto"] | int | tuple[int, int] = "auto"
     group: str | None = None
@@ -85,8 +86,12 @@ class DatasetFile(BaseModel):
     @field_validator("mask_values")
     @classmethod
     def _map(cls, v):
-        if isinstance(v, dict) and (not v or min(v.values()) < 0 or min(v) < 0):
-            raise ValueError("must be auto, nonzero, threshold or a map {raw value: class} of non-negative integers")
+        if isinstance(v, dict):
+            if not v or min(v.values()) < 0:
+                raise ValueError("must be auto, nonzero, threshold or a map {raw value: class} of non-negative "
+                                 "integers (colours as '#rrggbb')")
+            for key in v:
+                parse_raw(key)  # a ValueError names the key
         return v
 
 

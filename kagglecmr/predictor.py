@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from .data import natural_sorted
-from .dataset import class_to_raw
 from .ensemble import Run, _weights, check_compatible, latest_run, load_run, predict_images, tta_passes
 from .errors import DataError, KaggleCMRError
 from .io import atomic_path
+from .mask_values import labels_to_raw
 from .runtime import resolve_device, setup_threads
 
 CHUNK = 256  # images uploaded to the device at once
@@ -182,9 +182,7 @@ class Predictor:
 
     def to_raw(self, labels: np.ndarray) -> np.ndarray:
         """Class maps -> the dataset's own mask values (``mask_values`` inverted, e.g. 0/255)."""
-        lut = class_to_raw(self.dataset["mask_values"], self.num_classes)
-        dtype = np.uint8 if lut.max() <= 255 else np.uint16
-        return lut.astype(dtype)[np.asarray(labels)]
+        return labels_to_raw(labels, self.dataset["mask_values"], self.num_classes)
 
 
 def load_ensemble(runs, *, tta: bool = False, tta_flips: list[str] | None = None, weights: list[float] | None = None,

@@ -152,6 +152,42 @@ def test_jpeg_masks_with_threshold_and_instance_masks_with_nonzero(tmp_path):
         load_dataset(write_dataset(tmp_path, gl | {"classes": ["bg", "a", "b"]}, "gl3.yaml"))
 
 
+PALETTE = {(0, 0, 0): 0, (255, 0, 0): 1, (0, 128, 255): 2}  # RGB colour -> class
+
+
+def test_colour_coded_masks_need_a_map_then_load_and_write_back(tmp_path):
+    """Masks whose classes are colours (CamVid/DeepGlobe style): auto refuses and suggests a map of the
+    colours found; with ``{"#rrggbb": class}`` the labels load, and predictions are written back in colour."""
+    truth = []
+    for i in range(4):
+        lab = np.zeros((24, 32), np.uint8)
+        lab[2 + i:10 + i, 3:12], lab[14:22, 10 + i:26] = 1, 2
+        colours = np.zeros((24, 32, 3), np.uint8)
+        for (r, g, b), k in PALETTE.items():
+            colours[lab == k] = (b, g, r)  # cv2 writes BGR
+        write_png(tmp_path / "d" / f"t{i}.png", rgb(i)[:, :, ::-1])
+        write_png(tmp_path / "d" / f"t{i}_lab.png", colours)
+        truth.append(lab)
+    base = {"root": "d", "splits": {"train": {"image": "{id}.png", "mask": "{id}_lab.png"}}}
+    with pytest.raises(DataError, match='colour-coded .3 colours.*"#000000": 0, "#0080ff": 1, "#ff0000": 2'):
+        load_dataset(write_dataset(tmp_path, base, "auto.yaml"))
+    spec = base | {"classes": ["bg", "road", "water"], "mask_values": {"#000000": 0, "#ff0000": 1, "#0080FF": 2}}
+    ds = load_dataset(write_dataset(tmp_path, spec, "pal.yaml"))
+    assert ds.colour and ds.num_classes == 3
+    assert ds.describe()["mask_values"] == {"#000000": 0, "#0080ff": 2, "#ff0000": 1}
+    np.testing.assert_array_equal(ds.labelled().masks, np.stack(truth))
+    written = ds.to_raw(truth[1])  # back to the dataset's own colours (BGR for cv2.imwrite)
+    np.testing.assert_array_equal(written, cv2.imread(str(tmp_path / "d" / "t1_lab.png")))
+    from kagglecmr.mask_values import labels_to_raw
+
+    np.testing.assert_array_equal(labels_to_raw(truth[1], ds.describe()["mask_values"], 3), written)  # dataset.json
+    bad = spec | {"mask_values": {"#000000": 0, "#ff0000": 1}}
+    with pytest.raises(DataError, match="t0_lab.png: mask value #0080ff is not in"):
+        load_dataset(write_dataset(tmp_path, bad, "bad.yaml"))
+    with pytest.raises(DataError, match="mask_values"):
+        load_dataset(write_dataset(tmp_path, spec | {"mask_values": {"red": 1}}, "worse.yaml"))
+
+
 def test_rgba_and_16bit_images(tmp_path):
     for i in range(3):
         bgra = np.dstack([rgb(i)[:, :, ::-1], np.full((24, 32), 255, np.uint8)])
@@ -336,7 +372,7 @@ def _break(tmp: Path, case: str) -> tuple[Path, list[str], str]:
         return path, [], "case5.png: not a readable PNG"
     if case == "colour mask":
         write_png(d / "GT" / "case0.png", rgb(0))
-        return path, [], "case0.png: mask is a colour image"
+        return path, [], "the masks are colour-coded"
     if case == "conflicting config pin":
         (tmp / "pin.yaml").write_text("data: {num_classes: 3}\n")
         return path, ["--config", str(tmp / "pin.yaml")], "data.num_classes=3 conflicts with"

@@ -1,0 +1,123 @@
+"""Mask values on disk <-> class labels: the dataset file's ``mask_values`` (pure numpy; no torch).
+
+``mask_values`` is ``auto``, a map ``{raw value: class}``, or for a binary task ``threshold`` / ``nonzero``.
+Raw values are grey levels (8 or 16 bits) or, for colour-coded masks, RGB colours written ``"#rrggbb"``
+(``{"#000000": 0, "#ff0000": 1}``); inside, a colour is the integer ``0xRRGGBB`` and a grey mask read
+as colour has ``r = g = b``.  ``auto``: labels 0..K-1 stay; {0, v} -> {0, 1}; K evenly spaced grey
+levels -> 0..K-1; black plus one colour -> {0, 1}; anything else is a one-line error that lists the
+values found and suggests a map.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .errors import DataError
+
+MASK_RULES = ("nonzero", "threshold")
+_HEX = re.compile(r"#[0-9a-fA-F]{6}")
+
+
+def binary_mask(raw: np.ndarray, rule: str) -> np.ndarray:
+    """``nonzero`` (any value > 0 is foreground: instance-id masks) or ``threshold`` (values from half the
+    pixel type's range up: 128 of 8 bits, 32768 of 16 bits; JPEG or anti-aliased masks)."""
+    if rule == "nonzero":
+        return (raw > 0).astype(np.uint8)
+    return (raw >= (128 if raw.dtype == np.uint8 else 32768)).astype(np.uint8)
+
+
+def hex_colour(code: int) -> str:
+    return f"#{int(code):06x}"
+
+
+def parse_raw(key) -> tuple[int, bool]:
+    """A ``mask_values`` key -> ``(raw value, is a colour)``: an int grey level, ``"#rrggbb"``, or a digit
+    string (keys read back from JSON)."""
+    if isinstance(key, str) and _HEX.fullmatch(key):
+        return int(key[1:], 16), True
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and key >= 0:
+        return int(key), False
+    if isinstance(key, str) and key.isdigit():
+        return int(key), False
+    raise ValueError(f"{key!r} is neither a grey level (0, 255, ...) nor a colour '#rrggbb'")
+
+
+def colour_codes(bgr: np.ndarray) -> np.ndarray:
+    """``[H, W]`` grey or ``[H, W, 3+]`` BGR(A) uint8 (OpenCV's order) -> ``0xRRGGBB`` codes (uint32)."""
+    a = np.asarray(bgr)
+    if a.ndim == 2:
+        return a.astype(np.uint32) * 0x010101
+    b, g, r = (a[:, :, i].astype(np.uint32) for i in range(3))
+    return (r << 16) | (g << 8) | b
+
+
+def codes_to_bgr(codes: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`colour_codes`: ``[H, W, 3]`` BGR uint8 for ``cv2.imwrite``."""
+    c = np.asarray(codes, np.uint32)
+    return np.stack([c & 0xFF, (c >> 8) & 0xFF, (c >> 16) & 0xFF], axis=-1).astype(np.uint8)
+
+
+def map_values(raw: np.ndarray, mapping: dict[int, int], where: str, dataset: str) -> np.ndarray:
+    """Class labels (uint8) of raw values through ``{raw: class}``; a value outside the map is an error
+    naming ``where`` (the mask file) and the value."""
+    values, inverse = np.unique(raw, return_inverse=True)
+    classes = np.array([mapping.get(int(v), -1) for v in values], np.int64)
+    if (classes < 0).any():
+        bad = int(values[classes < 0][0])
+        colour = raw.dtype == np.uint32
+        shown = ", ".join(hex_colour(v) if colour else str(v) for v in sorted(mapping))
+        raise DataError(f"{where}: mask value {hex_colour(bad) if colour else bad} is not in {dataset}'s "
+                        f"mask_values ({shown})")
+    return classes.astype(np.uint8)[inverse.reshape(raw.shape)]
+
+
+def class_to_raw(mask_values: dict, num_classes: int) -> np.ndarray:
+    """Lookup table ``class -> raw mask value`` from ``{raw: class}`` (keys may be strings, as in
+    ``dataset.json``, or colours): the smallest raw value of each class wins; a class without one keeps
+    its index."""
+    lut = np.arange(num_classes, dtype=np.int64)
+    seen = set()
+    for raw, k in sorted((parse_raw(r)[0], int(c)) for r, c in mask_values.items()):
+        if 0 <= k < num_classes and k not in seen:
+            lut[k] = raw
+            seen.add(k)
+    return lut
+
+
+def is_colour_map(mask_values: dict) -> bool:
+    return any(parse_raw(r)[1] for r in mask_values)
+
+
+def labels_to_raw(labels: np.ndarray, mask_values: dict, num_classes: int) -> np.ndarray:
+    """Class maps -> the dataset's own mask values: grey (uint8, or uint16 past 255) or BGR colour."""
+    lut = class_to_raw(mask_values, num_classes)
+    if is_colour_map(mask_values):
+        return codes_to_bgr(lut[np.asarray(labels)])
+    return lut.astype(np.uint16 if lut.max() > 255 else np.uint8)[np.asarray(labels)]
+
+
+def auto_mask_map(values, num_classes: int | None, where: str, *, colour: bool = False) -> dict[int, int]:
+    """``mask_values: auto``: 0..K-1 stay; {0, v} -> {0, 1}; K evenly spaced grey levels -> 0..K-1;
+    colour masks: black and one colour -> {0, 1}, more colours need a map (the error suggests one)."""
+    vs = sorted(int(v) for v in values)
+    n, k = len(vs), num_classes
+    if colour:
+        if n == 2 and vs[0] == 0 and k in (None, 2):
+            return {0: 0, vs[1]: 1}
+        suggestion = ", ".join(f'"{hex_colour(v)}": {i}' for i, v in enumerate(vs[:12]))
+        raise DataError(f"{where}: the masks are colour-coded ({n} colours); say which colour is which class, "
+                        f"e.g. mask_values: {{{suggestion}}}")
+    if k is not None and vs and vs[-1] < k:
+        return {v: v for v in range(k)}
+    if k is None and n >= 2 and vs == list(range(n)):
+        return {v: v for v in range(n)}
+    if n == 2 and vs[0] == 0 and k in (None, 2):
+        return {0: 0, vs[1]: 1}
+    if n >= 3 and vs[0] == 0 and k in (None, n) and all(abs(v - i * vs[-1] / (n - 1)) <= 1 for i, v in enumerate(vs)):
+        return {v: i for i, v in enumerate(vs)}
+    shown = ", ".join(map(str, vs[:12])) + (", ..." if n > 12 else "")
+    raise DataError(f"{where}: mask_values auto cannot map the mask values found ({shown}) to "
+                    f"{k or 'its'} classes; give a map, e.g. mask_values: {{{vs[0]}: 0, {vs[-1]}: 1}}, or for a "
+                    f"binary task mask_values: threshold (noisy 0/255, e.g. JPEG) or nonzero (instance ids)")
