@@ -36,20 +36,18 @@ from .dataset_file import DatasetFile, SplitPatterns, file_items, read_dataset_f
 from .errors import ConfigError, DataError
 from .labels_csv import CsvMask
 from .mask_values import (  # noqa: F401 (auto_mask_map, class_to_raw: re-exported)
-    MASK_RULES,
     auto_mask_map,
     binary_mask,
     class_to_raw,
+    decode_raw,
     hex_colour,
-    is_colour_map,
     labels_to_raw,
     map_values,
-    parse_raw,
+    resolve_mask_map,
 )
 
 DATASET_FILE = "dataset.yaml"
 SPLIT_NAMES = ("train", "val", "test")
-MAX_LABEL_CLASSES = 32  # a folder's mask values below this are class labels; above, grey levels (mask_values: auto)
 
 
 @dataclass
@@ -110,9 +108,9 @@ class Dataset:
             m = path.decode()
             return D.resize_to(m, self.size, nearest=True) if resize else m
         if self.colour:
-            m = map_values(D.decode_colour_mask(path), self.mask_values, str(path), str(self.path))
+            m = map_values(decode_raw(path, colour=True), self.mask_values, str(path), str(self.path))
             return D.resize_to(m, self.size, nearest=True) if resize else m
-        raw = D.decode_mask(path)
+        raw = decode_raw(path)
         if self.mask_rule:
             m = binary_mask(raw, self.mask_rule)
             return D.resize_to(m, self.size, nearest=True) if resize else m
@@ -239,59 +237,6 @@ def _size(path: Path, items: dict, train_images, setting) -> tuple[tuple[int, in
     return next(iter(seen)), False
 
 
-def _mask_map(path: Path, items, masked, spec_map, k: int | None,
-              folder: bool) -> tuple[dict[int, int], int, str | None, bool]:
-    csv_k = max((mp.table.num_classes for rows in items.values() for _, _, mp in rows if isinstance(mp, CsvMask)),
-                default=None)
-    colour = isinstance(spec_map, dict) and not folder and is_colour_map(spec_map)
-
-    def collect(decode) -> dict[int, Path]:
-        found: dict[int, Path] = {}
-        for split, rows in items.items():
-            for _, _, mp in rows if masked.get(split) else []:
-                if not isinstance(mp, CsvMask):
-                    for v in np.unique(decode(mp)).tolist():
-                        found.setdefault(int(v), mp)
-        return found
-
-    if not colour:
-        try:
-            values = collect(D.decode_mask)
-        except D.ColourMaskError:
-            if folder or spec_map != "auto":
-                raise
-            colour = True
-    if colour:
-        values = collect(D.decode_colour_mask)
-    if csv_k is not None:
-        k = k or csv_k
-        if not values:  # every mask comes from a labels CSV: its values are the classes
-            return {v: v for v in range(k)}, k, None, False
-    if folder and max(values, default=0) < MAX_LABEL_CLASSES:  # labels 0..K-1, as before dataset files
-        k = max(2, max(values, default=0) + 1)
-        return {v: v for v in range(k)}, k, None, False
-    if spec_map in MASK_RULES and not folder:
-        if k not in (None, 2):
-            raise DataError(f"{path}: mask_values: {spec_map} makes a binary task, but classes has {k} names")
-        rule = binary_mask(np.array(sorted(values), np.uint16 if max(values, default=0) > 255 else np.uint8), spec_map)
-        if not rule.any():
-            raise DataError(f"{path}: mask_values: {spec_map}: no mask has a foreground value "
-                            f"(values found: {', '.join(map(str, sorted(values)[:12]))})")
-        return {0: 0, 255 if max(values) <= 255 else 65535: 1}, 2, spec_map, False
-    if isinstance(spec_map, dict) and not folder:
-        spec_map = {parse_raw(r)[0] * (0x010101 if colour and not parse_raw(r)[1] else 1): c
-                    for r, c in spec_map.items()}
-        k = k or max(spec_map.values()) + 1
-        if max(spec_map.values()) >= k:
-            raise DataError(f"{path}: mask_values: class {max(spec_map.values())} but only {k} classes")
-        for v, mp in values.items():
-            if v not in spec_map:
-                raise DataError(f"{mp}: mask value {hex_colour(v) if colour else v} is not in {path}'s mask_values")
-        return dict(spec_map), k, None, colour
-    mapping = auto_mask_map(values, k, str(path), colour=colour)
-    return mapping, k or max(mapping.values()) + 1, None, colour
-
-
 def _submission_format(d: dict | None, num_classes: int, names: list[str], source: str):
     from .submission import SubmissionFormat
 
@@ -334,7 +279,7 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
             raise
         size, resized, size_error = None, False, str(exc).replace("set size:", "set data.size and data.resize: true")
     k = len(spec.classes) if spec.classes else None
-    mapping, k, rule, colour = _mask_map(path, items, masked, spec.mask_values, k, folder)
+    mapping, k, rule, colour = resolve_mask_map(path, items, masked, spec.mask_values, k, folder)
     names = list(spec.classes) if spec.classes else ["background"] + [f"class{c}" for c in range(1, k)]
     ds = Dataset(name=spec.name or (path.name if folder else path.stem), path=path, root=root, classes=names,
                  mask_values=mapping, channels=channels, source_channels=source, size=size,

@@ -1,7 +1,9 @@
 """The dataset file's schema (pydantic) and its file patterns: ``{id}`` matches one file-name part.
 
-A file pattern is a path relative to the dataset's ``root`` with ``{id}`` exactly once (``*`` matches any
-characters within one name).  Images and masks may share a folder (``Img/{id}.png`` + ``Img/{id}_mask.png``):
+A file pattern is a path relative to the dataset's ``root`` with ``{id}`` (one file-name part, the same
+wherever it repeats: ``{id}/images/{id}.png``; ``*`` matches any characters within one name).  A ``*`` in
+a mask pattern unites the files it matches for one image (:class:`~kagglecmr.mask_values.MaskUnion`); a
+mask "pattern" without ``{id}`` ending in ``.csv`` is a run-length labels CSV (:mod:`kagglecmr.labels_csv`).  Images and masks may share a folder (``Img/{id}.png`` + ``Img/{id}_mask.png``):
 a file matching both patterns belongs to the more specific one.  Images without masks, masks without
 images and ids matching twice are one-line :class:`DataError` messages naming the file.
 """
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .data import natural_sorted
 from .errors import DataError
 from .labels_csv import CsvLabels, CsvMask, is_csv_pattern
-from .mask_values import parse_raw
+from .mask_values import MaskUnion, parse_raw
 
 
 class SplitPatterns(BaseModel):
@@ -52,9 +54,9 @@ class DatasetFile(BaseModel):
             for kind, pat in (("image", s.image), ("mask", s.mask)):
                 if kind == "mask" and is_csv_pattern(pat) and not pat.startswith("/") and "\\" not in pat:
                     continue  # masks from a run-length CSV
-                if pat is not None and (pat.count("{id}") != 1 or re.search(r"\{(?!id\})", pat)
+                if pat is not None and (pat.count("{id}") < 1 or re.search(r"\{(?!id\})", pat)
                                         or pat.startswith("/") or "\\" in pat):
-                    raise ValueError(f"{name}.{kind}: pattern {pat!r} must be a relative path with {{id}} exactly once"
+                    raise ValueError(f"{name}.{kind}: pattern {pat!r} must be a relative path with {{id}}"
                                      + (" (or a labels .csv file)" if kind == "mask" else ""))
         return v
 
@@ -96,20 +98,24 @@ class DatasetFile(BaseModel):
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:
-    head, tail = pattern.split("{id}")
+    """``{id}`` is one file-name part, the same wherever it appears (``{id}/images/{id}.png``)."""
+    head, *rest = pattern.split("{id}")
     esc = lambda s: re.escape(s).replace(r"\*", "[^/]*")  # noqa: E731
-    return re.compile(esc(head) + r"(?P<id>[^/]+?)" + esc(tail))
+    return re.compile(esc(head) + r"(?P<id>[^/]+?)" + "".join(("" if k == 0 else "(?P=id)") + esc(t)
+                                                             for k, t in enumerate(rest)))
 
 
 def _literal_len(pattern: str) -> int:
     return len(pattern.replace("{id}", "").replace("*", ""))
 
 
-def _match(root: Path, pattern: str, other: str | None) -> dict[str, Path]:
+def _match(root: Path, pattern: str, other: str | None, *, unite: bool = False) -> dict[str, Path]:
     """``{id: path}`` of the files under ``root`` matching ``pattern`` (a file that also matches the more
-    specific ``other`` pattern belongs to that one); an id matching twice is an error."""
+    specific ``other`` pattern belongs to that one); an id matching twice is an error, unless ``unite``
+    (masks): then its files become one :class:`MaskUnion`."""
     rx, orx = _pattern_regex(pattern), _pattern_regex(other) if other else None
     found: dict[str, Path] = {}
+    several: dict[str, list[Path]] = {}
     for p in sorted(root.glob(pattern.replace("{id}", "*"))):
         rel = p.relative_to(root).as_posix()
         m = rx.fullmatch(rel)
@@ -118,10 +124,13 @@ def _match(root: Path, pattern: str, other: str | None) -> dict[str, Path]:
         if orx is not None and orx.fullmatch(rel) and _literal_len(other) > _literal_len(pattern):
             continue
         i = m.group("id")
+        if i in found and unite:
+            several.setdefault(i, [found[i]]).append(p)
+            continue
         if i in found:
             raise DataError(f"{p}: id '{i}' matches '{pattern}' twice (also {found[i]})")
         found[i] = p
-    return found
+    return found | {i: MaskUnion(tuple(ps)) for i, ps in several.items()}
 
 
 def read_dataset_file(path: Path) -> DatasetFile:
@@ -161,7 +170,7 @@ def file_items(path: Path, root: Path, spec: DatasetFile) -> tuple[dict, dict]:
             known.setdefault(csv_path, set()).update(images)
             masks = {i: CsvMask(tables[csv_path], i, p) for i, p in images.items()}
         else:
-            masks = _match(root, pats.mask, pats.image) if pats.mask else {}
+            masks = _match(root, pats.mask, pats.image, unite="*" in pats.mask) if pats.mask else {}
         if pats.mask and not csv_masks:
             for i, p in images.items():
                 if i not in masks:

@@ -11,10 +11,16 @@ values found and suggests a map.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from . import data as D
 from .errors import DataError
+from .labels_csv import CsvMask
+
+MAX_LABEL_CLASSES = 32  # a folder's mask values below this are class labels; above, grey levels (mask_values: auto)
 
 MASK_RULES = ("nonzero", "threshold")
 _HEX = re.compile(r"#[0-9a-fA-F]{6}")
@@ -121,3 +127,84 @@ def auto_mask_map(values, num_classes: int | None, where: str, *, colour: bool =
     raise DataError(f"{where}: mask_values auto cannot map the mask values found ({shown}) to "
                     f"{k or 'its'} classes; give a map, e.g. mask_values: {{{vs[0]}: 0, {vs[-1]}: 1}}, or for a "
                     f"binary task mask_values: threshold (noisy 0/255, e.g. JPEG) or nonzero (instance ids)")
+
+
+# ------------------------------------------------------------------ a dataset's mask files
+@dataclass(frozen=True)
+class MaskUnion:
+    """Several mask files of one image (a ``*`` in the mask pattern: one file per object or class, as in
+    DSB 2018's ``{id}/masks/*.png``), united: the higher value wins where files overlap."""
+
+    paths: tuple[Path, ...]
+
+    def decode(self, decode_one) -> np.ndarray:
+        masks = [decode_one(p) for p in self.paths]
+        for p, m in zip(self.paths[1:], masks[1:]):
+            if m.shape != masks[0].shape:
+                raise DataError(f"{p}: mask size {m.shape[1]}x{m.shape[0]} differs from {self.paths[0].name} "
+                                f"{masks[0].shape[1]}x{masks[0].shape[0]} (same image)")
+        return np.maximum.reduce(masks)
+
+    def __str__(self) -> str:
+        return f"{self.paths[0].parent} ({len(self.paths)} mask files)"
+
+
+def decode_raw(mask, *, colour: bool = False) -> np.ndarray:
+    """A mask file's raw values (grey levels, or 0xRRGGBB colour codes), one file or several united."""
+    decode = D.decode_colour_mask if colour else D.decode_mask
+    return mask.decode(decode) if isinstance(mask, MaskUnion) else decode(mask)
+
+
+def resolve_mask_map(path: Path, items, masked, spec_map, k: int | None,
+                     folder: bool) -> tuple[dict[int, int], int, str | None, bool]:
+    """``(value map, number of classes, binary rule or None, colour masks?)`` of a dataset's masks, from
+    every labelled split's mask files (labels CSVs hold classes already; the folder form keeps 0..K-1)."""
+    csv_k = max((mp.table.num_classes for rows in items.values() for _, _, mp in rows if isinstance(mp, CsvMask)),
+                default=None)
+    colour = isinstance(spec_map, dict) and not folder and is_colour_map(spec_map)
+
+    def collect(decode) -> dict[int, Path]:
+        found: dict[int, Path] = {}
+        for split, rows in items.items():
+            for _, _, mp in rows if masked.get(split) else []:
+                if not isinstance(mp, CsvMask):
+                    for v in np.unique(decode(mp)).tolist():
+                        found.setdefault(int(v), mp)
+        return found
+
+    if not colour:
+        try:
+            values = collect(decode_raw)
+        except D.ColourMaskError:
+            if folder or spec_map != "auto":
+                raise
+            colour = True
+    if colour:
+        values = collect(lambda mp: decode_raw(mp, colour=True))
+    if csv_k is not None:
+        k = k or csv_k
+        if not values:  # every mask comes from a labels CSV: its values are the classes
+            return {v: v for v in range(k)}, k, None, False
+    if folder and max(values, default=0) < MAX_LABEL_CLASSES:  # labels 0..K-1, as before dataset files
+        k = max(2, max(values, default=0) + 1)
+        return {v: v for v in range(k)}, k, None, False
+    if spec_map in MASK_RULES and not folder:
+        if k not in (None, 2):
+            raise DataError(f"{path}: mask_values: {spec_map} makes a binary task, but classes has {k} names")
+        rule = binary_mask(np.array(sorted(values), np.uint16 if max(values, default=0) > 255 else np.uint8), spec_map)
+        if not rule.any():
+            raise DataError(f"{path}: mask_values: {spec_map}: no mask has a foreground value "
+                            f"(values found: {', '.join(map(str, sorted(values)[:12]))})")
+        return {0: 0, 255 if max(values) <= 255 else 65535: 1}, 2, spec_map, False
+    if isinstance(spec_map, dict) and not folder:
+        spec_map = {parse_raw(r)[0] * (0x010101 if colour and not parse_raw(r)[1] else 1): c
+                    for r, c in spec_map.items()}
+        k = k or max(spec_map.values()) + 1
+        if max(spec_map.values()) >= k:
+            raise DataError(f"{path}: mask_values: class {max(spec_map.values())} but only {k} classes")
+        for v, mp in values.items():
+            if v not in spec_map:
+                raise DataError(f"{mp}: mask value {hex_colour(v) if colour else v} is not in {path}'s mask_values")
+        return dict(spec_map), k, None, colour
+    mapping = auto_mask_map(values, k, str(path), colour=colour)
+    return mapping, k or max(mapping.values()) + 1, None, colour

@@ -152,6 +152,32 @@ def test_jpeg_masks_with_threshold_and_instance_masks_with_nonzero(tmp_path):
         load_dataset(write_dataset(tmp_path, gl | {"classes": ["bg", "a", "b"]}, "gl3.yaml"))
 
 
+def test_one_folder_per_image_with_a_mask_file_per_object(tmp_path):
+    """DSB 2018's layout: ``<id>/images/<id>.png`` and one binary PNG per nucleus in ``<id>/masks/``:
+    ``{id}`` may repeat in a pattern, and a ``*`` in the mask pattern unites an image's mask files."""
+    truth = {}
+    for i in range(3):
+        iid = f"a{i}f"
+        write_png(tmp_path / "stage1" / iid / "images" / f"{iid}.png", rgb(i)[:, :, ::-1])
+        union = np.zeros((24, 32), np.uint8)
+        for j in range(i + 1):  # image k has k+1 objects, one file each
+            m = np.zeros((24, 32), np.uint8)
+            m[2 + 6 * j:6 + 6 * j, 3 + 5 * j:9 + 5 * j] = 255
+            write_png(tmp_path / "stage1" / iid / "masks" / f"obj{j:03d}.png", m)
+            union |= m
+        truth[iid] = union // 255
+    write_png(tmp_path / "stage1" / "a0f" / "images" / "other.png", rgb(9)[:, :, ::-1])  # {id} must repeat exactly
+    spec = {"root": "stage1", "splits": {"train": {"image": "{id}/images/{id}.png", "mask": "{id}/masks/*.png"}}}
+    ds = load_dataset(write_dataset(tmp_path, spec))
+    split = ds.labelled()
+    assert split.ids == ["a0f", "a1f", "a2f"] and ds.mask_values == {0: 0, 255: 1}
+    for i, m in zip(split.ids, split.masks):
+        np.testing.assert_array_equal(m, truth[i])
+    write_png(tmp_path / "stage1" / "a2f" / "masks" / "odd.png", np.zeros((20, 20), np.uint8))
+    with pytest.raises(DataError, match="odd.png: mask size 20x20 differs from obj000.png"):
+        load_dataset(write_dataset(tmp_path, spec, "again.yaml")).labelled()
+
+
 PALETTE = {(0, 0, 0): 0, (255, 0, 0): 1, (0, 128, 255): 2}  # RGB colour -> class
 
 
@@ -338,7 +364,7 @@ def _break(tmp: Path, case: str) -> tuple[Path, list[str], str]:
         return write_dataset(tmp, spec | {"clases": ["a", "b"]}), [], "clases: unknown key"
     if case == "bad pattern":
         spec["splits"]["train"]["image"] = "Img/case.png"
-        return write_dataset(tmp, spec), [], "{id} exactly once"
+        return write_dataset(tmp, spec), [], "must be a relative path with {id}"
     if case == "no files":
         spec["splits"]["train"]["image"] = "Images/{id}.png"
         return write_dataset(tmp, spec), [], "no file matches"
