@@ -376,7 +376,7 @@ def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, fol
     running, failed = [], []
     for group, dev in zip(groups, devices):
         spec = ",".join(map(str, group))
-        running.append((spec, subprocess.Popen([*base, "--fold", spec, "--device", dev], env=env)))
+        running.append((group, subprocess.Popen([*base, "--fold", spec, "--device", dev], env=env)))
     while running:
         time.sleep(0.2)
         for item in list(running):
@@ -384,8 +384,12 @@ def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, fol
                 running.remove(item)
                 if item[1].returncode != 0:
                     failed.append(item[0])
-    if failed:
-        raise KaggleCMRError(f"{run_dir}: fold(s) {', '.join(map(str, failed))} failed (see the output above)")
+    if failed:  # a child stops at its first failing fold: name what did not finish, not the whole share
+        unfinished = [k for g in failed for k in g if not (fold_dir(run_dir, k) / "summary.json").is_file()]
+        done = [k for g in failed for k in g if k not in unfinished]
+        raise KaggleCMRError(f"{run_dir}: fold(s) {', '.join(map(str, unfinished))} did not finish (see the output "
+                             f"above)" + (f"; fold(s) {', '.join(map(str, done))} of the same child finished" if done
+                                          else "") + "; rerun the command to resume them")
     results = []
     for k in folds:
         if not (fold_dir(run_dir, k) / "summary.json").is_file():  # its child skipped it: locked

@@ -66,6 +66,36 @@ def test_jobs_children_get_round_robin_gpus(project, tmp_path, monkeypatch, caps
     assert all(r.skipped for r in results)  # the fake children wrote nothing
 
 
+def test_jobs_child_failing_midway_names_only_the_folds_it_did_not_finish(project, tmp_path, monkeypatch):
+    """A ``--jobs`` child stops at its first failing fold: the error names that fold and the ones after
+    it, and says which of the same child's folds did finish (they are kept; a rerun resumes the rest)."""
+    import json
+
+    from kagglecmr.errors import KaggleCMRError
+    from kagglecmr.runs import _train_parallel
+
+    run_dir = tmp_path / RUN_NAME
+
+    class FakeChild:
+        def __init__(self, cmd, env):
+            folds = cmd[cmd.index("--fold") + 1].split(",")
+            crashes = folds[0] == "0"  # child "0,2,4": fold 0 ends, fold 2 crashes; child "1,3" ends both
+            for k in folds[:1] if crashes else folds:
+                (run_dir / f"fold{k}").mkdir(parents=True, exist_ok=True)
+                (run_dir / f"fold{k}" / "summary.json").write_text(json.dumps({"best_score": 0.5, "best_epoch": 1}))
+            self.returncode = 2 if crashes else 0
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", FakeChild)
+    with pytest.raises(KaggleCMRError) as err:
+        _train_parallel(load_config(project.config), [0, 1, 2, 3, 4], 2, data_root=project.data,
+                        folds_path=project.folds, run_dir=run_dir, device="cpu", force=False)
+    assert str(err.value) == (f"{run_dir}: fold(s) 2, 4 did not finish (see the output above); fold(s) 0 of the "
+                              "same child finished; rerun the command to resume them")
+
+
 @pytest.mark.parametrize(("device", "folds", "jobs", "cpus", "gpus", "expected"), [
     ("cpu", 2, 1, 2, 0, {"num_gpus": 0, "num_cpus": 1, "threads": 1}),
     ("cpu", 5, 1, 16, 0, {"num_gpus": 0, "num_cpus": 3, "threads": 3}),
