@@ -328,10 +328,13 @@ class ColourMaskError(DataError):
     """A mask whose pixels are colours (r, g, b not all equal) where grey labels were expected."""
 
 
-def decode_mask(path: str | Path) -> np.ndarray:
-    """A label mask's raw values (uint8 or uint16 ``[H, W]``); colour masks are :class:`ColourMaskError`."""
+def decode_mask(path: str | Path, *, to_grey: bool = False) -> np.ndarray:
+    """A label mask's raw values (uint8 or uint16 ``[H, W]``); colour masks are :class:`ColourMaskError`,
+    or with ``to_grey`` their luminance (binary masks saved as colour JPEGs, whose channels differ a little)."""
     path = Path(path)
     m = _imread(path, cv2.IMREAD_UNCHANGED)
+    if m.ndim == 3 and to_grey and m.shape[2] >= 3:
+        m = cv2.cvtColor(np.ascontiguousarray(m[:, :, :3]), cv2.COLOR_BGR2GRAY)
     if m.ndim == 3:
         if m.shape[2] >= 3 and not (np.array_equal(m[:, :, 0], m[:, :, 1]) and np.array_equal(m[:, :, 0], m[:, :, 2])):
             raise ColourMaskError(f"{path}: mask is a colour image; expected one channel of class labels "

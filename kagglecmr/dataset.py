@@ -110,7 +110,7 @@ class Dataset:
         if self.colour:
             m = map_values(decode_raw(path, colour=True), self.mask_values, str(path), str(self.path))
             return D.resize_to(m, self.size, nearest=True) if resize else m
-        raw = decode_raw(path)
+        raw = decode_raw(path, grey=self.mask_rule is not None)
         if self.mask_rule:
             m = binary_mask(raw, self.mask_rule)
             return D.resize_to(m, self.size, nearest=True) if resize else m

@@ -114,7 +114,8 @@ def auto_mask_map(values, num_classes: int | None, where: str, *, colour: bool =
             return {0: 0, vs[1]: 1}
         suggestion = ", ".join(f'"{hex_colour(v)}": {i}' for i, v in enumerate(vs[:12]))
         raise DataError(f"{where}: the masks are colour-coded ({n} colours); say which colour is which class, "
-                        f"e.g. mask_values: {{{suggestion}}}")
+                        f"e.g. mask_values: {{{suggestion}{', ...' if n > 12 else ''}}}; a binary mask saved as a "
+                        f"colour JPEG: mask_values: threshold")
     if k is not None and vs and vs[-1] < k:
         return {v: v for v in range(k)}
     if k is None and n >= 2 and vs == list(range(n)):
@@ -149,9 +150,12 @@ class MaskUnion:
         return f"{self.paths[0].parent} ({len(self.paths)} mask files)"
 
 
-def decode_raw(mask, *, colour: bool = False) -> np.ndarray:
-    """A mask file's raw values (grey levels, or 0xRRGGBB colour codes), one file or several united."""
-    decode = D.decode_colour_mask if colour else D.decode_mask
+def decode_raw(mask, *, colour: bool = False, grey: bool = False) -> np.ndarray:
+    """A mask file's raw values (grey levels, or 0xRRGGBB colour codes; ``grey``: colour files as their
+    luminance, for the binary rules), one file or several united."""
+    def decode(p):
+        return D.decode_colour_mask(p) if colour else D.decode_mask(p, to_grey=grey)
+
     return mask.decode(decode) if isinstance(mask, MaskUnion) else decode(mask)
 
 
@@ -174,7 +178,7 @@ def resolve_mask_map(path: Path, items, masked, spec_map, k: int | None,
 
     if not colour:
         try:
-            values = collect(decode_raw)
+            values = collect(lambda mp: decode_raw(mp, grey=spec_map in MASK_RULES))
         except D.ColourMaskError:
             if folder or spec_map != "auto":
                 raise

@@ -129,14 +129,25 @@ def test_jpeg_masks_with_threshold_and_instance_masks_with_nonzero(tmp_path):
         write_png(tmp_path / "kv" / "images" / f"k{i}.png", rgb(i, hw, dead_blue=False)[:, :, ::-1])
         p = tmp_path / "kv" / "masks" / f"k{i}.jpg"
         p.parent.mkdir(parents=True, exist_ok=True)
+        if i % 2:  # saved as a colour JPEG (Kvasir-SEG style): a tinted white, channels differ a little
+            m = np.dstack([m * 0.96, m, m * 0.98]).astype(np.uint8)
         assert cv2.imwrite(str(p), m, [cv2.IMWRITE_JPEG_QUALITY, 70])
         inst = np.zeros(hw, np.uint8)
         inst[2:10, 2:10], inst[20:30, 30:40] = 1, 7 + i  # instance ids 1 and 7+i
         write_png(tmp_path / "gl" / f"g{i}.png", rgb(i, hw)[:, :, ::-1])
         write_png(tmp_path / "gl" / f"g{i}_anno.png", inst)
     kv = {"root": "kv", "splits": {"train": {"image": "images/{id}.png", "mask": "masks/{id}.jpg"}}}
-    with pytest.raises(DataError, match="mask_values: threshold"):  # auto refuses and says what to use
+    with pytest.raises(DataError, match="colour-coded"):  # auto refuses: the colour JPEGs look colour-coded
         load_dataset(write_dataset(tmp_path, kv, "kv_auto.yaml"))
+    grey_only = kv | {"splits": {"train": {"image": "images/{id}.png", "mask": "masks/{id}.jpg"}}}
+    for i in (1, 3):
+        (tmp_path / "kv" / "images" / f"k{i}.png").rename(tmp_path / f"k{i}.png")
+        (tmp_path / "kv" / "masks" / f"k{i}.jpg").rename(tmp_path / f"k{i}.jpg")
+    with pytest.raises(DataError, match="mask_values: threshold"):  # grey JPEGs: auto says what to use
+        load_dataset(write_dataset(tmp_path, grey_only, "kv_grey.yaml"))
+    for i in (1, 3):
+        (tmp_path / f"k{i}.png").rename(tmp_path / "kv" / "images" / f"k{i}.png")
+        (tmp_path / f"k{i}.jpg").rename(tmp_path / "kv" / "masks" / f"k{i}.jpg")
     ds = load_dataset(write_dataset(tmp_path, kv | {"mask_values": "threshold"}, "kv.yaml"))
     assert ds.num_classes == 2 and ds.mask_values == {0: 0, 255: 1} and ds.describe()["mask_rule"] == "threshold"
     masks = ds.labelled().masks
