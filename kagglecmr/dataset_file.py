@@ -52,8 +52,8 @@ class DatasetFile(BaseModel):
             raise ValueError("needs a 'train' split")
         for name, s in v.items():
             for kind, pat in (("image", s.image), ("mask", s.mask)):
-                if kind == "mask" and is_csv_pattern(pat) and not pat.startswith("/") and "\\" not in pat:
-                    continue  # masks from a run-length CSV
+                if kind == "mask" and is_csv_pattern(pat):
+                    continue  # masks from a run-length CSV (a path relative to root, or absolute)
                 if pat is not None and (pat.count("{id}") < 1 or re.search(r"\{(?!id\})", pat)
                                         or pat.startswith("/") or "\\" in pat):
                     raise ValueError(f"{name}.{kind}: pattern {pat!r} must be a relative path with {{id}}"

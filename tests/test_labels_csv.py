@@ -150,3 +150,27 @@ def test_malformed_labels_csv_is_one_line_exit_2_nothing_written(tmp_path, case,
     out = tmp_path / "folds" / "f.csv"
     assert_cli_error(main_cli("make-folds", "--data", path, "--out", out), needle)
     assert not out.parent.exists()
+
+
+REAL_CMR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmr"
+
+
+@pytest.mark.skipif(not (REAL_CMR / "train").is_dir(), reason="needs ../shared/data/cmr")
+def test_cmr_from_a_labels_csv_equals_the_folder_form(tmp_path):
+    """The cardiac training masks written as a Kaggle train.csv (the competition's own format) load to the
+    same arrays, ids and folds as the PNG masks."""
+    from kagglecmr.folds import make_folds
+    from kagglecmr.rle import run_encode
+
+    run_encode(REAL_CMR / "train" / "mask", tmp_path / "train.csv")
+    path = tmp_path / "cmr_csv.yaml"
+    path.write_text(yaml.safe_dump({"root": str(REAL_CMR), "classes": ["background", "RV", "Myo", "LV"],
+                                    "splits": {"train": {"image": "train/image/{id}.png",
+                                                         "mask": str(tmp_path / "train.csv")}}}))
+    folder, csv_form = load_dataset(REAL_CMR).labelled(), load_dataset(path).labelled()
+    assert csv_form.ids == folder.ids and len(folder.ids) == 100
+    np.testing.assert_array_equal(csv_form.masks, folder.masks)
+    np.testing.assert_array_equal(csv_form.images, folder.images)
+    a = make_folds(folder, n_folds=5, seed=42)
+    b = make_folds(csv_form, n_folds=5, seed=42)
+    assert a.equals(b)
