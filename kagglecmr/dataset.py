@@ -104,26 +104,17 @@ class Dataset:
         return D.resize_to(img, self.size, nearest=False) if resize else img
 
     def read_mask(self, path: Path, *, resize: bool = True) -> np.ndarray:
-        if isinstance(path, CsvMask):  # class labels straight from a run-length CSV
-            m = path.decode()
-            return D.resize_to(m, self.size, nearest=True) if resize else m
-        if self.colour:
-            m = map_values(decode_raw(path, colour=True), self.mask_values, str(path), str(self.path))
-            return D.resize_to(m, self.size, nearest=True) if resize else m
-        raw = decode_raw(path, grey=self.mask_rule is not None)
-        if self.mask_rule:
-            m = binary_mask(raw, self.mask_rule)
-            return D.resize_to(m, self.size, nearest=True) if resize else m
-        lut = np.full(int(raw.max(initial=0)) + 1, 255, np.uint8)
-        for v, k in self.mask_values.items():
-            if v < len(lut):
-                lut[v] = k
-        m = lut[raw]
-        if (m == 255).any():
-            bad = int(raw[m == 255][0])
-            raise DataError(f"{path}: mask value {bad} is not in {self.path}'s mask_values "
-                            f"({', '.join(map(str, sorted(self.mask_values)))})")
+        m = self._labels(path)
         return D.resize_to(m, self.size, nearest=True) if resize else m
+
+    def _labels(self, path) -> np.ndarray:
+        """Class labels of one mask at its own size: from a labels CSV, by the binary rule or by the value map."""
+        if isinstance(path, CsvMask):
+            return path.decode()
+        raw = decode_raw(path, colour=self.colour, grey=self.mask_rule is not None)
+        if self.mask_rule:
+            return binary_mask(raw, self.mask_rule)
+        return map_values(raw, self.mask_values, str(path), str(self.path))
 
     def to_raw(self, label_mask: np.ndarray) -> np.ndarray:
         """Class labels -> the dataset's own mask values (the first raw value of each class)."""

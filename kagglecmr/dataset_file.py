@@ -164,9 +164,7 @@ def file_items(path: Path, root: Path, spec: DatasetFile) -> tuple[dict, dict]:
             if not csv_path.is_file():
                 raise DataError(f"{path}: splits.{split}.mask: labels CSV {csv_path} not found")
             if csv_path not in tables:
-                fmt = spec.labels if spec.labels is not None else \
-                    {k: v for k, v in (spec.submission or {}).items() if k in ("id", "header", "order", "start")}
-                tables[csv_path] = CsvLabels(csv_path, fmt, spec.classes, str(path))
+                tables[csv_path] = CsvLabels(csv_path, spec.labels, spec.submission, spec.classes, str(path))
             known.setdefault(csv_path, set()).update(images)
             masks = {i: CsvMask(tables[csv_path], i, p) for i, p in images.items()}
         else:

@@ -39,11 +39,14 @@ def is_csv_pattern(pattern: str | None) -> bool:
 class CsvLabels:
     """One labels CSV, read once: ``{image id: {class: [encodings]}}`` and the format to decode them."""
 
-    def __init__(self, path: Path, spec: dict | None, class_names: list[str] | None, source: str):
+    def __init__(self, path: Path, labels: dict | None, submission: dict | None, class_names: list[str] | None,
+                 source: str):
+        """``labels``: the dataset file's ``labels:`` mapping; without it the ``submission:`` format's
+        row layout (its ``classes``, which rows a submission has, do not apply to training labels)."""
         from .submission import SubmissionFormat
 
         self.path, self.source = Path(path), source
-        spec = dict(spec or {})
+        spec = dict(labels) if labels is not None else {k: v for k, v in (submission or {}).items() if k != "classes"}
         unknown = [k for k in spec if k not in LABEL_KEYS]
         if unknown:
             raise DataError(f"{source}: labels: unknown key {unknown[0]!r} (known: {', '.join(LABEL_KEYS)})")

@@ -66,17 +66,25 @@ def codes_to_bgr(codes: np.ndarray) -> np.ndarray:
 
 
 def map_values(raw: np.ndarray, mapping: dict[int, int], where: str, dataset: str) -> np.ndarray:
-    """Class labels (uint8) of raw values through ``{raw: class}``; a value outside the map is an error
-    naming ``where`` (the mask file) and the value."""
-    values, inverse = np.unique(raw, return_inverse=True)
-    classes = np.array([mapping.get(int(v), -1) for v in values], np.int64)
-    if (classes < 0).any():
-        bad = int(values[classes < 0][0])
-        colour = raw.dtype == np.uint32
+    """Class labels (uint8) of raw values through ``{raw: class}``: grey levels by a lookup table over
+    0..max, colour codes (uint32) by their distinct values.  A value outside the map is an error naming
+    ``where`` (the mask file) and the first such value in raster order."""
+    colour = raw.dtype == np.uint32
+    if colour:
+        keys, inverse = np.unique(raw, return_inverse=True)
+        m = np.array([mapping.get(int(v), -1) for v in keys], np.int16)[inverse.reshape(raw.shape)]
+    else:
+        lut = np.full(int(raw.max(initial=0)) + 1, -1, np.int16)
+        for v, k in mapping.items():
+            if v < len(lut):
+                lut[v] = k
+        m = lut[raw]
+    if (m < 0).any():
+        bad = int(raw[m < 0][0])
         shown = ", ".join(hex_colour(v) if colour else str(v) for v in sorted(mapping))
         raise DataError(f"{where}: mask value {hex_colour(bad) if colour else bad} is not in {dataset}'s "
                         f"mask_values ({shown})")
-    return classes.astype(np.uint8)[inverse.reshape(raw.shape)]
+    return m.astype(np.uint8)
 
 
 def class_to_raw(mask_values: dict, num_classes: int) -> np.ndarray:
@@ -201,8 +209,8 @@ def resolve_mask_map(path: Path, items, masked, spec_map, k: int | None,
                             f"(values found: {', '.join(map(str, sorted(values)[:12]))})")
         return {0: 0, 255 if max(values) <= 255 else 65535: 1}, 2, spec_map, False
     if isinstance(spec_map, dict) and not folder:
-        spec_map = {parse_raw(r)[0] * (0x010101 if colour and not parse_raw(r)[1] else 1): c
-                    for r, c in spec_map.items()}
+        parsed = [(parse_raw(r), c) for r, c in spec_map.items()]  # a grey key in a colour map is r = g = b
+        spec_map = {v * (0x010101 if colour and not is_hex else 1): c for (v, is_hex), c in parsed}
         k = k or max(spec_map.values()) + 1
         if max(spec_map.values()) >= k:
             raise DataError(f"{path}: mask_values: class {max(spec_map.values())} but only {k} classes")
