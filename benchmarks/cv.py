@@ -27,12 +27,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 
-from kagglecmr.config import load_config  # noqa: E402
-from kagglecmr.data import load_labelled  # noqa: E402
-from kagglecmr.ensemble import load_run, predict_oof  # noqa: E402
-from kagglecmr.postprocess import apply_plan, describe_plan, tune_plan  # noqa: E402
-from kagglecmr.runtime import resolve_device, setup_threads  # noqa: E402
-from kagglecmr.score import dice_table  # noqa: E402
+from kagglecmr.cfg.config import load_config  # noqa: E402
+from kagglecmr.data.loader import load_labelled  # noqa: E402
+from kagglecmr.engine.ensembler import load_run, predict_oof  # noqa: E402
+from kagglecmr.engine.postprocess import apply_plan, describe_plan, tune_plan  # noqa: E402
+from kagglecmr.formats.metric import dice_table  # noqa: E402
+from kagglecmr.utils.runtime import resolve_device, setup_threads  # noqa: E402
 
 HEADER = ("| recipe | honest OOF (last / swa) | OOF (select) | OOF+TTA | OOF+TTA+PP | RV | Myo | LV | empty rows | PP plan | train min | s/epoch | "
           "data s/epoch | device |")

@@ -20,11 +20,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kagglecmr.config import load_config  # noqa: E402
-from kagglecmr.data import load_split  # noqa: E402
-from kagglecmr.ensemble import Run, predict_images  # noqa: E402
-from kagglecmr.models import build_model  # noqa: E402
-from kagglecmr.runtime import resolve_device, setup_threads  # noqa: E402
+from kagglecmr.cfg.config import load_config  # noqa: E402
+from kagglecmr.data.loader import load_split  # noqa: E402
+from kagglecmr.engine.ensembler import Run, predict_images  # noqa: E402
+from kagglecmr.models.factory import build_model  # noqa: E402
+from kagglecmr.utils.runtime import resolve_device, setup_threads  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     setup_threads(0)
     dev = resolve_device(args.device)
     if not (args.data / "test" / "image").is_dir():
-        from kagglecmr.demo import make_demo_dataset
+        from kagglecmr.data.demo import make_demo_dataset
 
         args.data = Path(tempfile.mkdtemp()) / "demo"
         make_demo_dataset(args.data, n_train=1, n_val=0, n_test=80)

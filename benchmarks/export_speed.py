@@ -47,7 +47,7 @@ def main() -> None:
     import torch
 
     import kagglecmr as kc
-    from kagglecmr.data import load_split
+    from kagglecmr.data.loader import load_split
 
     flips = args.tta_flips.split(",")
     res = kc.export(args.runs, out=args.out, format="onnx", tta_flips=flips, data=args.data, force=True)

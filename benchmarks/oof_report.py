@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kagglecmr.data import load_labelled
-from kagglecmr.runs import read_oof_labels
-from kagglecmr.score import dice_table
+from kagglecmr.data.loader import load_labelled
+from kagglecmr.engine.orchestrate import read_oof_labels
+from kagglecmr.formats.metric import dice_table
 
 CLASSES = {1: "RV", 2: "Myo", 3: "LV"}
 

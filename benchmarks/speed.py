@@ -28,13 +28,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from kagglecmr.augment import build_albumentations  # noqa: E402
-from kagglecmr.config import load_config  # noqa: E402
-from kagglecmr.data import discover, load_labelled  # noqa: E402
-from kagglecmr.losses import build_loss  # noqa: E402
-from kagglecmr.models import build_model  # noqa: E402
-from kagglecmr.runtime import cpu_count, resolve_device, setup_threads  # noqa: E402
-from kagglecmr.train import train_fold  # noqa: E402
+from kagglecmr.cfg.config import load_config  # noqa: E402
+from kagglecmr.data.augment import build_albumentations  # noqa: E402
+from kagglecmr.data.loader import discover, load_labelled  # noqa: E402
+from kagglecmr.engine.trainer import train_fold  # noqa: E402
+from kagglecmr.models.factory import build_model  # noqa: E402
+from kagglecmr.models.losses import build_loss  # noqa: E402
+from kagglecmr.utils.runtime import cpu_count, resolve_device, setup_threads  # noqa: E402
 
 
 class PngDataset(torch.utils.data.Dataset):
@@ -125,13 +125,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=min(4, cpu_count()))
     args = ap.parse_args()
     if not args.data.is_dir():
-        from kagglecmr.demo import make_demo_dataset
+        from kagglecmr.data.demo import make_demo_dataset
 
         args.data = Path(tempfile.mkdtemp()) / "demo"
         make_demo_dataset(args.data, n_train=80, n_val=20, n_test=0)
     setup_threads(0)
     dev = resolve_device(args.device)
-    from kagglecmr.dataset import apply_dataset, load_dataset
+    from kagglecmr.data.dataset import apply_dataset, load_dataset
 
     cfg = apply_dataset(load_config(args.config, args.set), load_dataset(args.data))  # data keys from the dataset
     ref = reference(cfg, args.data, dev, args.steps, args.workers)

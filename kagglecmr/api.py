@@ -2,7 +2,7 @@
 
 Every ``kagglecmr`` command is a thin layer over exactly one function here, with the command's options
 as keyword arguments; each returns a result object (scores as floats and dicts, probabilities as numpy
-arrays, the paths it wrote) and raises the same :class:`~kagglecmr.errors.KaggleCMRError` the CLI
+arrays, the paths it wrote) and raises the same :class:`~kagglecmr.utils.errors.KaggleCMRError` the CLI
 prints as ``error: ...``.  Progress lines go to stdout as in the CLI (plain text when stdout is not a
 terminal, e.g. in Jupyter or a log file).
 
@@ -19,11 +19,11 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import pandas as pd
 
-    from .config import Config
-    from .export import ExportedModel
-    from .predictor import Predictor
-    from .runs import FoldResult
-    from .score import ScoreResult
+    from kagglecmr.cfg.config import Config
+    from kagglecmr.engine.exporter import ExportedModel
+    from kagglecmr.engine.orchestrate import FoldResult
+    from kagglecmr.engine.predictor import Predictor
+    from kagglecmr.formats.metric import ScoreResult
 
 
 # ------------------------------------------------------------------------------------- results
@@ -93,7 +93,7 @@ class ExportResult:
 def demo_data(out: str | Path, *, n_train: int = 60, n_val: int = 12, n_test: int = 24, seed: int = 0,
               size: int = 96, force: bool = False) -> DemoDataResult:
     """Synthetic CMR-like dataset in the competition layout (``kagglecmr demo-data``)."""
-    from .demo import make_demo_dataset
+    from kagglecmr.data.demo import make_demo_dataset
 
     summary = make_demo_dataset(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force)
     return DemoDataResult(Path(out), summary)
@@ -102,7 +102,7 @@ def demo_data(out: str | Path, *, n_train: int = 60, n_val: int = 12, n_test: in
 def make_folds(data: str | Path = "data", *, n_folds: int = 5, seed: int = 42, out: str | Path = "folds/folds.csv",
                groups: bool = True, force: bool = False, config: str | Path | Config | None = None) -> FoldsResult:
     """Stratified, grouped, deterministic folds over train+val (``kagglecmr make-folds``)."""
-    from .folds import run_make_folds
+    from kagglecmr.data.folds import run_make_folds
 
     cfg = _load_config(config) if config is not None else None
     df = run_make_folds(Path(data), n_folds=n_folds, seed=seed, out=Path(out), groups=groups, force=force, config=cfg)
@@ -112,11 +112,11 @@ def make_folds(data: str | Path = "data", *, n_folds: int = 5, seed: int = 42, o
 def score(submission: str | Path, *, truth: str | Path | None = None, data: str | Path = "data",
           split: str | None = None, as_json: bool = False) -> ScoreResult:
     """Leaderboard score of a submission CSV (``kagglecmr score``): ``.score``, ``.per_class``, ``.worst``."""
-    from .score import run_score
+    from kagglecmr.formats.metric import run_score
 
     data = Path(data)
     if split is not None or str(data).endswith((".yaml", ".yml")) or (data / "dataset.yaml").is_file():
-        from .evaluate import run_score_dataset
+        from kagglecmr.engine.evaluator import run_score_dataset
 
         return run_score_dataset(Path(submission), data=data, split=split, truth=truth, as_json=as_json)
     return run_score(Path(submission), truth=None if truth is None else Path(truth), data=Path(data), as_json=as_json)
@@ -125,10 +125,10 @@ def score(submission: str | Path, *, truth: str | Path | None = None, data: str 
 def encode(mask_dir: str | Path, *, out: str | Path = "submission.csv", force: bool = False,
            num_classes: int = 4, data: str | Path | None = None) -> EncodeResult:
     """PNG label masks -> validated submission CSV (``kagglecmr encode``); ``data``: a dataset file's format."""
-    from .rle import run_encode
+    from kagglecmr.formats.rle import run_encode
 
     if data is not None:
-        from .evaluate import run_encode_dataset
+        from kagglecmr.engine.evaluator import run_encode_dataset
 
         rows = run_encode_dataset(Path(mask_dir), data=Path(data), out=Path(out), force=force)
         return EncodeResult(Path(out), rows)
@@ -139,7 +139,7 @@ def encode(mask_dir: str | Path, *, out: str | Path = "submission.csv", force: b
 def _load_config(config, overrides: list[str] | None = None, **flags) -> Config:
     """A config from a name, path, dict or Config, with ``--set``-style overrides and flags
     (``{"train.epochs": 3}``; None values are ignored)."""
-    from .config import Config, apply_overrides, load_config
+    from kagglecmr.cfg.config import Config, apply_overrides, load_config
 
     sets = list(overrides or []) + [f"{key}={value}" for key, value in flags.items() if value is not None]
     if isinstance(config, Config):
@@ -149,8 +149,8 @@ def _load_config(config, overrides: list[str] | None = None, **flags) -> Config:
 
         from pydantic import ValidationError
 
-        from .config import _format_validation_error
-        from .errors import ConfigError
+        from kagglecmr.cfg.config import _format_validation_error
+        from kagglecmr.utils.errors import ConfigError
 
         try:
             return Config.model_validate(apply_overrides(copy.deepcopy(config), sets))
@@ -169,10 +169,10 @@ def train(fold: str | int = "0..4", *, config: str | Path | Config | dict | None
     """Train folds (``kagglecmr train``): ``fold`` is ``0``, ``"0..4"``, ``"0,2,4"`` or ``"all"``;
     ``overrides`` are ``--set`` strings (``["train.lr=3e-4"]``); ``pseudo`` is a ``pseudo-label`` folder;
     ``seeds`` (``"42,43"`` or a list) trains runs ``<name>-s42``, ``<name>-s43`` (the result is the last one's)."""
-    from .runs import run_train
+    from kagglecmr.engine.orchestrate import run_train
 
     if config is None:
-        from .dataset import recipe_for
+        from kagglecmr.data.dataset import recipe_for
 
         config = recipe_for(data)  # the dataset file's recipe, else default
     cfg = _load_config(config, overrides, **{"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
@@ -185,7 +185,7 @@ def train(fold: str | int = "0..4", *, config: str | Path | Config | dict | None
                         executor=executor, ray_address=ray_address, seeds=seeds)
     run_dir = Path(runs_dir) / (name or cfg.name or "run")
     if seeds:
-        from .runs import seed_runs
+        from kagglecmr.engine.orchestrate import seed_runs
 
         run_dir = Path(runs_dir) / seed_runs(cfg, seeds, name)[-1][1]
     oof_path = run_dir / "oof.json"
@@ -204,7 +204,7 @@ def ensemble(runs: list[str | Path] | str | Path | None = None, *, weights: list
     """Fold-averaged softmax (+ TTA, run weights), OOF-tuned postprocessing, submission CSV (``kagglecmr ensemble``).
     ``select`` (best, last, swa) overrides which checkpoint every fold contributes.
     ``split`` is one name (-> an :class:`EnsembleResult`) or a list (-> ``{split: EnsembleResult}``, one load)."""
-    from .ensemble import run_ensemble
+    from kagglecmr.engine.ensembler import run_ensemble
 
     paths = None if runs is None else [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
     res = run_ensemble(runs=paths or None, runs_dir=Path(runs_dir), data_root=Path(data), split=split,
@@ -226,7 +226,7 @@ def _ensemble_result(res: dict) -> EnsembleResult:
     result = EnsembleResult(Path(res["out"]), res["ids"], res["probs"], labels, res["rows"], res["empty"],
                             res["plan"], list(res["tta"]), [Path(r) for r in res["runs"]])
     if res["truth"] is not None and same and labels.shape == res["truth"].shape:
-        from .score import dice_table
+        from kagglecmr.formats.metric import dice_table
 
         table = dice_table(res["labels"], res["truth"], res["probs"].shape[1])
         result.score = float(table.mean())
@@ -242,11 +242,11 @@ def load_ensemble(runs: list[str | Path] | str | Path | None = None, *, tta: boo
     ``[N, K, H, W]``, a list when sizes differ), ``.predict(images)`` (class maps), ``.to_raw(labels)``.
     ``select`` (best, last, swa): that checkpoint of every fold instead of its ``train.select``.
     ``runs`` may also be one ``.onnx``/``.pt`` file written by :func:`export` (onnxruntime / TorchScript)."""
-    from .predictor import load_ensemble as _load
+    from kagglecmr.engine.predictor import load_ensemble as _load
 
     one = runs[0] if isinstance(runs, (list, tuple)) and len(runs) == 1 else runs
     if isinstance(one, (str, Path)) and Path(one).suffix.lower() in (".onnx", ".pt"):
-        from .export import ExportPredictor
+        from kagglecmr.engine.exporter import ExportPredictor
 
         if tta or tta_flips or weights or select:
             print(f"note: {one} has its models, TTA and weights built in; tta/tta_flips/weights/select are ignored",
@@ -262,7 +262,7 @@ def predict(images: list[str | Path] | str | Path, *, runs: list[str | Path] | s
             full: bool = True, runs_dir: str | Path = "runs", select: str | None = None) -> PredictResult:
     """PNG files or folders -> ``out/<stem>.png`` masks in the dataset's mask values at each image's own
     size, plus ``<stem>_overlay.png`` with ``overlay`` (``kagglecmr predict``)."""
-    from .predictor import predict_files
+    from kagglecmr.engine.predictor import predict_files
 
     inputs = [images] if isinstance(images, (str, Path)) else list(images)
     pred = load_ensemble(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
@@ -277,8 +277,8 @@ def export(runs: list[str | Path] | str | Path | None = None, *, out: str | Path
            runs_dir: str | Path = "runs", select: str | None = None) -> ExportResult:
     """The whole ensemble as one ONNX / TorchScript file, verified against ``ensemble`` on ``data``'s
     labelled images (``kagglecmr export``)."""
-    from .errors import KaggleCMRError
-    from .export import FORMATS, _require_onnx, export_ensemble
+    from kagglecmr.engine.exporter import FORMATS, _require_onnx, export_ensemble
+    from kagglecmr.utils.errors import KaggleCMRError
 
     if format not in FORMATS:
         raise KaggleCMRError(f"--format {format}: expected onnx or torchscript")
@@ -293,14 +293,9 @@ def export(runs: list[str | Path] | str | Path | None = None, *, out: str | Path
 
 def load_export(path: str | Path) -> ExportedModel:
     """An exported file loaded back: ``.predict_proba(uint8 [N, C, H, W])`` -> float32 ``[N, K, H, W]``."""
-    from .export import load_export as _load
+    from kagglecmr.engine.exporter import load_export as _load
 
     return _load(Path(path))
-
-
-__all__ = ["demo_data", "make_folds", "score", "encode", "train", "ensemble", "load_ensemble", "predict", "export",
-           "load_export", "DemoDataResult", "FoldsResult", "EncodeResult", "TrainResult", "EnsembleResult",
-           "PredictResult", "ExportResult"]
 
 
 def pseudo_label(runs: list[str | Path], *, data: str | Path = "data", split: str = "test", out: str | Path | None = None,
@@ -308,8 +303,30 @@ def pseudo_label(runs: list[str | Path], *, data: str | Path = "data", split: st
                  select: str | None = None):
     """Pseudo masks of an unlabelled split (``kagglecmr pseudo-label``): one set per fold from that fold's
     teacher models only, one from the whole ensemble; ``select`` (best, last, swa) picks that checkpoint of
-    every teacher fold; returns what :func:`kagglecmr.pseudo.pseudo_label` returns."""
-    from .pseudo import pseudo_label as run
+    every teacher fold; returns what :func:`kagglecmr.engine.pseudo.pseudo_label` returns."""
+    from kagglecmr.engine.pseudo import pseudo_label as run
 
     return run(runs=[Path(r) for r in runs], data_root=Path(data), split=split, out=None if out is None else Path(out),
                confidence=confidence, tta=tta, force=force, device=device, select=select)
+
+
+def runs(runs_dir: str | Path = "runs", *, as_json: bool = False) -> list[dict]:
+    """The local leaderboard (``kagglecmr runs``): prints one row per run folder under ``runs_dir``, best OOF
+    first (one JSON array with ``as_json``), and returns the rows as dicts."""
+    from kagglecmr.reports.leaderboard import run_runs
+
+    return run_runs(Path(runs_dir), as_json=as_json)
+
+
+def report(run: str | Path, *, data: str | Path | None = None, worst: int = 12) -> Path:
+    """Write ``<run>/report.html`` (``kagglecmr report``): one self-contained page about the run (config,
+    dataset, timings, per-fold and per-class OOF Dice, curves, the ``worst`` OOF images when ``data`` is
+    given, the postprocessing plan); returns its path."""
+    from kagglecmr.reports.html_report import write_report
+
+    return write_report(Path(run), data=None if data is None else Path(data), worst=worst)
+
+
+__all__ = ["demo_data", "make_folds", "score", "encode", "train", "ensemble", "load_ensemble", "predict", "export",
+           "load_export", "pseudo_label", "runs", "report", "DemoDataResult", "FoldsResult", "EncodeResult",
+           "TrainResult", "EnsembleResult", "PredictResult", "ExportResult"]

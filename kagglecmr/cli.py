@@ -1,6 +1,6 @@
 """Command line: parses options and calls library functions, nothing else.
 
-Every :class:`~kagglecmr.errors.KaggleCMRError` becomes ``error: <message>`` on stderr and exit
+Every :class:`~kagglecmr.utils.errors.KaggleCMRError` becomes ``error: <message>`` on stderr and exit
 code 2, without a traceback.
 """
 
@@ -14,8 +14,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import typer
 
+from kagglecmr.utils.errors import KaggleCMRError
+
 from . import api
-from .errors import KaggleCMRError
 
 app = typer.Typer(
     add_completion=False,
@@ -231,9 +232,7 @@ def runs(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON array (one object per run)."),
 ) -> None:
     """Local leaderboard: every run with its config changes, folds, OOF scores, size and timings."""
-    from .reports import run_runs
-
-    run_runs(runs_dir, as_json=as_json)
+    api.runs(runs_dir, as_json=as_json)
 
 
 @app.command("report")
@@ -243,9 +242,7 @@ def report(
     worst: int = typer.Option(12, "--worst", help="How many of the worst out-of-fold images to show."),
 ) -> None:
     """Write <run>/report.html: one self-contained page (plots embedded) about the run."""
-    from .html_report import write_report
-
-    write_report(run, data=data, worst=worst)
+    api.report(run, data=data, worst=worst)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny demo dataset, its folds and ONE trained tiny 5-fold run (session scoped).
 
-The run is trained once per test session through the library (``kagglecmr.runs.run_train``) with a
+The run is trained once per test session through the library (``kagglecmr.engine.orchestrate.run_train``) with a
 2-epoch scratch Unet on 25 labelled 96x96 phantoms; train/ensemble tests copy it before changing it.
 """
 
@@ -134,10 +134,10 @@ def assert_cli_error():
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Project:
     """Demo data, folds and a 2-epoch tiny run trained on all 5 folds (the expensive part, done once)."""
-    from kagglecmr.config import load_config
-    from kagglecmr.demo import make_demo_dataset
-    from kagglecmr.folds import run_make_folds
-    from kagglecmr.runs import run_train
+    from kagglecmr.cfg.config import load_config
+    from kagglecmr.data.demo import make_demo_dataset
+    from kagglecmr.data.folds import run_make_folds
+    from kagglecmr.engine.orchestrate import run_train
 
     root = tmp_path_factory.mktemp("project")
     config = root / f"{RUN_NAME}.yaml"
@@ -154,7 +154,7 @@ def project(tmp_path_factory) -> Project:
 
 @pytest.fixture(scope="session")
 def tiny_cfg(project):
-    from kagglecmr.config import load_config
+    from kagglecmr.cfg.config import load_config
 
     return load_config(project.config)
 
@@ -162,7 +162,7 @@ def tiny_cfg(project):
 @pytest.fixture(scope="session")
 def labelled(project, tiny_cfg):
     """Every labelled image of the demo dataset (train + val), decoded."""
-    from kagglecmr.data import load_labelled
+    from kagglecmr.data.loader import load_labelled
 
     return load_labelled(project.data, tiny_cfg.data.spec())
 
@@ -182,7 +182,7 @@ def truth_masks(project, ids):
     """The demo dataset's true masks of ``ids`` (train/ or val/), stacked in that order."""
     import numpy as np
 
-    from kagglecmr.data import read_mask
+    from kagglecmr.data.loader import read_mask
 
     out = []
     for i in ids:

@@ -15,20 +15,57 @@ import pandas as pd
 import pytest
 
 import kagglecmr as kc
-from kagglecmr.errors import ConfigError, KaggleCMRError
+from kagglecmr.utils.errors import ConfigError, KaggleCMRError
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = "\x1b["
 
 
-def test_import_is_cheap_and_verbs_coexist_with_modules():
-    code = ("import sys, kagglecmr as kc; f = kc.make_folds; s = kc.score; assert callable(s); "
+def test_import_is_cheap_and_verbs_are_plain_functions():
+    code = ("import sys, inspect, pickle, kagglecmr as kc, kagglecmr.api as api; "
+            "verbs = [getattr(kc, v) for v in api.__all__ if v[0].islower()]; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
-            "from kagglecmr import ensemble; assert callable(ensemble) and hasattr(ensemble, 'load_run'); "
-            "import inspect; print(sorted(inspect.signature(kc.train).parameters)[:3])")
+            "assert all(inspect.isfunction(v) for v in verbs), [v for v in verbs if not inspect.isfunction(v)]; "
+            "assert all(pickle.loads(pickle.dumps(v)) is v for v in verbs); "
+            "assert 'torch' not in sys.modules, 'torch imported by the verbs'; "
+            "print(sorted(inspect.signature(kc.train).parameters)[:3])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "batch_size" in proc.stdout
+
+
+def test_every_cli_verb_is_an_api_function_with_its_own_docstring():
+    import inspect
+    import pickle
+    import pydoc
+
+    from kagglecmr import api
+    from kagglecmr.cli import app
+
+    commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    verbs = {v for v in api.__all__ if v[0].islower()}
+    assert {c.replace("-", "_") for c in commands} <= verbs, "a CLI command without an API function"
+    for verb in verbs:
+        fn = getattr(kc, verb)
+        assert fn is getattr(api, verb) and inspect.isfunction(fn) and fn.__module__ == "kagglecmr.api"
+        assert pickle.loads(pickle.dumps(fn)) is fn
+        shown = pydoc.render_doc(fn, renderer=pydoc.plaintext)  # what help(kc.<verb>) prints
+        assert f"{verb}(" in shown and fn.__doc__ and fn.__doc__.splitlines()[0].strip() in shown
+    # no module shares its name with a verb
+    import pkgutil
+
+    import kagglecmr
+
+    modules = {m.name.rsplit(".", 1)[-1] for m in pkgutil.walk_packages(kagglecmr.__path__, "kagglecmr.")}
+    assert not modules & verbs, modules & verbs
+
+
+def test_train_is_submittable_to_a_process_pool():
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1) as pool:  # pickles kc.make_folds by reference, as it would kc.train
+        with pytest.raises(KaggleCMRError):
+            pool.submit(kc.make_folds, "/nonexistent-data-folder", out="/nonexistent/folds.csv").result(timeout=120)
 
 
 def test_api_ensemble_and_score_equal_the_cli(project, tmp_path, main_cli):
@@ -80,7 +117,7 @@ def test_api_train_equals_cli_and_no_ansi_off_a_terminal(project, tmp_path, cli)
 
 
 def test_reporter_is_plain_when_stdout_is_not_a_terminal(capsys):
-    from kagglecmr.progress import Reporter
+    from kagglecmr.utils.progress import Reporter
 
     rep = Reporter("fold0", 2, quiet=False)
     assert not rep.live  # pytest's captured stdout is not a TTY, like Jupyter or a log file

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from albumentations.augmentations.geometric.functional import center as albu_center
 
-from kagglecmr import augment as aug
-from kagglecmr.augment import (
+from kagglecmr.cfg.config import AugmentConfig
+from kagglecmr.data import augment as aug
+from kagglecmr.data.augment import (
     TorchAugment,
     affine_matrix,
     augment_batch_albumentations,
@@ -24,7 +25,6 @@ from kagglecmr.augment import (
     theta_from_pixel_matrices,
     warp,
 )
-from kagglecmr.config import AugmentConfig
 
 H = W = 96
 PROBABILITIES = ("hflip", "vflip", "rot90", "affine", "elastic", "intensity", "color", "gamma", "noise")

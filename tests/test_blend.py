@@ -1,4 +1,4 @@
-"""Blend weights fitted on OOF probabilities (kagglecmr.blend) and ``ensemble --weights auto``."""
+"""Blend weights fitted on OOF probabilities (kagglecmr.engine.blend) and ``ensemble --weights auto``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import copy_run
 
-from kagglecmr.blend import blend_table, fit_weights, nested_estimate, simplex_grid
-from kagglecmr.score import dice_table
+from kagglecmr.engine.blend import blend_table, fit_weights, nested_estimate, simplex_grid
+from kagglecmr.formats.metric import dice_table
 
 
 def _probs_from(labels: np.ndarray, k: int = 4, conf: float = 0.7) -> np.ndarray:
@@ -96,8 +96,8 @@ def test_ensemble_select_loads_the_named_checkpoint_of_every_fold(project):
     at the best epoch); the default is each fold's ``train.select``."""
     import torch
 
-    from kagglecmr.checkpoint import load_best
-    from kagglecmr.ensemble import load_run
+    from kagglecmr.engine.ensembler import load_run
+    from kagglecmr.models.checkpoint import load_best
 
     dev = torch.device("cpu")
     for select, name in ((None, "best"), ("best", "best"), ("last", "last")):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kagglecmr.config import REPO_CONFIGS, Config, load_config, parse_override, resolve_config_path
-from kagglecmr.errors import ConfigError, KaggleCMRError
+from kagglecmr.cfg.config import REPO_CONFIGS, Config, load_config, parse_override, resolve_config_path
+from kagglecmr.utils.errors import ConfigError, KaggleCMRError
 
 SHIPPED = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml"))
 

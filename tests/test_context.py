@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kagglecmr.config import load_config
-from kagglecmr.context import add_context, partners
-from kagglecmr.data import load_split
-from kagglecmr.folds import similarity_groups
-from kagglecmr.models import build_model
+from kagglecmr.cfg.config import load_config
+from kagglecmr.data.context import add_context, partners
+from kagglecmr.data.folds import similarity_groups
+from kagglecmr.data.loader import load_split
+from kagglecmr.models.factory import build_model
 
 
 def test_partners_are_similarity_group_mates_or_the_image_itself(project, labelled):

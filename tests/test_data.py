@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from kagglecmr import data
-from kagglecmr.config import load_config
-from kagglecmr.data import DataSpec
-from kagglecmr.errors import DataError, KaggleCMRError
+from kagglecmr.cfg.config import load_config
+from kagglecmr.data import loader as data
+from kagglecmr.data.loader import DataSpec
+from kagglecmr.utils.errors import DataError, KaggleCMRError
 
 S = 32  # image side used throughout (small files, quick decoding)
 SPEC = DataSpec(size=S, in_channels=1, num_classes=4)

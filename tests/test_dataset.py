@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from kagglecmr.config import load_config
-from kagglecmr.dataset import apply_dataset, auto_mask_map, load_dataset, recipe_for
-from kagglecmr.errors import ConfigError, DataError
+from kagglecmr.cfg.config import load_config
+from kagglecmr.data.dataset import apply_dataset, auto_mask_map, load_dataset, recipe_for
+from kagglecmr.utils.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CMR = REPO.parent / "shared" / "data" / "cmr"
@@ -215,7 +215,7 @@ def test_colour_coded_masks_need_a_map_then_load_and_write_back(tmp_path):
     np.testing.assert_array_equal(ds.labelled().masks, np.stack(truth))
     written = ds.to_raw(truth[1])  # back to the dataset's own colours (BGR for cv2.imwrite)
     np.testing.assert_array_equal(written, cv2.imread(str(tmp_path / "d" / "t1_lab.png")))
-    from kagglecmr.mask_values import labels_to_raw
+    from kagglecmr.data.mask_values import labels_to_raw
 
     np.testing.assert_array_equal(labels_to_raw(truth[1], ds.describe()["mask_values"], 3), written)  # dataset.json
     bad = spec | {"mask_values": {"#000000": 0, "#ff0000": 1}}
@@ -262,7 +262,7 @@ def test_mixed_sizes_need_size_and_are_resized(tmp_path):
 
 
 def test_group_regex_keeps_groups_in_one_fold(tmp_path):
-    from kagglecmr.folds import run_make_folds
+    from kagglecmr.data.folds import run_make_folds
 
     for p in range(6):
         for s in range(3):
@@ -280,8 +280,8 @@ def test_group_regex_keeps_groups_in_one_fold(tmp_path):
 
 
 def test_folder_form_and_equivalent_file_give_the_same_data_and_folds(tmp_path):
-    from kagglecmr.demo import make_demo_dataset
-    from kagglecmr.folds import run_make_folds
+    from kagglecmr.data.demo import make_demo_dataset
+    from kagglecmr.data.folds import run_make_folds
 
     demo = tmp_path / "demo"
     make_demo_dataset(demo, n_train=20, n_val=5, n_test=4, seed=0)
@@ -294,7 +294,7 @@ def test_folder_form_and_equivalent_file_give_the_same_data_and_folds(tmp_path):
     assert (a.num_classes, a.in_channels, a.size) == (b.num_classes, b.in_channels, b.size) == (4, 1, (96, 96))
     sa, sb = a.labelled(), b.labelled()
     assert sa.ids == sb.ids and sa.splits == sb.splits
-    from kagglecmr.data import DataSpec, load_labelled
+    from kagglecmr.data.loader import DataSpec, load_labelled
 
     legacy = load_labelled(demo, DataSpec())  # the folder reader before dataset files: the same arrays
     np.testing.assert_array_equal(legacy.images, sa.images)
@@ -308,7 +308,7 @@ def test_folder_form_and_equivalent_file_give_the_same_data_and_folds(tmp_path):
 
 @pytest.mark.skipif(not (REAL_CMR / "train").is_dir(), reason="real CMR data not present")
 def test_shipped_cmr_file_matches_the_folder(tmp_path):
-    from kagglecmr.folds import run_make_folds
+    from kagglecmr.data.folds import run_make_folds
 
     a, b = load_dataset(REAL_CMR), load_dataset(REPO / "configs" / "datasets" / "cmr.yaml")
     sa, sb = a.labelled(), b.labelled()
@@ -321,8 +321,8 @@ def test_shipped_cmr_file_matches_the_folder(tmp_path):
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
 
     # the same submission scores the same through both (a CSV of the true masks, some rows wrong)
-    from kagglecmr.evaluate import run_score_dataset
-    from kagglecmr.score import run_score, write_submission
+    from kagglecmr.engine.evaluator import run_score_dataset
+    from kagglecmr.formats.metric import run_score, write_submission
 
     rows = [(rid, "" if n % 7 == 0 else enc) for n, (i, m) in enumerate(zip(sa.ids, sa.masks))
             for rid, enc in b.submission.rows(i, m, 4)]
@@ -444,8 +444,8 @@ def test_conflicting_pin_in_train_writes_nothing(tmp_path, main_cli, assert_cli_
 def test_augmentation_keeps_non_square_shapes(backend):
     import torch
 
-    from kagglecmr.batches import BatchMaker
-    from kagglecmr.config import AugmentConfig
+    from kagglecmr.cfg.config import AugmentConfig
+    from kagglecmr.data.batches import BatchMaker
 
     cfg = load_config("demo", ["augment.rot90=1.0", "augment.elastic=0.5", f"augment.backend={backend}"])
     assert isinstance(cfg.augment, AugmentConfig)

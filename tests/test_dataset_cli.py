@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from kagglecmr.dataset import load_dataset
+from kagglecmr.data.dataset import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,7 +71,7 @@ def test_any_competition_end_to_end(tmp_path, main_cli):
     fold0 = tmp_path / "runs" / "tiny" / "fold0"
     described = json.loads((fold0 / "dataset.json").read_text())
     assert described["size"] == [32, 48] and described["channels"] == [0, 1] and described["num_classes"] == 2
-    from kagglecmr.checkpoint import load_best
+    from kagglecmr.models.checkpoint import load_best
 
     _, meta = load_best(fold0 / "best.safetensors")
     assert json.loads(meta["dataset"]) == described

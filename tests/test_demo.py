@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-import kagglecmr.demo as demo
-from kagglecmr import data
-from kagglecmr.demo import make_demo_dataset
-from kagglecmr.errors import KaggleCMRError
+import kagglecmr.data.demo as demo
+from kagglecmr.data import loader as data
+from kagglecmr.data.demo import make_demo_dataset
+from kagglecmr.utils.errors import KaggleCMRError
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -18,15 +18,15 @@ import pytest
 import torch
 from conftest import N_FOLDS, N_TEST, copy_run, tree_snapshot, truth_masks
 
-from kagglecmr import ensemble
-from kagglecmr.checkpoint import load_best
-from kagglecmr.config import Config
-from kagglecmr.data import load_split, natural_sorted, read_mask
-from kagglecmr.errors import ConfigError
-from kagglecmr.infer import TTA_FLIPS, TTA_PASSES, predict_proba, tta_apply, tta_undo
-from kagglecmr.models import build_model
-from kagglecmr.postprocess import apply_plan, load_plan, tune_plan
-from kagglecmr.score import dice_table, read_submission
+from kagglecmr.cfg.config import Config
+from kagglecmr.data.loader import load_split, natural_sorted, read_mask
+from kagglecmr.engine import ensembler as ensemble
+from kagglecmr.engine.infer import TTA_FLIPS, TTA_PASSES, predict_proba, tta_apply, tta_undo
+from kagglecmr.engine.postprocess import apply_plan, load_plan, tune_plan
+from kagglecmr.formats.metric import dice_table, read_submission
+from kagglecmr.models.checkpoint import load_best
+from kagglecmr.models.factory import build_model
+from kagglecmr.utils.errors import ConfigError
 
 CPU = torch.device("cpu")
 TEST_IDS = [f"cmr{i}" for i in range(26, 26 + N_TEST)]  # demo ids run on across train (20), val (5), test
@@ -35,7 +35,7 @@ TEST_IDS = [f"cmr{i}" for i in range(26, 26 + N_TEST)]  # demo ids run on across
 # ------------------------------------------------------------------------------------ helpers
 @pytest.fixture(scope="module")
 def fold_models(project):
-    """The run's fold models, loaded here without kagglecmr.ensemble."""
+    """The run's fold models, loaded here without kagglecmr.engine.ensembler."""
     models = []
     for k in range(N_FOLDS):
         sd, meta = load_best(project.run / f"fold{k}" / "best.safetensors")
@@ -431,7 +431,7 @@ def test_several_splits_from_one_load_equal_separate_calls(project, tmp_path, ma
         assert p.read_bytes() == (sep / f"{p.name.split('-')[1]}.csv").read_bytes()
 
     # the library function takes runs already loaded; repeating --split works like a comma list
-    from kagglecmr.ensemble import load_run, run_ensemble
+    from kagglecmr.engine.ensembler import load_run, run_ensemble
 
     monkeypatch.chdir(multi)
     loaded = [load_run(run, torch.device("cpu"), with_full=True)]

@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import RUN_NAME
 
-from kagglecmr import executors
-from kagglecmr.config import load_config
-from kagglecmr.errors import KaggleCMRError
-from kagglecmr.executors import assign_devices, task_resources
-from kagglecmr.locks import FoldLock
-from kagglecmr.runs import run_train
-from kagglecmr.train import TIME_COLUMNS
+from kagglecmr.cfg.config import load_config
+from kagglecmr.engine import executors
+from kagglecmr.engine.executors import assign_devices, task_resources
+from kagglecmr.engine.orchestrate import run_train
+from kagglecmr.engine.trainer import TIME_COLUMNS
+from kagglecmr.utils.errors import KaggleCMRError
+from kagglecmr.utils.locks import FoldLock
 
 
 # ------------------------------------------------------------------------------------ --jobs devices
@@ -54,7 +54,7 @@ def test_jobs_children_get_round_robin_gpus(project, tmp_path, monkeypatch, caps
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(subprocess, "Popen", FakeChild)
-    from kagglecmr.runs import _train_parallel
+    from kagglecmr.engine.orchestrate import _train_parallel
 
     results = _train_parallel(load_config(project.config), [0, 1, 2], 2, data_root=project.data,
                               folds_path=project.folds, run_dir=tmp_path / RUN_NAME, device="auto", force=False)
@@ -71,8 +71,8 @@ def test_jobs_child_failing_midway_names_only_the_folds_it_did_not_finish(projec
     it, and says which of the same child's folds did finish (they are kept; a rerun resumes the rest)."""
     import json
 
-    from kagglecmr.errors import KaggleCMRError
-    from kagglecmr.runs import _train_parallel
+    from kagglecmr.engine.orchestrate import _train_parallel
+    from kagglecmr.utils.errors import KaggleCMRError
 
     run_dir = tmp_path / RUN_NAME
 
@@ -135,7 +135,7 @@ def test_ray_executor_equals_local_is_resumable_and_skips_locked_folds(project, 
     ray = pytest.importorskip("ray")
     from safetensors.torch import load_file
 
-    from kagglecmr.folds import run_make_folds
+    from kagglecmr.data.folds import run_make_folds
 
     folds2 = tmp_path / "folds2.csv"  # two folds: oof.json after two tasks
     run_make_folds(project.data, n_folds=2, seed=42, out=folds2)

@@ -17,8 +17,8 @@ import torch
 from conftest import copy_run, tree_snapshot
 
 import kagglecmr as kc
-from kagglecmr import export as export_mod
-from kagglecmr.errors import KaggleCMRError
+from kagglecmr.engine import exporter as export_mod
+from kagglecmr.utils.errors import KaggleCMRError
 
 FLIPS = ["none", "hflip"]
 

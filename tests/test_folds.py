@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kagglecmr import data
-from kagglecmr.demo import make_demo_dataset
-from kagglecmr.errors import DataError, KaggleCMRError
-from kagglecmr.folds import (
+from kagglecmr.data import loader as data
+from kagglecmr.data.demo import make_demo_dataset
+from kagglecmr.data.folds import (
     fold_features,
     fold_table,
     image_similarity,
@@ -27,6 +26,7 @@ from kagglecmr.folds import (
     similarity_groups,
     write_folds,
 )
+from kagglecmr.utils.errors import DataError, KaggleCMRError
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cmr"
 needs_real = pytest.mark.skipif(not (REAL / "train" / "image").is_dir(), reason=f"real data not found at {REAL}")

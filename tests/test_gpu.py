@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kagglecmr import augment as aug
-from kagglecmr.config import load_config
-from kagglecmr.cudagraph import GraphedStep
-from kagglecmr.data import load_labelled
-from kagglecmr.demo import make_demo_dataset
-from kagglecmr.train import train_fold
+from kagglecmr.cfg.config import load_config
+from kagglecmr.data import augment as aug
+from kagglecmr.data.demo import make_demo_dataset
+from kagglecmr.data.loader import load_labelled
+from kagglecmr.engine.cudagraph import GraphedStep
+from kagglecmr.engine.trainer import train_fold
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from kagglecmr.dataset import load_dataset
-from kagglecmr.errors import DataError
-from kagglecmr.rle import encode_rle
+from kagglecmr.data.dataset import load_dataset
+from kagglecmr.formats.rle import encode_rle
+from kagglecmr.utils.errors import DataError
 
 
 def _image(i: int, hw) -> np.ndarray:
@@ -159,8 +159,8 @@ REAL_CMR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmr"
 def test_cmr_from_a_labels_csv_equals_the_folder_form(tmp_path):
     """The cardiac training masks written as a Kaggle train.csv (the competition's own format) load to the
     same arrays, ids and folds as the PNG masks."""
-    from kagglecmr.folds import make_folds
-    from kagglecmr.rle import run_encode
+    from kagglecmr.data.folds import make_folds
+    from kagglecmr.formats.rle import run_encode
 
     run_encode(REAL_CMR / "train" / "mask", tmp_path / "train.csv")
     path = tmp_path / "cmr_csv.yaml"

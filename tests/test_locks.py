@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import RUN_NAME, copy_run, tree_snapshot
 
-from kagglecmr.errors import KaggleCMRError
-from kagglecmr.locks import LOCK_NAME, FoldLock, FoldLocked, _proc_start, pid_alive
+from kagglecmr.utils.errors import KaggleCMRError
+from kagglecmr.utils.locks import LOCK_NAME, FoldLock, FoldLocked, _proc_start, pid_alive
 
 HOST = socket.gethostname()
 
@@ -101,7 +101,7 @@ def test_lock_from_another_host_is_respected(tmp_path):
 def test_racing_processes_exactly_one_wins(tmp_path):
     folder = tmp_path / "fold0"
     folder.mkdir()
-    code = ("import sys, time; from kagglecmr.locks import FoldLock, FoldLocked\n"
+    code = ("import sys, time; from kagglecmr.utils.locks import FoldLock, FoldLocked\n"
             "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
             "try:\n    lock = FoldLock(sys.argv[1]).acquire()\nexcept FoldLocked:\n    print('refused')\n"
             "else:\n    print('won'); time.sleep(1.5); lock.release()\n")

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kagglecmr.config import LossConfig
-from kagglecmr.losses import PerImageDiceLoss, build_loss
-from kagglecmr.score import dice_table
+from kagglecmr.cfg.config import LossConfig
+from kagglecmr.formats.metric import dice_table
+from kagglecmr.models.losses import PerImageDiceLoss, build_loss
 
 NAMES = ["dice_ce", "dice_focal", "dice", "ce", "focal", "lovasz", "lovasz_ce", "tversky", "tversky_ce"]
 
@@ -65,7 +65,7 @@ def _batch_with_ignored_rows(seed: int = 0):
 @pytest.mark.parametrize("per_image", [False, True])
 @pytest.mark.parametrize("name", NAMES)
 def test_ignored_pixels_do_not_change_any_loss(name, per_image):
-    from kagglecmr.losses import IGNORE
+    from kagglecmr.models.losses import IGNORE
 
     assert IGNORE == 255
     logits, _, ignored = _batch_with_ignored_rows()

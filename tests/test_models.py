@@ -17,9 +17,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from timm.models import adapt_input_conv  # noqa: E402
 
-from kagglecmr.config import Config, load_config  # noqa: E402
-from kagglecmr.errors import ConfigError  # noqa: E402
-from kagglecmr.models import (  # noqa: E402
+from kagglecmr.cfg.config import Config, load_config  # noqa: E402
+from kagglecmr.models.factory import (  # noqa: E402
     OFFLINE_HINT,
     SegModel,
     build_model,
@@ -27,6 +26,7 @@ from kagglecmr.models import (  # noqa: E402
     count_parameters,
     read_state_dict,
 )
+from kagglecmr.utils.errors import ConfigError  # noqa: E402
 
 # resnet18 cut to 3 stages with a thin decoder: builds and runs in a fraction of a second on a CPU
 SMALL = ["model.arch=Unet", "model.encoder=resnet18", "model.weights=none", "model.params.encoder_depth=3",

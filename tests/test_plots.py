@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kagglecmr.plots import (
+from kagglecmr.utils.plots import (
     CURVES_SIZE,
     OVERLAY_ALPHA,
     RUN_CURVES_SIZE,

@@ -9,8 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from kagglecmr.errors import ConfigError
-from kagglecmr.postprocess import (
+from kagglecmr.engine.postprocess import (
     CONNECTIVITY,
     apply_plan,
     candidate_rules,
@@ -21,6 +20,7 @@ from kagglecmr.postprocess import (
     tune_plan,
     validate_plan,
 )
+from kagglecmr.utils.errors import ConfigError
 
 H = W = 96
 
@@ -39,13 +39,13 @@ def _ref_dice_table(pred, true, num_classes=4):
 
 @pytest.fixture
 def dice_impl(monkeypatch):
-    """The real ``kagglecmr.score.dice_table`` once it exists; until then the reference above."""
+    """The real ``kagglecmr.formats.metric.dice_table`` once it exists; until then the reference above."""
     try:
-        from kagglecmr.score import dice_table
+        from kagglecmr.formats.metric import dice_table
     except ImportError:
-        stub = types.ModuleType("kagglecmr.score")
+        stub = types.ModuleType("kagglecmr.formats.metric")
         stub.dice_table = _ref_dice_table
-        monkeypatch.setitem(sys.modules, "kagglecmr.score", stub)
+        monkeypatch.setitem(sys.modules, "kagglecmr.formats.metric", stub)
         return _ref_dice_table
     return dice_table
 
@@ -163,7 +163,7 @@ def test_apply_plan_rejects_bad_plans_and_shapes():
 
 
 def test_reference_metric_matches_score_module_when_present():
-    score = pytest.importorskip("kagglecmr.score")
+    score = pytest.importorskip("kagglecmr.formats.metric")
     rng = np.random.default_rng(3)
     true = _hearts(12, seed=3)
     pred = true.copy()

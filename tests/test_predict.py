@@ -11,9 +11,9 @@ import torch
 from conftest import copy_run, tree_snapshot
 
 import kagglecmr as kc
-from kagglecmr.ensemble import predict_images
-from kagglecmr.errors import KaggleCMRError
-from kagglecmr.predictor import overlay_contours
+from kagglecmr.engine.ensembler import predict_images
+from kagglecmr.engine.predictor import overlay_contours
+from kagglecmr.utils.errors import KaggleCMRError
 
 RAW = {"0": 0, "60": 1, "120": 2, "250": 3}  # a dataset whose masks are stored as 0/60/120/250
 
@@ -153,7 +153,7 @@ def test_prepare_image_keeps_the_datasets_channels():
     """dataset.json ``channels`` (RGB order) selects the source channels, e.g. R and B of an RGB image."""
     import numpy as np
 
-    from kagglecmr.predictor import prepare_image
+    from kagglecmr.engine.predictor import prepare_image
 
     img = np.zeros((8, 10, 3), np.uint8)
     img[..., 0], img[..., 1], img[..., 2] = 10, 20, 30
@@ -167,7 +167,7 @@ def test_select_last_predicts_with_every_folds_last_checkpoint(project, tmp_path
                                                                 test_images, one_torch_thread):
     """``predict --select last`` (and ``load_ensemble(select=...)``, which ``export`` shares) predicts with the
     ``last.safetensors`` of every fold, as ``ensemble --select last`` scores them; unknown names are refused."""
-    from kagglecmr.ensemble import load_run
+    from kagglecmr.engine.ensembler import load_run
 
     batch = np.stack(test_images)
     last = kc.load_ensemble(project.run, device="cpu", select="last")

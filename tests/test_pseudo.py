@@ -15,12 +15,12 @@ import pytest
 import yaml
 from conftest import N_FOLDS, N_TEST, copy_run, tree_snapshot
 
-from kagglecmr import checkpoint as ckpt
-from kagglecmr import pseudo as pl
-from kagglecmr.config import load_config
-from kagglecmr.data import load_split
-from kagglecmr.folds import run_make_folds
-from kagglecmr.runs import run_train
+from kagglecmr.cfg.config import load_config
+from kagglecmr.data.folds import run_make_folds
+from kagglecmr.data.loader import load_split
+from kagglecmr.engine import pseudo as pl
+from kagglecmr.engine.orchestrate import run_train
+from kagglecmr.models import checkpoint as ckpt
 
 
 def fold_ids(folds: Path, k: int) -> list[str]:
@@ -29,12 +29,12 @@ def fold_ids(folds: Path, k: int) -> list[str]:
 
 
 def teacher_prediction(run: Path, names: list[str], images: np.ndarray, file: str = "best.safetensors") -> np.ndarray:
-    """Mean softmax of the named fold models, computed here without kagglecmr.pseudo."""
+    """Mean softmax of the named fold models, computed here without kagglecmr.engine.pseudo."""
     import torch
 
-    from kagglecmr.config import Config
-    from kagglecmr.infer import predict_proba
-    from kagglecmr.models import build_model
+    from kagglecmr.cfg.config import Config
+    from kagglecmr.engine.infer import predict_proba
+    from kagglecmr.models.factory import build_model
 
     total = 0
     for name in names:

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import N_FOLDS, copy_run
 
-from kagglecmr.errors import ConfigError
-from kagglecmr.reports import config_diff, list_runs, record_ensemble_oof
-from kagglecmr.tracking import TB_DIR, Tracker
+from kagglecmr.reports.leaderboard import config_diff, list_runs, record_ensemble_oof
+from kagglecmr.utils.errors import ConfigError
+from kagglecmr.utils.tracking import TB_DIR, Tracker
 
 ROW_KEYS = {"name", "path", "differs", "folds_done", "folds_total", "folds_missing", "folds_unfinished", "full_fit", "fold_scores",
             "best_epochs", "fold_mean", "oof", "oof_last", "oof_tta", "oof_pp", "per_class", "parameters",
@@ -108,7 +108,7 @@ def test_runs_cli_json_and_text(project, runs_dir, main_cli):
 def test_runs_rich_table_on_a_terminal(runs_dir):
     import io
 
-    from kagglecmr.reports import print_runs
+    from kagglecmr.reports.leaderboard import print_runs
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -241,8 +241,8 @@ def test_tensorboard_missing_is_a_config_error(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_training_with_tensorboard_logs_every_epoch(project, tmp_path, one_torch_thread):
-    from kagglecmr.config import load_config
-    from kagglecmr.runs import run_train
+    from kagglecmr.cfg.config import load_config
+    from kagglecmr.engine.orchestrate import run_train
 
     cfg = load_config(project.config, ["train.log=[csv,tensorboard]", "train.epochs=2"])
     run_train(cfg, fold_spec="1", data_root=project.data, folds_path=project.folds, name="tb", runs_dir=tmp_path,

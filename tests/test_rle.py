@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kagglecmr.errors import DataError, KaggleCMRError, SubmissionError
-from kagglecmr.rle import (
+from kagglecmr.formats.metric import read_submission
+from kagglecmr.formats.rle import (
     decode_rle,
     encode_rle,
     label_to_rows,
@@ -22,7 +22,7 @@ from kagglecmr.rle import (
     row_id,
     run_encode,
 )
-from kagglecmr.score import read_submission
+from kagglecmr.utils.errors import DataError, KaggleCMRError, SubmissionError
 
 shapes = st.tuples(st.integers(1, 24), st.integers(1, 24))
 masks = shapes.flatmap(lambda s: arrays(np.bool_, s))

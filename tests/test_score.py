@@ -10,9 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kagglecmr.errors import DataError, KaggleCMRError, SubmissionError
-from kagglecmr.rle import encode_rle, label_to_rows
-from kagglecmr.score import (
+from kagglecmr.formats.metric import (
     ScoreResult,
     dice_table,
     infer_shape,
@@ -22,12 +20,14 @@ from kagglecmr.score import (
     score_rows,
     write_submission,
 )
+from kagglecmr.formats.rle import encode_rle, label_to_rows
+from kagglecmr.utils.errors import DataError, KaggleCMRError, SubmissionError
 
 # --------------------------------------------------------------------------- independent reference
 
 
 def ref_pixels(enc: str) -> set[int]:
-    """Pixel indices of an encoding, by plain loops (independent of kagglecmr.rle)."""
+    """Pixel indices of an encoding, by plain loops (independent of kagglecmr.formats.rle)."""
     nums = [int(t) for t in enc.split(" ") if t != ""]
     pixels: set[int] = set()
     for j in range(0, len(nums), 2):
@@ -361,7 +361,7 @@ def test_score_label_maps_mixed_sizes_equals_each_size_and_the_csv(seed):
 
 
 def test_score_label_maps_with_a_format_scores_its_row_classes_only():
-    from kagglecmr.submission import SubmissionFormat
+    from kagglecmr.formats.submission import SubmissionFormat
 
     fmt = SubmissionFormat.from_dict({"id": "{id}_{name}", "classes": ["LV"]}, num_classes=4,
                                      class_names=["bg", "RV", "Myo", "LV"])

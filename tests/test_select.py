@@ -11,14 +11,14 @@ import torch
 import yaml
 from conftest import N_FOLDS
 
-from kagglecmr.checkpoint import model_file
-from kagglecmr.config import load_config
-from kagglecmr.data import load_labelled
-from kagglecmr.ensemble import load_run
-from kagglecmr.errors import ConfigError
-from kagglecmr.infer import predict_proba
-from kagglecmr.runs import read_oof_labels, run_train, seed_runs
-from kagglecmr.score import dice_table
+from kagglecmr.cfg.config import load_config
+from kagglecmr.data.loader import load_labelled
+from kagglecmr.engine.ensembler import load_run
+from kagglecmr.engine.infer import predict_proba
+from kagglecmr.engine.orchestrate import read_oof_labels, run_train, seed_runs
+from kagglecmr.formats.metric import dice_table
+from kagglecmr.models.checkpoint import model_file
+from kagglecmr.utils.errors import ConfigError
 
 
 def test_project_run_reports_the_last_epoch_oof_beside_the_best(project, labelled):
@@ -73,7 +73,7 @@ def test_swa_fold_keeps_the_average_with_recomputed_batchnorm(project, tmp_path,
 
 
 def test_select_last_full_fit_uses_the_configured_epochs(project, tmp_path):
-    from kagglecmr.runs import full_fit_epochs
+    from kagglecmr.engine.orchestrate import full_fit_epochs
 
     assert full_fit_epochs(project.run, load_config(project.config, ["train.select=last"])) == 2
 
@@ -105,7 +105,7 @@ def test_full_fit_with_swa_shorter_than_the_cv_epochs(project, tmp_path, one_tor
     """--fold all trains for the median best epoch; SWA then averages at most that many epochs."""
     from conftest import copy_run
 
-    from kagglecmr.runs import full_fit_epochs
+    from kagglecmr.engine.orchestrate import full_fit_epochs
 
     run = copy_run(project.run, tmp_path / "tiny", slim=True)
     for k in range(N_FOLDS):  # pretend every fold peaked at epoch 1

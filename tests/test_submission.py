@@ -12,9 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kagglecmr.errors import ConfigError, SubmissionError
-from kagglecmr.rle import label_to_rows, parse_row_id
-from kagglecmr.score import (
+from kagglecmr.formats.metric import (
     parse_submission,
     read_submission,
     run_score,
@@ -23,14 +21,16 @@ from kagglecmr.score import (
     submission_text,
     write_submission,
 )
-from kagglecmr.submission import CMR, SubmissionFormat
+from kagglecmr.formats.rle import label_to_rows, parse_row_id
+from kagglecmr.formats.submission import CMR, SubmissionFormat
+from kagglecmr.utils.errors import ConfigError, SubmissionError
 
 NAMES = ("background", "Fish", "Flower", "Sugar")
 
 
 
 def ref_runs(flat: np.ndarray, start: int) -> str:
-    """``start length`` pairs of a flat 0/1 array by walking it (independent of kagglecmr.rle)."""
+    """``start length`` pairs of a flat 0/1 array by walking it (independent of kagglecmr.formats.rle)."""
     out: list[list[int]] = []
     for j, v in enumerate(flat.tolist()):
         if v:

@@ -24,11 +24,11 @@ import torch
 import yaml
 from conftest import N_FOLDS, N_TRAIN, N_VAL, RUN_NAME, copy_run, tree_snapshot, truth_masks
 
-from kagglecmr.config import load_config
-from kagglecmr.errors import KaggleCMRError
-from kagglecmr.runs import parse_fold_spec, run_train
-from kagglecmr.score import dice_table
-from kagglecmr.train import TIME_COLUMNS
+from kagglecmr.cfg.config import load_config
+from kagglecmr.engine.orchestrate import parse_fold_spec, run_train
+from kagglecmr.engine.trainer import TIME_COLUMNS
+from kagglecmr.formats.metric import dice_table
+from kagglecmr.utils.errors import KaggleCMRError
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "dice_1", "dice_2", "dice_3", "best",
                   *TIME_COLUMNS]
@@ -289,7 +289,7 @@ def test_fold_all_trains_full_fit_with_median_best_epoch(project, tmp_path, main
     assert "already finished" in again.stdout
 
     # the test-set ensemble adds the full fit as one more model; --no-full and the OOF split leave it out
-    from kagglecmr.ensemble import load_run
+    from kagglecmr.engine.ensembler import load_run
 
     cpu = torch.device("cpu")
     assert len(load_run(run, cpu, with_full=True).models) == N_FOLDS + 1

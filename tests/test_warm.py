@@ -10,11 +10,11 @@ import torch
 from conftest import RUN_NAME
 from test_train import assert_same_tensors, read_metrics, train_lib, without_time
 
-from kagglecmr import warm
-from kagglecmr.config import load_config
-from kagglecmr.models import build_model
-from kagglecmr.runs import chunk_folds
-from kagglecmr.runtime import seed_everything
+from kagglecmr.cfg.config import load_config
+from kagglecmr.engine import warm
+from kagglecmr.engine.orchestrate import chunk_folds
+from kagglecmr.models.factory import build_model
+from kagglecmr.utils.runtime import seed_everything
 
 # EMA and SWA on, so their in-place reset is checked too; select swa reads the SWA copy.
 OVERRIDES = ["train.epochs=2", "train.ema=0.5", "train.swa_epochs=1", "train.threads=1"]
@@ -50,7 +50,7 @@ class Stop(Exception):
 
 def test_resumed_fold_after_a_warm_one_equals_an_uninterrupted_run(project, tmp_path, monkeypatch):
     """A fold that resumes from last.pt in a process whose kept state trained another fold first."""
-    import kagglecmr.train as train_module
+    import kagglecmr.engine.trainer as train_module
 
     warm.clear()
     train_lib(project, tmp_path / "ref", fold="1", overrides=OVERRIDES)

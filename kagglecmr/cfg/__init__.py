@@ -1,0 +1,1 @@
+"""Experiment configs: the schema, loading with ``--set`` overrides, and the shipped YAML recipes."""

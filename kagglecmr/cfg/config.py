@@ -1,0 +1,273 @@
+"""Experiment configs: one YAML file per experiment, validated on load.
+
+Unknown keys and bad values are one-line :class:`~kagglecmr.utils.errors.ConfigError` messages naming
+the file and the key.  ``--config`` takes a path or the bare name of a shipped config
+(``--config demo`` -> ``configs/demo.yaml``).  Command-line overrides use dotted keys
+(``--set train.lr=3e-4``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kagglecmr.data.loader import DataSpec
+from kagglecmr.utils.errors import ConfigError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Usually empty: size, channels and classes come from the dataset (``--data``).  A pinned value
+    must agree with the dataset (``resize: true`` with a ``size`` resizes the images to it)."""
+
+    size: int | tuple[int, int] | None = Field(None, description="Side or [H, W] the model sees (None: the dataset's).")
+    in_channels: int | None = Field(None, ge=1, le=4)
+    num_classes: int | None = Field(None, ge=2, description="Classes including background.")
+    resize: bool = False
+    context: Literal["none", "partner"] = Field(
+        "none", description="Extra input channels: partner = the near-duplicate frame of the same slice.")
+
+    @property
+    def model_channels(self) -> int:
+        """Input channels of the model: the image's, twice with ``context: partner``."""
+        return (self.in_channels or 1) * (2 if self.context == "partner" else 1)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v):
+        if v is not None and min((v, v) if isinstance(v, int) else v) < 8:
+            raise ValueError("must be at least 8 pixels")
+        return v
+
+    @property
+    def hw(self) -> tuple[int, int] | None:
+        """``(H, W)`` of ``size`` (None when unset)."""
+        if self.size is None:
+            return None
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+
+    def spec(self) -> DataSpec:
+        """The folder-layout loader's spec (CMR defaults for unset values; square sizes only)."""
+        d = DataSpec()
+        return DataSpec(size=self.hw[0] if self.size is not None else d.size, in_channels=self.in_channels or d.in_channels,
+                        num_classes=self.num_classes or d.num_classes, resize=self.resize)
+
+
+class ModelConfig(_Section):
+    arch: str = "Unet"
+    encoder: str = "resnet34"
+    weights: str = Field("imagenet", description="imagenet | none | path to .safetensors/.pth")
+    input_size: int | None = Field(None, ge=8, description="Resize inputs to this side inside the model (legacy; "
+                                   "prefer input_scale).")
+    input_scale: float | None = Field(None, gt=0, le=8, description="Resize inputs by this factor inside the model.")
+    normalize: Literal["image", "channel", "fixed"] = Field(
+        "image", description="image: zero mean, unit std per image; channel: per image and channel (invariant to "
+        "per-channel gain/offset, e.g. stain strength); fixed: one constant mean/std.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Extra smp.create_model kwargs.")
+
+
+class LossConfig(_Section):
+    name: Literal["dice_ce", "dice_focal", "dice", "ce", "focal", "lovasz", "lovasz_ce", "tversky", "tversky_ce"] = "dice_ce"
+    dice_weight: float = Field(1.0, ge=0)
+    dice_per_image: bool = Field(False, description="Dice per image and class (the metric's rows) instead of per batch.")
+    ce_weight: float = Field(1.0, ge=0)
+    class_weights: list[float] | None = None
+    tversky_alpha: float = Field(0.5, ge=0, le=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class AugmentConfig(_Section):
+    backend: Literal["auto", "albumentations", "torch"] = "auto"
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+    rot90: float = Field(0.0, ge=0, le=1)
+    affine: float = Field(0.7, ge=0, le=1, description="Probability of a random affine.")
+    rotate: float = Field(20.0, ge=0, le=180)
+    scale: tuple[float, float] = (0.85, 1.15)
+    translate: float = Field(0.06, ge=0, le=0.5)
+    elastic: float = Field(0.0, ge=0, le=1)
+    elastic_alpha: float = Field(8.0, ge=0)
+    elastic_sigma: float = Field(6.0, gt=0)
+    intensity: float = Field(0.5, ge=0, le=1, description="Probability of brightness/contrast jitter.")
+    brightness: float = Field(0.2, ge=0, le=1)
+    contrast: float = Field(0.2, ge=0, le=1)
+    color: float = Field(0.0, ge=0, le=1, description="Probability of per-channel (stain/colour) jitter.")
+    color_gain: float = Field(0.1, ge=0, le=1, description="Each channel times 1 +- up to this.")
+    color_shift: float = Field(0.05, ge=0, le=1, description="Plus up to +- this (fraction of full range) per channel.")
+    gamma: float = Field(0.5, ge=0, le=1, description="Probability of a random gamma.")
+    gamma_range: tuple[float, float] = (0.8, 1.25)
+    noise: float = Field(0.0, ge=0, le=1, description="Probability of gaussian noise.")
+    noise_std: float = Field(0.03, ge=0)
+
+    @field_validator("scale", "gamma_range")
+    @classmethod
+    def _ordered(cls, v):
+        if v[0] <= 0 or v[0] > v[1]:
+            raise ValueError("must be (low, high) with 0 < low <= high")
+        return v
+
+
+class PseudoConfig(_Section):
+    dir: str | None = Field(None, description="Folder written by `kagglecmr pseudo-label` (None: no pseudo labels).")
+    weight: float = Field(1.0, ge=0, description="Weight of the pseudo images' loss.")
+    ratio: float = Field(0.25, ge=0, lt=1, description="Share of each batch drawn from the pseudo images.")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(16, ge=2, description="At least 2 (BatchNorm).")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(2.0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max grad norm; 0 disables.")
+    ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of weights; 0 disables.")
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    cuda_graphs: bool = Field(True, description="On GPUs, replay the training step from a CUDA graph.")
+    device: str = "auto"
+    threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores.")
+    val_batch_size: int = Field(64, ge=1)
+    log: list[Literal["csv", "tensorboard"]] = Field(
+        default_factory=lambda: ["csv"],
+        description="Per-epoch logs: metrics.csv (always written) and optionally TensorBoard events in <fold>/tb/.")
+    select: Literal["best", "last", "swa"] = Field(
+        "best", description="Model a fold keeps: best validation epoch, last epoch, or SWA of the last swa_epochs.")
+    swa_epochs: int = Field(0, ge=0, description="Average the weights of the last N epochs (SWA); 0 = off.")
+    pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
+
+    @model_validator(mode="after")
+    def _swa(self):
+        if self.select == "swa" and self.swa_epochs < 1:
+            raise ValueError("train.select: swa needs train.swa_epochs >= 1")
+        if self.swa_epochs > self.epochs:
+            raise ValueError(f"train.swa_epochs {self.swa_epochs} is more than train.epochs {self.epochs}")
+        return self
+
+
+class InferConfig(_Section):
+    tta: list[Literal["none", "hflip", "vflip", "hvflip", "rot90", "rot270", "transpose", "antitranspose"]] = Field(
+        default_factory=lambda: ["none", "hflip", "vflip", "hvflip"],
+        description="TTA passes (kagglecmr.engine.infer): flips, and quarter turns / diagonal mirrors for rot90-trained models.")
+    batch_size: int = Field(64, ge=1, description="Images per forward pass on a GPU.")
+    cpu_batch_size: int = Field(8, ge=1, description="Images per forward pass on a CPU (small = cache-friendly).")
+
+    def batch_size_for(self, device_type: str) -> int:
+        """Images per forward pass on a ``torch.device.type`` (``batch_size`` on a GPU, else ``cpu_batch_size``)."""
+        return self.batch_size if device_type == "cuda" else self.cpu_batch_size
+
+
+class Config(_Section):
+    name: str | None = None
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        cw = self.loss.class_weights
+        if cw is not None and self.data.num_classes is not None and len(cw) != self.data.num_classes:
+            raise ValueError(f"loss.class_weights has {len(cw)} values, data.num_classes is {self.data.num_classes}")
+        return self
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A path as given, else a bare name looked up in ./configs and the repo's configs/."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.parent != Path("."):
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        return p
+    for folder in (Path.cwd() / "configs", REPO_CONFIGS):
+        for suffix in (".yaml", ".yml"):
+            cand = folder / f"{p.name}{suffix}"
+            if cand.is_file():
+                return cand
+    if p.is_file():
+        return p
+    shipped = sorted(x.stem for x in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
+    raise ConfigError(f"{name_or_path}: no such config (shipped: {', '.join(shipped) or 'none'})")
+
+
+def _format_validation_error(src: str, err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(x) for x in e["loc"]) or "<root>"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{src}: {key}: {msg}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.setdefault(k, {}), dict):
+                raise ConfigError(f"--set {text}: {k} is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(name_or_path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load, apply ``--set`` overrides, validate.  ``None`` gives the built-in defaults."""
+    raw: dict = {}
+    src = "<defaults>"
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        src = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"{path}:{where} not valid YAML") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw.setdefault("name", path.stem)
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(src, err)) from None

@@ -1,0 +1,343 @@
+"""Datasets: a folder in the competition layout or a YAML dataset file, resolved once.
+
+``--data`` takes either a folder (``train/image/cmrN.png`` + ``train/mask/cmrN_mask.png``, optional
+``val/`` and ``test/``; a ``dataset.yaml`` inside it wins) or a dataset file::
+
+    name: warwick
+    root: ../../../shared/data/warwick   # relative to this file
+    classes: [background, gland]         # count = number of classes
+    splits:                              # train required; val and test optional
+      train: {image: "Train/image_{id}.png", mask: "Train/label_{id}.png"}
+      test:  {image: "Test/image_{id}.png", mask: "Test/label_{id}.png"}
+    mask_values: auto                    # or {0: 0, 255: 1} (also merges labels), or threshold / nonzero (binary)
+    channels: auto                       # or [0, 1] (RGB order)
+    size: auto                           # or 128 or [H, W]
+    group: null                          # or a regex whose first group, applied to the id, names a group
+    submission: {id: "{id}_mask{class}", header: [id, encoding], order: column, start: 1, classes: [1, 2, 3]}
+    recipe: null                         # experiment config `train` uses without --config
+    labels: null                         # a split's mask may be a run-length CSV (kagglecmr.data.labels_csv)
+
+:func:`load_dataset` lists every split's files, reads the training masks (value map, classes) and
+images (channels, sizes) and fails early with a one-line :class:`DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kagglecmr.data import loader as D
+from kagglecmr.data.dataset_file import DatasetFile, SplitPatterns, file_items, read_dataset_file
+from kagglecmr.data.labels_csv import CsvMask
+from kagglecmr.data.loader import Split
+from kagglecmr.data.mask_values import (  # noqa: F401 (auto_mask_map, class_to_raw: re-exported)
+    auto_mask_map,
+    binary_mask,
+    class_to_raw,
+    decode_raw,
+    hex_colour,
+    labels_to_raw,
+    map_values,
+    resolve_mask_map,
+)
+from kagglecmr.utils.errors import ConfigError, DataError
+
+DATASET_FILE = "dataset.yaml"
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class Dataset:
+    """A resolved dataset: its files, classes, channels, model size, mask value map and submission format."""
+
+    name: str
+    path: Path  # the dataset file, or the folder of the folder form
+    root: Path
+    classes: list[str]
+    mask_values: dict[int, int]
+    channels: list[int]  # kept channels of the decoded RGB(A) images
+    source_channels: int
+    size: tuple[int, int]
+    submission: Any = None  # kagglecmr.formats.submission.SubmissionFormat (the CMR format by default)
+    group: str | None = None
+    recipe: str | None = None
+    folder: bool = False
+    resized: bool = False
+    size_error: str | None = None  # images differ in size and nothing says which to use (yet)
+    mask_rule: str | None = None  # nonzero | threshold: binary masks by a rule instead of the value map
+    colour: bool = False  # colour-coded masks: mask_values keys are 0xRRGGBB colours
+    notes: list[str] = field(default_factory=list)
+    _items: dict[str, list] = field(default_factory=dict, repr=False)
+    _masked: dict[str, bool] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channels)
+
+    def split_names(self) -> list[str]:
+        return [s for s in SPLIT_NAMES if s in self._items]
+
+    def has_masks(self, split: str) -> bool:
+        return self._masked.get(split, False)
+
+    def items(self, split: str) -> list[tuple[str, Path, Path | None]]:
+        if split not in self._items:
+            raise DataError(f"{self.path}: no split '{split}' (has {', '.join(self.split_names())})")
+        return self._items[split]
+
+    # ---------------------------------------------------------------------------- decoding
+    def read_image(self, path: Path, *, resize: bool = True) -> np.ndarray:
+        img = D.decode_image(path)
+        if img.shape[2] == 1 and self.source_channels > 1:
+            img = np.repeat(img, self.source_channels, axis=2)
+        if img.shape[2] != self.source_channels:
+            raise DataError(f"{path}: has {img.shape[2]} channels, the training images have {self.source_channels}")
+        img = np.ascontiguousarray(img[:, :, self.channels])
+        return D.resize_to(img, self.size, nearest=False) if resize else img
+
+    def read_mask(self, path: Path, *, resize: bool = True) -> np.ndarray:
+        m = self._labels(path)
+        return D.resize_to(m, self.size, nearest=True) if resize else m
+
+    def _labels(self, path) -> np.ndarray:
+        """Class labels of one mask at its own size: from a labels CSV, by the binary rule or by the value map."""
+        if isinstance(path, CsvMask):
+            return path.decode()
+        raw = decode_raw(path, colour=self.colour, grey=self.mask_rule is not None)
+        if self.mask_rule:
+            return binary_mask(raw, self.mask_rule)
+        return map_values(raw, self.mask_values, str(path), str(self.path))
+
+    def to_raw(self, label_mask: np.ndarray) -> np.ndarray:
+        """Class labels -> the dataset's own mask values (the first raw value of each class)."""
+        return labels_to_raw(label_mask, self.raw_values(), self.num_classes)
+
+    def raw_values(self) -> dict:
+        """``mask_values`` as written in ``dataset.json``: ``{"255": 1}`` or ``{"#ff0000": 1}``."""
+        return {hex_colour(v) if self.colour else str(v): k for v, k in sorted(self.mask_values.items())}
+
+    def load(self, split: str, labelled: bool | None = None) -> Split:
+        """Decode a split at the model size (masks when it has them, or as ``labelled`` says)."""
+        if self.size_error:
+            raise DataError(self.size_error)
+        items = self.items(split)
+        use_masks = self.has_masks(split) if labelled is None else labelled
+        if use_masks and not self.has_masks(split):
+            raise DataError(f"{self.path}: split '{split}' has no masks")
+        ids, images, masks, sizes = [], [], [], []
+        for i, ip, mp in items:
+            img = self.read_image(ip, resize=False)
+            sizes.append(tuple(img.shape[:2]))
+            if use_masks:
+                m = self.read_mask(mp, resize=False)
+                if m.shape != img.shape[:2]:
+                    raise DataError(f"{mp}: mask size {m.shape[1]}x{m.shape[0]} differs from its image "
+                                    f"{img.shape[1]}x{img.shape[0]}")
+                masks.append(D.resize_to(m, self.size, nearest=True))
+            ids.append(i)
+            images.append(D.resize_to(img, self.size, nearest=False))
+        return Split(ids=ids, images=np.stack(images), masks=np.stack(masks) if use_masks else None,
+                     splits=[split] * len(ids), image_paths=[ip for _, ip, _ in items], orig_sizes=sizes)
+
+    def labelled(self) -> Split:
+        parts = [self.load(s, labelled=True) for s in ("train", "val") if self.has_masks(s)]
+        if not parts:
+            raise DataError(f"{self.root}: no labelled split (expected {self.root / 'train' / 'image'})"
+                            if self.folder else f"{self.path}: no labelled split (train needs a mask pattern)")
+        return D.concat(parts)
+
+    def groups(self, ids: list[str]) -> list[str]:
+        """The ``group`` regex's first group of each id."""
+        rx = re.compile(self.group)
+        out = []
+        for i in ids:
+            m = rx.search(i)
+            if m is None or m.group(1) is None:
+                raise DataError(f"{self.path}: group regex {self.group!r} does not match id '{i}'")
+            out.append(m.group(1))
+        return out
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "path": str(self.path), "root": str(self.root), "form": "folder" if self.folder else "file",
+            "classes": list(self.classes), "num_classes": self.num_classes,
+            "source_channels": self.source_channels, "channels": list(self.channels), "in_channels": self.in_channels,
+            "dropped_channels": [c for c in range(self.source_channels) if c not in self.channels],
+            "size": list(self.size) if self.size else None, "resized": self.resized,
+            "mask_values": self.raw_values(), "mask_rule": self.mask_rule,
+            "submission": self.submission.to_dict(), "group": self.group, "recipe": self.recipe, "notes": list(self.notes),
+            "splits": {s: {"images": len(self._items[s]), "masks": self.has_masks(s)} for s in self.split_names()},
+        }
+
+
+# ---------------------------------------------------------------------------------- loading
+def _folder_items(root: Path) -> tuple[dict, dict]:
+    items, masked = {}, {}
+    for split in D.available_splits(root):
+        mdir = root / split / "mask"
+        masked[split] = mdir.is_dir() and any(mdir.iterdir())
+        items[split] = D.discover(root, split, labelled=masked[split] if split != "test" else None)
+    return items, masked
+
+
+def _channels(path: Path, train_images: list[tuple[Path, np.ndarray]], setting) -> tuple[int, list[int], list[str]]:
+    counts = {img.shape[2] for _, img in train_images}
+    c = max(counts)
+    if len(counts - {1}) > 1:
+        (p1, a), (p2, b) = [next(x for x in train_images if x[1].shape[2] == n) for n in sorted(counts)[-2:]]
+        raise DataError(f"{p2}: has {b.shape[2]} channels, {p1} has {a.shape[2]}; training images must agree")
+    if setting != "auto":
+        if max(setting) >= c:
+            raise DataError(f"{path}: channels: index {max(setting)} but the images have {c} channel(s)")
+        return c, list(setting), []
+    if c == 1:
+        return 1, [0], []
+    full = [img if img.shape[2] == c else np.repeat(img, c, 2) for _, img in train_images]
+    if all((img == img[:, :, :1]).all() for img in full):
+        return c, [0], [f"note: {path}: the {c} image channels are equal in every training image; using one (grey)"]
+    const = [all(img[:, :, k].min() == img[:, :, k].max() for img in full) for k in range(c)]
+    keep = [k for k in range(c) if not const[k]] or list(range(c))
+    names = "RGBA" if c <= 4 else None
+    dropped = [k for k in range(c) if k not in keep]
+    notes = [f"note: {path}: dropping channel(s) {', '.join(names[k] if names else str(k) for k in dropped)}: "
+             f"constant in every training image (set channels: to keep them)"] if dropped else []
+    return c, keep, notes
+
+
+def _size(path: Path, items: dict, train_images, setting) -> tuple[tuple[int, int], bool]:
+    if setting != "auto":
+        return ((setting, setting) if isinstance(setting, int) else tuple(setting)), True
+    seen: dict[tuple[int, int], Path] = {}
+    known = {p: img.shape[:2] for p, img in train_images}
+    for split in items.values():
+        for _, ip, _ in split:
+            hw = tuple(known[ip]) if ip in known else D.image_size(ip)
+            seen.setdefault(hw, ip)
+            if len(seen) > 1:
+                (a, pa), (b, pb) = list(seen.items())[:2]
+                raise DataError(f"{path}: images differ in size ({pa.name} {a[1]}x{a[0]}, {pb.name} {b[1]}x{b[0]}); "
+                                f"set size: (e.g. size: {max(a[0], b[0])}) to resize them")
+    return next(iter(seen)), False
+
+
+def _submission_format(d: dict | None, num_classes: int, names: list[str], source: str):
+    from kagglecmr.formats.submission import SubmissionFormat
+
+    try:
+        return SubmissionFormat.from_dict(d, num_classes=num_classes, class_names=names, source=source)
+    except ConfigError as exc:
+        raise DataError(str(exc)) from None
+
+
+def load_dataset(data: str | Path) -> Dataset:
+    """A folder in today's layout (or with a ``dataset.yaml`` inside) or a ``.yaml/.yml`` dataset file."""
+    path = Path(data)
+    if path.is_dir() and (path / DATASET_FILE).is_file():
+        path = path / DATASET_FILE
+    if path.is_dir():
+        return _resolve(path, path, DatasetFile(splits={"train": SplitPatterns(image="x{id}")}), folder=True)
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise DataError(f"{path}: dataset not found (expected a folder with train/ inside or a .yaml dataset file)")
+    if not path.is_file():
+        raise DataError(f"{path}: dataset file not found")
+    spec = read_dataset_file(path)
+    root = (path.parent / spec.root).resolve() if not Path(spec.root).is_absolute() else Path(spec.root)
+    if not root.is_dir():
+        raise DataError(f"{path}: root: folder {root} not found")
+    return _resolve(path, root, spec, folder=False)
+
+
+def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Dataset:
+    items, masked = _folder_items(root) if folder else file_items(path, root, spec)
+    if folder and not any(masked.get(s) for s in ("train", "val")):
+        raise DataError(f"{root}: no labelled split (expected {root / 'train' / 'image'})")
+    labelled = [ip for s in ("train", "val") if masked.get(s) for _, ip, _ in items[s]] or \
+        [ip for _, ip, _ in items["train"]]
+    train_images = [(p, D.decode_image(p)) for p in labelled]
+    source, channels, notes = _channels(path, train_images, spec.channels)
+    try:
+        size, resized, size_error = *_size(path, items, train_images, spec.size), None
+    except DataError as exc:  # the folder form may still be resized by a config (data.size + data.resize)
+        if not folder:
+            raise
+        size, resized, size_error = None, False, str(exc).replace("set size:", "set data.size and data.resize: true")
+    k = len(spec.classes) if spec.classes else None
+    mapping, k, rule, colour = resolve_mask_map(path, items, masked, spec.mask_values, k, folder)
+    names = list(spec.classes) if spec.classes else ["background"] + [f"class{c}" for c in range(1, k)]
+    ds = Dataset(name=spec.name or (path.name if folder else path.stem), path=path, root=root, classes=names,
+                 mask_values=mapping, channels=channels, source_channels=source, size=size,
+                 group=spec.group, recipe=spec.recipe, folder=folder, resized=resized, size_error=size_error, notes=notes,
+                 mask_rule=rule, colour=colour, _items=items, _masked=masked)
+    ds.submission = _submission_format(spec.submission, k, names, str(path))
+    return ds
+
+
+# ------------------------------------------------------------------------- config and recipe
+def apply_dataset(cfg, ds: Dataset):
+    """``cfg`` with ``data.size / in_channels / num_classes`` filled from ``ds``; a pinned value that
+    conflicts is a one-line ConfigError.  (The folder form takes a larger pinned class count, and
+    ``data.resize: true`` with a pinned size resizes to it.)"""
+    d = cfg.data
+    where = f"config {cfg.name or '<defaults>'}"
+    if d.num_classes is not None and d.num_classes != ds.num_classes:
+        if not (ds.folder and d.num_classes > ds.num_classes):
+            raise ConfigError(f"{where}: data.num_classes={d.num_classes} conflicts with {ds.path} "
+                              f"({ds.num_classes} classes)")
+        ds.classes = ds.classes + [f"class{c}" for c in range(ds.num_classes, d.num_classes)]
+        ds.mask_values = {v: v for v in range(d.num_classes)}
+        ds.submission = _submission_format(None, d.num_classes, ds.classes, str(ds.path))
+    if d.in_channels is not None and d.in_channels != ds.in_channels:
+        raise ConfigError(f"{where}: data.in_channels={d.in_channels} conflicts with {ds.path} "
+                          f"({ds.in_channels} channel(s) {ds.channels})")
+    if d.size is not None and d.hw != ds.size:
+        if not d.resize and ds.size_error:
+            raise DataError(ds.size_error)
+        if not d.resize:
+            raise ConfigError(f"{where}: data.size={d.size} conflicts with {ds.path} (images are "
+                              f"{ds.size[1]}x{ds.size[0]}; set size: in the dataset, or data.resize: true)")
+        ds.size, ds.resized, ds.size_error = d.hw, True, None
+    if ds.size_error:
+        raise DataError(ds.size_error)
+    out = cfg.model_copy(deep=True)
+    h, w = ds.size
+    out.data.size = h if h == w else [h, w]
+    out.data.in_channels, out.data.num_classes = ds.in_channels, ds.num_classes
+    cw = out.loss.class_weights
+    if cw is not None and len(cw) != ds.num_classes:
+        raise ConfigError(f"{where}: loss.class_weights has {len(cw)} values, {ds.path} has {ds.num_classes} classes")
+    return out
+
+
+def recipe_for(data: str | Path) -> str:
+    """The experiment config ``train`` uses without ``--config``: the dataset file's ``recipe`` (a shipped
+    name, or a path relative to the dataset file), else ``default``."""
+    path = Path(data)
+    if path.is_dir() and (path / DATASET_FILE).is_file():
+        path = path / DATASET_FILE
+    if not path.is_file():
+        return "default"
+    recipe = read_dataset_file(path).recipe
+    if not recipe:
+        return "default"
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml") or p.parent != Path("."):
+        return str(p if p.is_absolute() else path.parent / p)
+    return recipe
+
+
+def prepare(cfg, data: str | Path, *, quiet: bool = False):
+    """``(resolved cfg, dataset, labelled split)`` for training and fold making."""
+    ds = load_dataset(data)
+    cfg = apply_dataset(cfg, ds) if cfg is not None else None
+    if not quiet:
+        for note in ds.notes:
+            print(note, flush=True)
+    return cfg, ds, ds.labelled()

@@ -1,0 +1,187 @@
+"""The dataset file's schema (pydantic) and its file patterns: ``{id}`` matches one file-name part.
+
+A file pattern is a path relative to the dataset's ``root`` with ``{id}`` (one file-name part, the same
+wherever it repeats: ``{id}/images/{id}.png``; ``*`` matches any characters within one name).  A ``*`` in
+a mask pattern unites the files it matches for one image (:class:`~kagglecmr.data.mask_values.MaskUnion`); a
+mask "pattern" without ``{id}`` ending in ``.csv`` is a run-length labels CSV (:mod:`kagglecmr.data.labels_csv`).  Images and masks may share a folder (``Img/{id}.png`` + ``Img/{id}_mask.png``):
+a file matching both patterns belongs to the more specific one.  Images without masks, masks without
+images and ids matching twice are one-line :class:`DataError` messages naming the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kagglecmr.data.labels_csv import CsvLabels, CsvMask, is_csv_pattern
+from kagglecmr.data.loader import natural_sorted
+from kagglecmr.data.mask_values import MaskUnion, parse_raw
+from kagglecmr.utils.errors import DataError
+
+
+class SplitPatterns(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str
+    mask: str | None = None
+
+
+class DatasetFile(BaseModel):
+    """The schema of a dataset YAML file (every key but ``splits`` optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    root: str = "."
+    classes: list[str] | None = Field(None, min_length=2)
+    splits: dict[Literal["train", "val", "test"], SplitPatterns]
+    mask_values: Literal["auto", "nonzero", "threshold"] | dict[int | str, int] = "auto"
+    channels: Literal["auto"] | list[int] = "auto"
+    size: Literal["auto"] | int | tuple[int, int] = "auto"
+    group: str | None = None
+    submission: dict[str, Any] | None = None
+    labels: dict[str, Any] | None = None  # how a split's labels CSV is read (kagglecmr.data.labels_csv)
+    recipe: str | None = None
+
+    @field_validator("splits")
+    @classmethod
+    def _train(cls, v):
+        if "train" not in v:
+            raise ValueError("needs a 'train' split")
+        for name, s in v.items():
+            for kind, pat in (("image", s.image), ("mask", s.mask)):
+                if kind == "mask" and is_csv_pattern(pat):
+                    continue  # masks from a run-length CSV (a path relative to root, or absolute)
+                if pat is not None and (pat.count("{id}") < 1 or re.search(r"\{(?!id\})", pat)
+                                        or pat.startswith("/") or "\\" in pat):
+                    raise ValueError(f"{name}.{kind}: pattern {pat!r} must be a relative path with {{id}}"
+                                     + (" (or a labels .csv file)" if kind == "mask" else ""))
+        return v
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v):
+        if v != "auto" and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("must be auto or a list of distinct channel indices (0 = red)")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v):
+        if v != "auto" and min((v, v) if isinstance(v, int) else v) < 8:
+            raise ValueError("must be auto, a side >= 8 or [H, W]")
+        return v
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v):
+        if v is not None:
+            try:
+                if re.compile(v).groups < 1:
+                    raise ValueError("regex needs a capturing group, e.g. '(patient\\d+)_'")
+            except re.error as exc:
+                raise ValueError(f"not a valid regex ({exc})") from None
+        return v
+
+    @field_validator("mask_values")
+    @classmethod
+    def _map(cls, v):
+        if isinstance(v, dict):
+            if not v or min(v.values()) < 0:
+                raise ValueError("must be auto, nonzero, threshold or a map {raw value: class} of non-negative "
+                                 "integers (colours as '#rrggbb')")
+            for key in v:
+                parse_raw(key)  # a ValueError names the key
+        return v
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """``{id}`` is one file-name part, the same wherever it appears (``{id}/images/{id}.png``)."""
+    head, *rest = pattern.split("{id}")
+    esc = lambda s: re.escape(s).replace(r"\*", "[^/]*")  # noqa: E731
+    return re.compile(esc(head) + r"(?P<id>[^/]+?)" + "".join(("" if k == 0 else "(?P=id)") + esc(t)
+                                                             for k, t in enumerate(rest)))
+
+
+def _literal_len(pattern: str) -> int:
+    return len(pattern.replace("{id}", "").replace("*", ""))
+
+
+def _match(root: Path, pattern: str, other: str | None, *, unite: bool = False) -> dict[str, Path]:
+    """``{id: path}`` of the files under ``root`` matching ``pattern`` (a file that also matches the more
+    specific ``other`` pattern belongs to that one); an id matching twice is an error, unless ``unite``
+    (masks): then its files become one :class:`MaskUnion`."""
+    rx, orx = _pattern_regex(pattern), _pattern_regex(other) if other else None
+    found: dict[str, Path] = {}
+    several: dict[str, list[Path]] = {}
+    for p in sorted(root.glob(pattern.replace("{id}", "*"))):
+        rel = p.relative_to(root).as_posix()
+        m = rx.fullmatch(rel)
+        if not m or not p.is_file() or p.name.startswith("."):
+            continue
+        if orx is not None and orx.fullmatch(rel) and _literal_len(other) > _literal_len(pattern):
+            continue
+        i = m.group("id")
+        if i in found and unite:
+            several.setdefault(i, [found[i]]).append(p)
+            continue
+        if i in found:
+            raise DataError(f"{p}: id '{i}' matches '{pattern}' twice (also {found[i]})")
+        found[i] = p
+    return found | {i: MaskUnion(tuple(ps)) for i, ps in several.items()}
+
+
+def read_dataset_file(path: Path) -> DatasetFile:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        raise DataError(f"{path}:{f' line {line + 1}' if line is not None else ''} not valid YAML") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read dataset file ({getattr(exc, 'strerror', None) or exc})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: a dataset file is a mapping with at least 'splits'")
+    try:
+        return DatasetFile.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("literal[", "dict[", "tuple[", "int"))) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        raise DataError(f"{path}: {key}: {msg}") from None
+
+
+def file_items(path: Path, root: Path, spec: DatasetFile) -> tuple[dict, dict]:
+    items, masked, tables, known = {}, {}, {}, {}
+    for split, pats in spec.splits.items():
+        csv_masks = is_csv_pattern(pats.mask)
+        images = _match(root, pats.image, None if csv_masks else pats.mask)
+        if not images:
+            raise DataError(f"{path}: splits.{split}.image: no file matches {root / pats.image}")
+        if csv_masks:
+            csv_path = root / pats.mask
+            if not csv_path.is_file():
+                raise DataError(f"{path}: splits.{split}.mask: labels CSV {csv_path} not found")
+            if csv_path not in tables:
+                tables[csv_path] = CsvLabels(csv_path, spec.labels, spec.submission, spec.classes, str(path))
+            known.setdefault(csv_path, set()).update(images)
+            masks = {i: CsvMask(tables[csv_path], i, p) for i, p in images.items()}
+        else:
+            masks = _match(root, pats.mask, pats.image, unite="*" in pats.mask) if pats.mask else {}
+        if pats.mask and not csv_masks:
+            for i, p in images.items():
+                if i not in masks:
+                    raise DataError(f"{p}: image has no mask ({root / pats.mask.replace('{id}', i)} missing)")
+            for i, p in masks.items():
+                if i not in images:
+                    raise DataError(f"{p}: mask has no image ({root / pats.image.replace('{id}', i)} missing)")
+        items[split] = [(i, images[i], masks.get(i)) for i in natural_sorted(images)]
+        masked[split] = bool(pats.mask)
+    for csv_path, table in tables.items():
+        table.check_ids(known[csv_path])
+    if spec.labels is not None and not tables:
+        raise DataError(f"{path}: labels: describes a labels CSV, but no split's mask is a .csv file")
+    return items, masked
+
+

@@ -1,0 +1,362 @@
+"""Stratified, grouped, deterministic k-fold splits over every labelled image.
+
+* **Stratification**: each image gets a stratum made of which foreground classes it contains
+  and a quantile bin of its heart size (LV + myocardium area; small apical vs large basal
+  slices).  Strata with fewer members than folds are merged into coarser ones.
+* **Groups (leakage guard)**: near-duplicate images, e.g. the end-diastole / end-systole frames
+  of one slice, must land in the same fold, or the out-of-fold score is optimistic.  Images
+  are compared by the correlation of their fine texture away from the centre (where the heart
+  moves between frames); pairs above a threshold are linked and connected components form
+  the groups.
+* **Determinism**: rows are in natural id order, folds come from
+  ``StratifiedGroupKFold(shuffle=True, random_state=seed)``; the same data and seed give a
+  byte-identical CSV.
+
+Similarity threshold, measured with :func:`image_similarity` on the real data (``train/``
+cmr1..cmr100, and ``test/`` cmr121..cmr200 as a check): every train image's nearest neighbour
+is its ED/ES partner (cmr1-cmr2, cmr3-cmr4, ...).  Nearest-neighbour similarities run
+0.58..0.94 (median 0.84); the second-nearest (an unrelated image) at most 0.25 (0.28 over
+train+test, where one extra group cmr171/172/175/176 scores 0.78..0.89).  Every threshold
+from 0.30 to 0.55 yields exactly the 50 train pairs; ``SIMILARITY_THRESHOLD = 0.40`` sits in
+that plateau, a little below the middle because a missed duplicate (leakage) costs more than a
+needlessly merged group.  Plain 24x24 correlation of the raw pixels separates far worse
+(partners down to 0.74, unrelated images up to 0.77).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from kagglecmr.data.loader import DataSpec, Split, natural_key
+from kagglecmr.utils.errors import DataError, KaggleCMRError
+from kagglecmr.utils.io import atomic_write_text
+
+SIMILARITY_THRESHOLD = 0.40
+SIMILARITY_SIDE = 48  # images are compared at this resolution (INTER_AREA)
+SIMILARITY_SIGMA = 1.0  # high-pass: subtract a Gaussian blur of this sigma (pixels at SIMILARITY_SIDE)
+SIMILARITY_CENTRE = 0.3  # ignore a central disc of this radius (fraction of the side): the beating heart
+SIZE_BINS = 3
+CMR_CLASS_NAMES = {1: "RV", 2: "Myo", 3: "LV"}
+REQUIRED_COLUMNS = ("id", "fold")
+
+
+# --------------------------------------------------------------------------- stratification
+
+
+def _size_column(num_classes: int) -> str:
+    return "lv_myo_area" if num_classes == 4 else "fg_area"
+
+
+def _quantile_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """Equal-count bins by rank (ties broken by position, so always deterministic)."""
+    n = len(values)
+    ranks = np.empty(n, np.int64)
+    ranks[np.argsort(values, kind="stable")] = np.arange(n)
+    return (ranks * n_bins // max(n, 1)).astype(np.int64)
+
+
+def merge_rare_strata(fine: list[str], coarse: list[str], min_count: int) -> list[str]:
+    """Merge strata with fewer than ``min_count`` members.
+
+    A rare fine stratum falls back to its coarse one; a still-rare label joins a shared
+    ``rare`` stratum; a rare ``rare`` stratum joins the most common label.
+    """
+    labels = list(fine)
+    counts = pd.Series(labels).value_counts()
+    labels = [c if counts[f] < min_count else f for f, c in zip(labels, coarse)]
+    counts = pd.Series(labels).value_counts()
+    labels = [lab if counts[lab] >= min_count else "rare" for lab in labels]
+    counts = pd.Series(labels).value_counts()
+    if 0 < counts.get("rare", 0) < min_count and len(counts) > 1:
+        common = min(counts.drop("rare").items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        labels = [common if lab == "rare" else lab for lab in labels]
+    return labels
+
+
+def fold_features(masks: np.ndarray, num_classes: int = 4, *, n_folds: int = 5, n_bins: int = SIZE_BINS) -> pd.DataFrame:
+    """Per-image stratification features of label masks ``[N, H, W]``.
+
+    Columns: ``has_k`` (0/1) and ``area_k`` (pixels) for each foreground class ``k``, the size
+    used for binning (``lv_myo_area`` = classes 2+3 for 4-class CMR, else ``fg_area`` = all
+    foreground), its quantile ``size_bin`` and the ``stratum`` label (present classes + size
+    bin, rare strata merged so each has at least ``n_folds`` members).
+    """
+    if num_classes < 2:
+        raise KaggleCMRError(f"num_classes must be at least 2 (got {num_classes})")
+    masks = np.asarray(masks)
+    flat = masks.reshape(len(masks), -1)
+    feats: dict[str, np.ndarray] = {}
+    for k in range(1, num_classes):
+        feats[f"area_{k}"] = (flat == k).sum(axis=1).astype(np.int64)
+    for k in range(1, num_classes):
+        feats[f"has_{k}"] = (feats[f"area_{k}"] > 0).astype(np.int64)
+    size_col = _size_column(num_classes)
+    size_classes = (2, 3) if num_classes == 4 else range(1, num_classes)
+    feats[size_col] = sum(feats[f"area_{k}"] for k in size_classes)
+    df = pd.DataFrame(feats)
+    df["size_bin"] = _quantile_bins(df[size_col].to_numpy(), n_bins)
+    presence = ["p" + "".join(str(v) for v in row) for row in df[[f"has_{k}" for k in range(1, num_classes)]].to_numpy()]
+    fine = [f"{p}_s{b}" for p, b in zip(presence, df["size_bin"])]
+    df["stratum"] = merge_rare_strata(fine, presence, n_folds)
+    return df
+
+
+# --------------------------------------------------------------------------- similarity groups
+
+
+def _texture_features(images: np.ndarray, side: int, sigma: float, centre: float) -> np.ndarray:
+    """Unit-norm, zero-mean vectors of each image's fine texture outside the central disc."""
+    imgs = np.asarray(images)
+    if imgs.ndim == 4:
+        imgs = imgs.mean(axis=3)
+    yy, xx = np.mgrid[:side, :side]
+    keep = np.hypot(yy - (side - 1) / 2, xx - (side - 1) / 2) > centre * side
+    rows = []
+    for img in imgs:
+        small = cv2.resize(np.sqrt(img.astype(np.float32)), (side, side), interpolation=cv2.INTER_AREA)
+        rows.append((small - cv2.GaussianBlur(small, (0, 0), sigma))[keep])
+    x = np.stack(rows).astype(np.float64)
+    x -= x.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 1e-9)
+
+
+def image_similarity(images: np.ndarray, *, side: int = SIMILARITY_SIDE, sigma: float = SIMILARITY_SIGMA,
+                     centre: float = SIMILARITY_CENTRE) -> np.ndarray:
+    """``[N, N]`` correlation of the images' high-pass texture (diagonal 1; flat images 0).
+
+    Images ``[N, H, W]`` or ``[N, H, W, C]`` are square-rooted (compresses bright spots),
+    resized to ``side`` x ``side`` (INTER_AREA), high-passed (minus a Gaussian blur of
+    ``sigma``), cut to the area outside a central disc of radius ``centre * side`` and
+    z-normalised.  Memory is ``N * N * 8`` bytes: meant for datasets of up to a few thousand.
+    """
+    x = _texture_features(images, side, sigma, centre)
+    sim = x @ x.T
+    np.fill_diagonal(sim, 1.0)
+    return sim
+
+
+def _components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Union-find over ``pairs`` (``[M, 2]``); component ids numbered by first member."""
+    parent = list(range(n))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in pairs:
+        ra, rb = find(int(a)), find(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    roots = [find(a) for a in range(n)]
+    ids: dict[int, int] = {}
+    return np.array([ids.setdefault(r, len(ids)) for r in roots], dtype=np.int64)
+
+
+def similarity_groups(images: np.ndarray, threshold: float = SIMILARITY_THRESHOLD, **kwargs) -> np.ndarray:
+    """Group near-duplicate images: ``int`` group id per image, numbered by first member.
+
+    Images whose :func:`image_similarity` is ``>= threshold`` are linked; groups are the
+    connected components.  ``kwargs`` go to :func:`image_similarity`.
+    """
+    n = len(images)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    sim = image_similarity(images, **kwargs)
+    pairs = np.argwhere(np.triu(sim >= threshold, k=1))
+    return _components(n, pairs)
+
+
+# --------------------------------------------------------------------------- folds
+
+
+def _natural_order(split: Split) -> Split:
+    order = sorted(range(len(split)), key=lambda k: natural_key(split.ids[k]))
+    return split.subset([split.ids[k] for k in order])
+
+
+def make_folds(split: Split, n_folds: int = 5, seed: int = 42, groups: bool = True, num_classes: int = 4,
+               group_of=None) -> pd.DataFrame:
+    """Assign every labelled image of ``split`` to one of ``n_folds`` folds.
+
+    Returns one row per image in natural id order with ``id, split, fold, group, stratum``
+    and the :func:`fold_features` columns.  ``groups=False`` makes every image its own group;
+    ``group_of`` (ids -> group names, e.g. a dataset's ``group`` regex) replaces the similarity guard.
+    """
+    if split.masks is None:
+        raise DataError("make_folds needs labelled images (masks)")
+    if n_folds < 2:
+        raise KaggleCMRError(f"--n-folds must be at least 2 (got {n_folds})")
+    split = _natural_order(split)
+    n = len(split)
+    if groups and group_of is not None:
+        group = pd.factorize(pd.Series(group_of(split.ids)), sort=False)[0].astype(np.int64)
+    else:
+        group = similarity_groups(split.images) if groups else np.arange(n, dtype=np.int64)
+    n_groups = int(group.max()) + 1 if n else 0
+    if n_folds > n_groups:
+        what = ("groups" if group_of is not None else "groups of near-duplicate images") if groups else "images"
+        raise KaggleCMRError(f"--n-folds {n_folds} is more than the {n_groups} {what} ({n} labelled images)")
+    feats = fold_features(split.masks, num_classes, n_folds=n_folds)
+    cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    fold = np.full(n, -1, np.int64)
+    for k, (_, test_idx) in enumerate(cv.split(np.zeros((n, 1)), feats["stratum"], group)):
+        fold[test_idx] = k
+    head = pd.DataFrame({
+        "id": split.ids,
+        "split": split.splits or ["train"] * n,
+        "fold": fold,
+        "group": group,
+    })
+    return pd.concat([head, feats[["stratum", "size_bin"] + [c for c in feats if c not in ("stratum", "size_bin")]]],
+                     axis=1)
+
+
+def fold_table(df: pd.DataFrame, class_names: list[str] | None = None) -> str:
+    """Human-readable per-fold summary: images, groups, val images, class presence, mean size."""
+    has_cols = [c for c in df.columns if c.startswith("has_")]
+    names = {c: CMR_CLASS_NAMES.get(int(c[4:]), f"class{c[4:]}") if len(has_cols) == 3 else f"class{c[4:]}"
+             for c in has_cols}
+    if class_names is not None and class_names[1:] != [f"class{k}" for k in range(1, len(class_names))]:
+        names = {c: class_names[int(c[4:])] if int(c[4:]) < len(class_names) else names[c] for c in has_cols}
+    size_col = next((c for c in ("lv_myo_area", "fg_area") if c in df.columns), None)
+    show_val = "split" in df.columns and (df["split"] != "train").any()
+    header = ["fold", "images"] + (["groups"] if "group" in df.columns else []) + (["val"] if show_val else [])
+    header += [names[c] for c in has_cols] + (["LV+Myo px" if size_col == "lv_myo_area" else "fg px"] if size_col else [])
+
+    def row(label: str, part: pd.DataFrame) -> list[str]:
+        cells = [label, str(len(part))]
+        if "group" in df.columns:
+            cells.append(str(part["group"].nunique()))
+        if show_val:
+            cells.append(str(int((part["split"] != "train").sum())))
+        for c in has_cols:
+            k = int(part[c].sum())
+            cells.append(f"{k} ({k / max(len(part), 1):.0%})")
+        if size_col:
+            cells.append(f"{part[size_col].mean():.0f}")
+        return cells
+
+    rows = [header] + [row(str(f), part) for f, part in df.groupby("fold", sort=True)] + [row("all", df)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
+
+
+def write_folds(df: pd.DataFrame, path, force: bool = False) -> Path:
+    """Write the folds CSV atomically; refuse to replace an existing file unless ``force``."""
+    path = Path(path)
+    if path.is_dir():
+        raise KaggleCMRError(f"{path}: is a folder, expected a CSV file path")
+    atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"), overwrite=force)
+    return path
+
+
+def _few(items, k: int = 5) -> str:
+    items = sorted(map(str, items), key=natural_key)
+    return ", ".join(items[:k]) + (", ..." if len(items) > k else "")
+
+
+def _int_column(df: pd.DataFrame, col: str, path: Path) -> pd.Series:
+    """``df[col]`` as int64; a one-line DataError names the first empty or non-integer value."""
+    values = pd.to_numeric(df[col], errors="coerce")
+    bad = df[col][values.isna() | (values % 1 != 0)]
+    if len(bad):
+        raise DataError(f"{path}: column '{col}' must hold integers (row of id {df['id'][bad.index[0]]!r} "
+                        f"has {bad.iloc[0]!r})")
+    return values.astype(np.int64)
+
+
+def _validate_folds(df: pd.DataFrame, path: Path) -> None:
+    """Check columns, integer folds/groups, unique ids, folds 0..k-1 and unsplit groups (in place)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected id,fold,... from make-folds)")
+    if df.empty:
+        raise DataError(f"{path}: no rows")
+    if df["id"].isna().any():
+        raise DataError(f"{path}: column 'id' has empty values")
+    for col in ("fold", "group"):
+        if col in df.columns:
+            df[col] = _int_column(df, col, path)
+    dup = df["id"][df["id"].duplicated()].unique()
+    if len(dup):
+        raise DataError(f"{path}: duplicate ids {_few(dup)}")
+    folds = set(df["fold"].tolist())
+    k = max(folds) + 1
+    if min(folds) < 0 or folds != set(range(k)) or k < 2:
+        raise DataError(f"{path}: folds must be 0..k-1 with k >= 2 and none empty (found {sorted(folds)[:10]})")
+    if "group" in df.columns:
+        spread = df.groupby("group")["fold"].nunique()
+        if (spread > 1).any():
+            raise DataError(f"{path}: group {spread[spread > 1].index[0]} is split across folds (leakage)")
+
+
+def read_folds(path, ids=None) -> pd.DataFrame:
+    """Read and validate a folds CSV; with ``ids``, check it covers exactly those ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: folds file not found (run `kagglecmr make-folds`)")
+    try:
+        df = pd.read_csv(path, dtype={"id": str, "split": str, "stratum": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: not a readable folds CSV ({reason})") from None
+    _validate_folds(df, path)
+    if ids is not None:
+        want = set(map(str, ids))
+        have = set(df["id"])
+        missing, extra = want - have, have - want
+        if missing or extra:
+            parts = ([f"{len(missing)} image id(s) missing ({_few(missing)})"] if missing else []) + \
+                    ([f"{len(extra)} id(s) not in the data ({_few(extra)})"] if extra else [])
+            raise DataError(f"{path}: folds file does not match the data: {'; '.join(parts)} "
+                            "(re-run make-folds --force)")
+    return df
+
+
+def run_make_folds(data, n_folds: int = 5, seed: int = 42, out=Path("folds/folds.csv"), groups: bool = True,
+                   force: bool = False, spec: DataSpec | None = None, config=None) -> pd.DataFrame:
+    """Load the labelled images of ``data`` (a folder or a dataset file), make folds, write ``out`` and
+    print a per-fold table.  Groups: the dataset's ``group`` regex, else the similarity guard.
+    ``config`` (or the legacy ``spec``) pins size/channels/classes as ``train`` would."""
+    from kagglecmr.cfg.config import Config, DataConfig
+    from kagglecmr.data.dataset import apply_dataset, load_dataset
+
+    out = Path(out)
+    if n_folds < 2:
+        raise KaggleCMRError(f"--n-folds must be at least 2 (got {n_folds})")
+    if out.exists() and not force:
+        raise KaggleCMRError(f"{out}: already exists (use --force to overwrite)")
+    ds = load_dataset(data)
+    if config is None and spec is not None:
+        config = Config(data=DataConfig(size=spec.size, in_channels=spec.in_channels, num_classes=spec.num_classes,
+                                        resize=spec.resize))
+    if config is not None:
+        apply_dataset(config, ds)
+    for note in ds.notes:
+        print(note, flush=True)
+    split = ds.labelled()
+    by_regex = groups and ds.group is not None
+    df = make_folds(split, n_folds=n_folds, seed=seed, groups=groups, num_classes=ds.num_classes,
+                    group_of=ds.groups if by_regex else None)
+    write_folds(df, out, force=force)
+    sizes = df["group"].value_counts()
+    per_split = ", ".join(f"{s} {n}" for s, n in df["split"].value_counts(sort=False).items())
+    if by_regex:
+        grouping = f"groups: regex {ds.group!r} ({len(sizes)} groups, largest {sizes.max()} images)"
+    elif groups:
+        grouping = (f"groups: similarity guard ({len(sizes)} similarity groups, largest {sizes.max()} images, "
+                    f"threshold {SIMILARITY_THRESHOLD})")
+    else:
+        grouping = "groups: none, no grouping (--no-groups)"
+    print(f"make-folds: {len(df)} labelled images ({per_split}) -> {n_folds} folds, seed {seed}; {grouping}")
+    print(fold_table(df, ds.classes))
+    print(f"wrote {out}")
+    return df

@@ -1,0 +1,374 @@
+"""Dataset discovery, validated PNG loading and in-memory arrays.
+
+A dataset root holds ``train/``, optional ``val/`` and optional ``test/``; each split has
+``image/`` and, for labelled splits, ``mask/``.  The mask of ``image/cmrN.png`` is
+``mask/cmrN_mask.png``.  Everything is decoded once into uint8 arrays (images ``[N, H, W, C]``,
+masks ``[N, H, W]``) so training never touches the disk again.
+
+Every problem is a :class:`~kagglecmr.utils.errors.DataError` whose one-line message names the file.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from kagglecmr.utils.errors import DataError
+
+SPLITS = ("train", "val", "test")
+LABELLED_SPLITS = ("train", "val")
+IMAGE_SUFFIXES = (".png",)
+MASK_SUFFIX = "_mask"
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders embedded numbers numerically: cmr2 < cmr10."""
+    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", str(text))]
+
+
+def natural_sorted(items, key=lambda x: x):
+    return sorted(items, key=lambda x: natural_key(key(x)))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What every image and mask must look like (from config ``data``)."""
+
+    size: int = 96
+    in_channels: int = 1
+    num_classes: int = 4
+    resize: bool = False  # resize other sizes to ``size`` (masks: nearest neighbour) instead of failing
+
+
+@dataclass
+class Split:
+    """Decoded images (and masks) of one or more splits, in natural id order."""
+
+    ids: list[str]
+    images: np.ndarray  # uint8 [N, H, W, C]
+    masks: np.ndarray | None  # uint8 [N, H, W] with values < num_classes, or None (unlabelled)
+    splits: list[str] = field(default_factory=list)  # split name of each image
+    image_paths: list[Path] = field(default_factory=list)
+    orig_sizes: list[tuple[int, int]] = field(default_factory=list)  # (H, W) of each image on disk
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index(self, ids) -> np.ndarray:
+        pos = {i: k for k, i in enumerate(self.ids)}
+        return np.array([pos[i] for i in ids], dtype=np.int64)
+
+    def subset(self, ids) -> Split:
+        idx = self.index(ids)
+        return Split(
+            ids=[self.ids[k] for k in idx],
+            images=self.images[idx],
+            masks=None if self.masks is None else self.masks[idx],
+            splits=[self.splits[k] for k in idx] if self.splits else [],
+            image_paths=[self.image_paths[k] for k in idx] if self.image_paths else [],
+            orig_sizes=[self.orig_sizes[k] for k in idx] if self.orig_sizes else [],
+        )
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """``(H, W)`` of each image on disk (the array size when unknown)."""
+        return list(self.orig_sizes) if self.orig_sizes else [tuple(self.images.shape[1:3])] * len(self.ids)
+
+
+def mask_id(path: Path) -> str:
+    """``cmr7_mask.png`` -> ``cmr7``; a mask named like its image (``cmr7.png``) -> ``cmr7``."""
+    stem = Path(path).stem
+    return stem[: -len(MASK_SUFFIX)] if stem.endswith(MASK_SUFFIX) else stem
+
+
+def _pngs(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def check_root(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found (expected train/, val/, test/ inside)")
+    return root
+
+
+def available_splits(root: str | Path) -> list[str]:
+    root = check_root(root)
+    return [s for s in SPLITS if (root / s / "image").is_dir()]
+
+
+def discover(root: str | Path, split: str, *, labelled: bool | None = None) -> list[tuple[str, Path, Path | None]]:
+    """List ``(id, image_path, mask_path)`` of a split in natural order.
+
+    ``labelled=None`` means: masks are used when the split has a ``mask/`` folder.  Images
+    without masks and masks without images are errors in a labelled split.
+    """
+    root = check_root(root)
+    image_dir = root / split / "image"
+    mask_dir = root / split / "mask"
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: folder not found")
+    if labelled is None:
+        labelled = mask_dir.is_dir() and any(mask_dir.iterdir())
+    images = {p.stem: p for p in _pngs(image_dir)}
+    if not images:
+        raise DataError(f"{image_dir}: no PNG images in split '{split}'")
+    masks: dict[str, Path] = {}
+    if labelled:
+        if not mask_dir.is_dir():
+            raise DataError(f"{mask_dir}: folder not found (split '{split}' needs masks)")
+        for p in _pngs(mask_dir):
+            masks[mask_id(p)] = p
+        for i, p in natural_sorted(images.items(), key=lambda kv: kv[0]):
+            if i not in masks:
+                raise DataError(f"{p}: image has no mask ({mask_dir / (i + MASK_SUFFIX + '.png')} missing)")
+        for i, p in natural_sorted(masks.items(), key=lambda kv: kv[0]):
+            if i not in images:
+                raise DataError(f"{p}: mask has no image ({image_dir / (i + '.png')} missing)")
+    return [(i, images[i], masks.get(i)) for i in natural_sorted(images)]
+
+
+def _imread(path: Path, flags: int) -> np.ndarray:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found")
+    raw = Path(path).read_bytes()
+    if Path(path).suffix.lower() == ".png":
+        png_size(path, raw)  # damaged files fail here once, before libpng prints its own complaints
+    img = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), flags) if raw else None
+    if img is None:
+        kind = "PNG" if Path(path).suffix.lower() == ".png" else "image"
+        raise DataError(f"{path}: not a readable {kind} (corrupt or empty file)")
+    return img
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path, data: bytes | None = None) -> tuple[int, int]:
+    """``(H, W)`` of a PNG whose chunk structure and CRCs are intact.
+
+    Checking the chunks here means a truncated or damaged file is reported once, as a
+    :class:`DataError`, instead of libpng also printing its own complaint on stderr.
+    """
+    path = Path(path)
+    if data is None:
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        data = path.read_bytes()
+    if data[:8] != PNG_SIGNATURE:
+        raise DataError(f"{path}: not a readable PNG (not a PNG file)")
+    pos, size = 8, None
+    while True:
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 12 + length  # length, type, data, crc
+        if end > len(data):
+            raise DataError(f"{path}: not a readable PNG (truncated)")
+        kind = data[pos + 4 : pos + 8]
+        if zlib.crc32(data[pos + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            raise DataError(f"{path}: not a readable PNG (damaged {kind.decode('latin-1')!r} chunk)")
+        if size is None:
+            if kind != b"IHDR" or length < 8:
+                raise DataError(f"{path}: not a readable PNG (no IHDR header)")
+            size = int.from_bytes(data[pos + 12 : pos + 16], "big"), int.from_bytes(data[pos + 8 : pos + 12], "big")
+        if kind == b"IEND":
+            return size
+        pos = end
+
+
+def _check_size(path: Path, arr: np.ndarray, spec: DataSpec, *, nearest: bool) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if (h, w) == (spec.size, spec.size):
+        return arr
+    if not spec.resize:
+        raise DataError(
+            f"{path}: size {w}x{h}, expected {spec.size}x{spec.size} (set data.resize: true to resize)"
+        )
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA if h > spec.size else cv2.INTER_LINEAR
+    out = cv2.resize(arr, (spec.size, spec.size), interpolation=interp)
+    return out.reshape(spec.size, spec.size, *arr.shape[2:])
+
+
+def read_image(path: str | Path, spec: DataSpec = DataSpec()) -> np.ndarray:
+    """Decode an image to uint8 ``[H, W, C]`` with ``spec.in_channels`` channels."""
+    path = Path(path)
+    img = _imread(path, cv2.IMREAD_UNCHANGED)
+    if img.dtype != np.uint8:
+        if img.dtype == np.uint16:
+            img = (img / 257.0).round().astype(np.uint8)
+        else:
+            raise DataError(f"{path}: unsupported pixel type {img.dtype}")
+    if img.ndim == 2:
+        img = img[:, :, None]
+    c = spec.in_channels
+    if img.shape[2] == 4:  # drop alpha
+        img = img[:, :, :3]
+    if img.shape[2] == 3:
+        if c == 1:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[:, :, None]
+        elif c == 3:
+            img = img[:, :, ::-1]  # BGR -> RGB
+        elif c == 2:
+            img = img[:, :, ::-1][:, :, :2]
+    elif img.shape[2] == 1 and c > 1:
+        img = np.repeat(img, c, axis=2)
+    if img.shape[2] != c:
+        raise DataError(f"{path}: has {img.shape[2]} channels, config expects {c}")
+    img = _check_size(path, img, spec, nearest=False)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    return np.ascontiguousarray(img)
+
+
+def read_mask(path: str | Path, spec: DataSpec = DataSpec()) -> np.ndarray:
+    """Decode a label mask to uint8 ``[H, W]`` and check its values are ``< num_classes``."""
+    path = Path(path)
+    m = decode_mask(path)
+    if m.dtype != np.uint8 and m.max(initial=0) > 255:
+        raise DataError(f"{path}: mask value {int(m.max())} is not a class label 0..{spec.num_classes - 1}")
+    m = m.astype(np.uint8)
+    bad = np.unique(m[m >= spec.num_classes])
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:5])
+        raise DataError(f"{path}: mask values {shown} outside classes 0..{spec.num_classes - 1}")
+    return np.ascontiguousarray(_check_size(path, m, spec, nearest=True))
+
+
+def load_split(root: str | Path, split: str, spec: DataSpec = DataSpec(), *, labelled: bool | None = None) -> Split:
+    """Decode one split into memory."""
+    items = discover(root, split, labelled=labelled)
+    ids, images, masks, paths = [], [], [], []
+    for i, ip, mp in items:
+        img = read_image(ip, spec)
+        if mp is not None:
+            m = read_mask(mp, spec)
+            # compare the sizes on disk: with resize on, both already have spec.size
+            (ih, iw), (mh, mw) = (png_size(ip), png_size(mp)) if spec.resize else (img.shape[:2], m.shape)
+            if (mh, mw) != (ih, iw):
+                raise DataError(f"{mp}: mask size {mw}x{mh} differs from its image {iw}x{ih}")
+            masks.append(m)
+        ids.append(i)
+        images.append(img)
+        paths.append(ip)
+    has_masks = bool(masks)
+    return Split(
+        ids=ids,
+        images=np.stack(images),
+        masks=np.stack(masks) if has_masks else None,
+        splits=[split] * len(ids),
+        image_paths=paths,
+        orig_sizes=[png_size(p) for p in paths],
+    )
+
+
+def concat(parts: list[Split]) -> Split:
+    seen: dict[str, str] = {}
+    for p in parts:
+        for k, (i, s) in enumerate(zip(p.ids, p.splits)):
+            if i in seen:
+                where = f"{p.image_paths[k]}: " if p.image_paths else ""
+                raise DataError(f"{where}image id '{i}' appears in both {seen[i]}/ and {s}/")
+            seen[i] = s
+    masks = [p.masks for p in parts]
+    return Split(
+        ids=[i for p in parts for i in p.ids],
+        images=np.concatenate([p.images for p in parts]),
+        masks=None if any(m is None for m in masks) else np.concatenate(masks),
+        splits=[s for p in parts for s in p.splits],
+        image_paths=[x for p in parts for x in p.image_paths],
+        orig_sizes=[x for p in parts for x in p.sizes()],
+    )
+
+
+def load_labelled(root: str | Path, spec: DataSpec = DataSpec()) -> Split:
+    """Every labelled image: ``train/`` plus ``val/`` when present."""
+    root = check_root(root)
+    parts = [load_split(root, s, spec, labelled=True) for s in LABELLED_SPLITS if (root / s / "image").is_dir()]
+    if not parts:
+        raise DataError(f"{root}: no labelled split (expected {root / 'train' / 'image'})")
+    return concat(parts)
+
+
+def labelled_mask_paths(root: str | Path) -> dict[str, Path]:
+    """``{id: mask_path}`` over train/ and val/ (for scoring submissions against local truth)."""
+    root = check_root(root)
+    out: dict[str, Path] = {}
+    for s in LABELLED_SPLITS:
+        mdir = root / s / "mask"
+        if mdir.is_dir():
+            for p in _pngs(mdir):
+                out[mask_id(p)] = p
+    if not out:
+        raise DataError(f"{root}: no masks found under train/mask or val/mask")
+    return out
+
+
+# ------------------------------------------------------------------- decoding for dataset files
+def decode_image(path: str | Path) -> np.ndarray:
+    """Any image cv2 reads (grey, RGB, RGBA; 8 or 16 bit) as uint8 ``[H, W, C]`` in RGB(A) order."""
+    path = Path(path)
+    img = _imread(path, cv2.IMREAD_UNCHANGED)
+    if img.dtype == np.uint16:
+        img = (img / 257.0).round().astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DataError(f"{path}: unsupported pixel type {img.dtype}")
+    if img.ndim == 2:
+        return img[:, :, None]
+    if img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    elif img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+    return np.ascontiguousarray(img)
+
+
+class ColourMaskError(DataError):
+    """A mask whose pixels are colours (r, g, b not all equal) where grey labels were expected."""
+
+
+def decode_mask(path: str | Path, *, to_grey: bool = False) -> np.ndarray:
+    """A label mask's raw values (uint8 or uint16 ``[H, W]``); colour masks are :class:`ColourMaskError`,
+    or with ``to_grey`` their luminance (binary masks saved as colour JPEGs, whose channels differ a little)."""
+    path = Path(path)
+    m = _imread(path, cv2.IMREAD_UNCHANGED)
+    if m.ndim == 3 and to_grey and m.shape[2] >= 3:
+        m = cv2.cvtColor(np.ascontiguousarray(m[:, :, :3]), cv2.COLOR_BGR2GRAY)
+    if m.ndim == 3:
+        if m.shape[2] >= 3 and not (np.array_equal(m[:, :, 0], m[:, :, 1]) and np.array_equal(m[:, :, 0], m[:, :, 2])):
+            raise ColourMaskError(f"{path}: mask is a colour image; expected one channel of class labels "
+                                  f"(colour-coded classes: describe them in a dataset file's mask_values)")
+        m = m[:, :, 0]
+    if m.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: unsupported mask pixel type {m.dtype}")
+    return np.ascontiguousarray(m)
+
+
+def decode_colour_mask(path: str | Path) -> np.ndarray:
+    """A colour-coded mask as ``0xRRGGBB`` codes (uint32 ``[H, W]``; grey pixels have r = g = b)."""
+    from kagglecmr.data.mask_values import colour_codes
+
+    path = Path(path)
+    m = _imread(path, cv2.IMREAD_UNCHANGED)
+    if m.dtype != np.uint8:
+        raise DataError(f"{path}: colour masks must be 8-bit (found {m.dtype})")
+    return colour_codes(m if m.ndim == 2 or m.shape[2] >= 3 else m[:, :, 0])
+
+
+def resize_to(arr: np.ndarray, hw: tuple[int, int], *, nearest: bool) -> np.ndarray:
+    """``arr`` (``[H, W]`` or ``[H, W, C]``) at ``hw``: nearest for labels, area/linear for images."""
+    h, w = arr.shape[:2]
+    if (h, w) == tuple(hw):
+        return arr
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA if h * w > hw[0] * hw[1] else cv2.INTER_LINEAR
+    out = cv2.resize(arr, (hw[1], hw[0]), interpolation=interp)
+    return np.ascontiguousarray(out.reshape(hw[0], hw[1], *arr.shape[2:]))
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of an image: from the header for PNG, else by decoding it."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        return png_size(path)
+    return tuple(_imread(path, cv2.IMREAD_UNCHANGED).shape[:2])

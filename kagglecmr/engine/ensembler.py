@@ -1,0 +1,382 @@
+"""``kagglecmr ensemble``: fold-averaged softmax with flip TTA, OOF-tuned postprocessing, leaderboard CSV.
+
+For every run (``runs/<name>``), the best checkpoint of each fold is loaded; a split's images are
+predicted by every fold model and TTA pass, the **softmax probabilities** are averaged (over TTA,
+folds, then runs with optional weights) and the argmax is the mask.  ``--split oof`` predicts each
+labelled image only with the fold models that did not train on it: the honest estimate, and what the
+postprocessing is chosen on.  Several splits (``--split oof,test``) are predicted from one load of the
+models and one OOF pass; :func:`run_ensemble` also takes runs already loaded (``loaded=``).
+
+A fold's model is the checkpoint its ``train.select`` names (best epoch, last epoch or SWA).  Runs
+trained on different folds files (or on pseudo labels made on different folds files) are refused: their
+out-of-fold predictions would mix hold-outs.  ``--weights auto`` fits the run weights on the OOF
+probabilities (:mod:`kagglecmr.engine.blend`), prints each run's OOF, the equal-weight and the fitted blend
+and an honest nested estimate, and saves the weights beside the submission (``<csv stem>.weights.json``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kagglecmr.cfg.config import Config
+from kagglecmr.data.context import add_context
+from kagglecmr.data.loader import Split
+from kagglecmr.engine.infer import TTA_PASSES, TTA_TURNS, predict_proba, to_tensor
+from kagglecmr.engine.outputs import contact_sheet_path, label_at_size, score_report, write_masks  # noqa: F401 (re-exported)
+from kagglecmr.formats.metric import dice_table, write_submission
+from kagglecmr.models.factory import build_model
+from kagglecmr.utils.errors import ConfigError, KaggleCMRError
+from kagglecmr.utils.runtime import amp_dtype, resolve_device, setup_threads
+
+
+@dataclass
+class Run:
+    """The fold models of one training run, with the ids each fold held out."""
+
+    name: str
+    path: Path
+    cfg: Config
+    models: dict[int, torch.nn.Module]
+    holdout: dict[int, list[str]] = field(default_factory=dict)
+    kept: dict[int, str] = field(default_factory=dict)  # checkpoint file each fold's model came from
+
+
+def latest_run(runs_dir: Path) -> Path:
+    runs_dir = Path(runs_dir)
+    cands = [d for d in runs_dir.glob("*") if d.is_dir() and any(d.glob("fold*/best.safetensors"))] \
+        if runs_dir.is_dir() else []
+    if not cands:
+        raise KaggleCMRError(f"{runs_dir}: no trained runs found (train --fold 0..4 first, or pass --runs)")
+    return max(cands, key=lambda d: max(p.stat().st_mtime for p in d.glob("fold*/best.safetensors")))
+
+
+def load_run(path: Path, device: torch.device, *, with_full: bool = False, select: str | None = None) -> Run:
+    """Load the kept model of every fold (0..n-1, each finished; its ``train.select``, or ``select`` =
+    best, last or swa for all folds) and, with ``with_full``, of the full fit (``full/``, from
+    ``train --fold all``) when it exists.  The full fit holds nothing out, so it never enters
+    out-of-fold predictions."""
+    from kagglecmr.models.checkpoint import load_best, model_file, selected_model_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise KaggleCMRError(f"{path}: run folder not found")
+    fold_dirs = sorted((d for d in path.glob("fold*") if d.name[4:].isdigit()), key=lambda d: int(d.name[4:]))
+    if not fold_dirs:
+        raise KaggleCMRError(f"{path}: no fold folders (train --fold 0..4 first)")
+    n = int(fold_dirs[-1].name[4:]) + 1
+    models, holdout, kept_files, cfg = {}, {}, {}, None
+    dirs = [path / f"fold{k}" for k in range(n)] + ([path / "full"] if with_full and (path / "full").is_dir() else [])
+    for k, d in enumerate(dirs):
+        if not (d / "summary.json").is_file() or not model_file(d).is_file():
+            raise KaggleCMRError(f"{path}: {d.name} is missing or unfinished "
+                                 f"(train --fold {'all' if d.name == 'full' else k} --name {path.name})")
+        kept = selected_model_file(d, select, path)
+        sd, meta = load_best(kept)
+        kept_files[k] = f"{d.name}/{kept.name}"
+        try:
+            fcfg = Config.model_validate(meta["config"])
+        except Exception:
+            raise KaggleCMRError(f"{kept}: checkpoint carries no valid config") from None
+        if cfg is not None and (fcfg.data.num_classes, fcfg.data.in_channels) != (cfg.data.num_classes, cfg.data.in_channels):
+            raise KaggleCMRError(f"{d}: {fcfg.data.num_classes} classes / {fcfg.data.in_channels} channels, "
+                                 f"fold0 has {cfg.data.num_classes} / {cfg.data.in_channels}")
+        cfg = cfg or fcfg
+        model = build_model(fcfg, weights="none", check_size=False)
+        model.load_state_dict(sd)
+        models[k] = model.to(device).to(memory_format=torch.channels_last).eval()
+        if (d / "oof.npz").is_file():
+            with np.load(d / "oof.npz") as z:
+                holdout[k] = [str(i) for i in z["ids"]]
+    return Run(path.name, path, cfg, models, holdout, kept_files)
+
+
+def check_compatible(runs: list[Run]) -> None:
+    ref = runs[0].cfg.data
+    for r in runs[1:]:
+        d = r.cfg.data
+        if (d.num_classes, d.in_channels, d.size) != (ref.num_classes, ref.in_channels, ref.size):
+            raise KaggleCMRError(f"{r.path}: {d.num_classes} classes, {d.in_channels} channels, {d.size} px; "
+                                 f"{runs[0].path} has {ref.num_classes}, {ref.in_channels}, {ref.size}")
+
+
+def tta_passes(runs: list[Run], tta: bool, flips: list[str] | None) -> list[str]:
+    """The TTA set: ``--tta-flips`` or the config's ``infer.tta``; warns about flips/turns never trained on."""
+    if not tta:
+        return ["none"]
+    passes = flips or list(runs[0].cfg.infer.tta)
+    bad = [p for p in passes if p not in TTA_PASSES]
+    if bad:
+        raise ConfigError(f"--tta-flips: unknown pass '{bad[0]}' (valid: {', '.join(TTA_PASSES)})")
+    for r in runs:
+        a = r.cfg.augment
+        unseen = [p for p in passes if (p in ("hflip", "hvflip") and a.hflip == 0)
+                  or (p in ("vflip", "hvflip") and a.vflip == 0) or (p in TTA_TURNS and a.rot90 == 0)]
+        if unseen:
+            print(f"warning: TTA pass(es) {', '.join(unseen)} use flips run {r.name} never saw in training "
+                  f"augmentation", flush=True)
+    return passes
+
+
+def _weights(runs: list[Run], weights: list[float] | None) -> np.ndarray:
+    if weights is None or weights == "auto":
+        return np.ones(len(runs)) / len(runs)
+    if len(weights) != len(runs) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--weights: need {len(runs)} non-negative weights, one per run")
+    w = np.asarray(weights, dtype=np.float64)
+    return w / w.sum()
+
+
+def predict_images(runs: list[Run], images: np.ndarray, device, passes, weights, batch_size) -> np.ndarray:
+    """Mean softmax of every fold model of every run (weighted by run) over ``passes``."""
+    xs = {}  # uploaded once per input context (data.context), shared by every model
+    total = None
+    for r, w in zip(runs, weights):
+        ctx = r.cfg.data.context
+        if ctx not in xs:
+            xs[ctx] = to_tensor(add_context(images, ctx), device)
+        p = predict_proba(list(r.models.values()), xs[ctx], device, tta=passes, batch_size=batch_size,
+                          amp=amp_dtype(r.cfg.train.amp, device))
+        total = p * w if total is None else total + p * w
+    return total
+
+
+def predict_oof(runs: list[Run], data: Split, device, passes, weights, batch_size) -> np.ndarray:
+    """Each labelled image predicted only by the fold models that held it out."""
+    out = np.zeros((len(data), runs[0].cfg.data.num_classes, *data.images.shape[1:3]), dtype=np.float32)
+    pos = {i: k for k, i in enumerate(data.ids)}
+    for r, w in zip(runs, weights):
+        covered = set()
+        images = add_context(data.images, r.cfg.data.context)  # partners found among all labelled images
+        for k, model in r.models.items():
+            ids = [i for i in r.holdout.get(k, []) if i in pos]
+            if not ids:
+                continue
+            idx = np.array([pos[i] for i in ids])
+            out[idx] += w * predict_proba(model, images[idx], device, tta=passes, batch_size=batch_size,
+                                          amp=amp_dtype(r.cfg.train.amp, device))
+            covered.update(ids)
+        missing = [i for i in data.ids if i not in covered]
+        if missing:
+            raise KaggleCMRError(f"{r.path}: {len(missing)} labelled images are in no fold's hold-out "
+                                 f"(e.g. {missing[0]}); were the folds made on this data?")
+    return out
+
+
+def _score_line(table: np.ndarray) -> str:
+    per = " ".join(f"{k + 1}:{table[:, k].mean():.4f}" for k in range(table.shape[1]))
+    return f"{table.mean():.4f} [{per}]"
+
+
+def report_oof(probs: np.ndarray, labelled: Split, passes, num_classes: int) -> np.ndarray:
+    """Print the OOF score and the number of empty truth rows; returns the argmax masks."""
+    pred = probs.argmax(1).astype(np.uint8)
+    table = dice_table(pred, labelled.masks, num_classes)
+    print(f"OOF Dice ({len(labelled)} images, TTA {'+'.join(passes)}): {_score_line(table)}", flush=True)
+    empty = (labelled.masks[:, None] == np.arange(1, num_classes)[None, :, None, None]).sum((2, 3)) == 0
+    print(f"OOF empty truth rows: {int(empty.sum())} of {empty.size}", flush=True)
+    return pred
+
+
+def record_oof(run_dir: Path, passes, pred: np.ndarray, truth: np.ndarray, plan: dict | None, num_classes: int) -> None:
+    """Store the OOF Dice of this TTA set (and after ``plan``) in the run's ``ensemble_oof.json``."""
+    from kagglecmr.engine.postprocess import apply_plan
+    from kagglecmr.reports.leaderboard import record_ensemble_oof
+
+    pp = dice_table(apply_plan(pred, plan, num_classes), truth, num_classes) if plan is not None else None
+    record_ensemble_oof(run_dir, list(passes), dice_table(pred, truth, num_classes), pp, plan)
+
+
+def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int) -> dict:
+    """Tune the per-class plan on OOF masks with the leaderboard metric and print the result."""
+    from kagglecmr.engine.postprocess import apply_plan, describe_plan, tune_plan
+
+    plan, _, _, _ = tune_plan(pred, labelled.masks, num_classes)
+    after = dice_table(apply_plan(pred, plan, num_classes), labelled.masks, num_classes)
+    print(f"postprocessing chosen on OOF: {describe_plan(plan)} -> OOF Dice {_score_line(after)}", flush=True)
+    return plan
+
+
+def fit_blend(loaded: list[Run], labelled: Split, dev, passes, batch_size) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``--weights auto``: per-run OOF probabilities, weights fitted on them (printed with each run's OOF,
+    the equal-weight blend and a nested honest estimate).  Returns ``(weights, blended OOF probs, record)``."""
+    from kagglecmr.engine.blend import blend_table, fit_weights, nested_estimate
+
+    k = loaded[0].cfg.data.num_classes
+    probs = [predict_oof([r], labelled, dev, passes, np.ones(1), batch_size) for r in loaded]
+    record = {"runs": [str(r.path) for r in loaded], "tta": list(passes), "oof": {}}
+    for r, p in zip(loaded, probs):
+        t = blend_table([p], [1.0], labelled.masks, k)
+        record["oof"][r.name] = float(t.mean())
+        print(f"OOF {r.name}: {_score_line(t)}", flush=True)
+    equal = np.full(len(loaded), 1 / len(loaded))
+    t_eq = blend_table(probs, equal, labelled.masks, k)
+    print(f"OOF equal-weight blend: {_score_line(t_eq)}", flush=True)
+    w, method = fit_weights(probs, labelled.masks, k)
+    t_fit = blend_table(probs, w, labelled.masks, k)
+    shown = ", ".join(f"{r.name} {x:.2f}" for r, x in zip(loaded, w))
+    print(f"OOF fitted blend ({shown}; {method}): {_score_line(t_fit)} -- optimistic: the weights were chosen "
+          f"on this same OOF", flush=True)
+    fold_of = {i: f for r in loaded[:1] for f, ids in r.holdout.items() for i in ids}
+    groups = np.array([fold_of.get(i, -1) for i in labelled.ids])
+    t_nest, per_fold = nested_estimate(probs, labelled.masks, k, groups)
+    print(f"OOF fitted blend, nested (weights fitted on the other folds, honest): {_score_line(t_nest)}", flush=True)
+    record |= {"weights": {r.name: float(x) for r, x in zip(loaded, w)}, "method": method,
+               "oof_equal": float(t_eq.mean()), "oof_fitted": float(t_fit.mean()),
+               "oof_fitted_nested": float(t_nest.mean()), "nested_weights": [list(map(float, x)) for x in per_fold]}
+    total = sum(p * np.float32(x) for p, x in zip(probs, w))
+    return w, total, record
+
+
+SPLITS = ("test", "val", "train", "oof")
+
+
+def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str | list[str], tta: bool,
+                 tta_flips: list[str] | None, out: Path | None, save_masks: Path | None, postprocess: str,
+                 weights: list[float] | None, device: str, batch_size: int | None = None, with_full: bool = True,
+                 loaded: list[Run] | None = None, select: str | None = None) -> dict:
+    """Ensemble ``split`` (one name -> its result dict) or several (a list -> ``{split: result}``, one
+    load of the models, one OOF pass; ``save_masks`` then gets a sub-folder per split).  ``loaded``:
+    runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored).
+    ``select``: best, last or swa for every fold instead of each fold's ``train.select`` (``last``/``swa``
+    make the OOF and a weight fit honest: no epoch chosen on the fold it scores)."""
+    from kagglecmr.data.dataset import apply_dataset, load_dataset
+    from kagglecmr.engine.postprocess import save_plan
+    from kagglecmr.engine.pseudo import check_same_folds
+
+    t0 = time.time()
+    splits = [split] if isinstance(split, str) else list(split)
+    if not splits:
+        raise KaggleCMRError("--split: no split given (test, val, train or oof)")
+    for s in splits:
+        if s not in SPLITS:
+            raise KaggleCMRError(f"--split {s}: expected test, val, train or oof")
+    if len(set(splits)) != len(splits):
+        raise KaggleCMRError(f"--split {','.join(splits)}: give each split once")
+    if out is not None and len(splits) > 1:
+        raise KaggleCMRError(f"--out {out}: names one file, but {len(splits)} splits were asked for "
+                             f"(leave --out out: files are named per split)")
+    if out is not None and Path(out).exists():  # before minutes of inference, and before postprocess.json
+        raise KaggleCMRError(f"{out}: already exists (choose another --out)")
+    ds = load_dataset(data_root)
+    for s in splits:
+        if s != "oof" and s not in ds.split_names():
+            raise KaggleCMRError(f"{data_root}: no split '{s}' (has {', '.join(ds.split_names())})")
+    if "oof" in splits and not any(ds.has_masks(s) for s in ("train", "val")):
+        raise KaggleCMRError(f"{data_root}: --split oof needs labelled images (train/ or val/ with masks)")
+    dev = resolve_device(device)
+    setup_threads(0)
+    if loaded is None:
+        run_paths = list(runs) if runs else [latest_run(runs_dir)]
+        check_same_folds(run_paths)
+        loaded = [load_run(p, dev, with_full=with_full and splits != ["oof"], select=select) for p in run_paths]
+    check_same_folds([r.path for r in loaded])
+    check_compatible(loaded)
+    w = _weights(loaded, weights)
+    passes = tta_passes(loaded, tta, tta_flips)
+    cfg = loaded[0].cfg
+    apply_dataset(cfg, ds)  # the models' classes / channels / size must be the dataset's
+    k = ds.num_classes
+    batch_size = batch_size or cfg.infer.batch_size_for(dev.type)
+    n_models = sum(len(r.models) for r in loaded)
+    print(f"ensemble of {n_models} models from {', '.join(r.name for r in loaded)} | TTA {'+'.join(passes)} | "
+          f"device {dev}", flush=True)
+
+    from kagglecmr.engine.postprocess import describe_plan, load_plan
+
+    has_labels = any(ds.has_masks(s) for s in ("train", "val"))
+    labelled = ds.labelled() if has_labels else None
+    plan = oof_probs = blend = None
+    if weights == "auto":
+        if labelled is None:
+            raise KaggleCMRError(f"{data_root}: --weights auto fits on out-of-fold predictions and needs labelled images")
+        w, oof_probs, blend = fit_blend(loaded, labelled, dev, passes, batch_size)
+    if postprocess not in ("auto", "none"):
+        plan = load_plan(postprocess, k)
+        print(f"postprocessing from {postprocess}: {describe_plan(plan)}", flush=True)
+    if labelled is not None and ("oof" in splits or postprocess == "auto"):
+        if oof_probs is None:
+            oof_probs = predict_oof(loaded, labelled, dev, passes, w, batch_size)
+        oof_pred = report_oof(oof_probs, labelled, passes, k)
+        if any(tuple(hw) != labelled.masks.shape[1:] for hw in labelled.sizes()):  # resized for the model
+            from kagglecmr.engine.evaluator import truth_masks
+
+            own = {i: label_at_size(p, hw) for i, p, hw in zip(labelled.ids, oof_probs, labelled.sizes())}
+            print(score_report("OOF at each image's own size (the leaderboard's way)", own,
+                               truth_masks(ds, None, labelled.ids), ds), flush=True)
+        if postprocess == "auto":
+            plan = choose_postprocessing(oof_pred, labelled, k)
+            if len(loaded) == 1 and select is None:  # the run's own models: its plan and record
+                save_plan(plan, loaded[0].path / "postprocess.json")
+        if len(loaded) == 1 and select is None:  # for `kagglecmr runs` and `report`: OOF per TTA set, with postprocessing
+            record_oof(loaded[0].path, passes, oof_pred, labelled.masks, plan, cfg.data.num_classes)
+    elif postprocess == "auto":
+        print("note: no labelled images, so no out-of-fold postprocessing", flush=True)
+
+    results = {}
+    for s in splits:
+        masks_dir = save_masks if save_masks is None or len(splits) == 1 else Path(save_masks) / s
+        results[s] = _write_split(s, loaded, labelled, oof_probs, plan, data_root=data_root, ds=ds, dev=dev,
+                                  passes=passes, w=w, batch_size=batch_size, out=out, save_masks=masks_dir, t0=t0)
+        results[s]["weights"] = [float(x) for x in w]
+        if blend is not None:
+            from kagglecmr.utils.io import atomic_write_json
+
+            wpath = Path(results[s]["out"]).with_name(Path(results[s]["out"]).stem + ".weights.json")
+            atomic_write_json(wpath, blend | {"submission": results[s]["out"], "select": select or "train.select"})
+            results[s]["blend"] = blend
+            print(f"blend weights -> {wpath}", flush=True)
+    return results[split] if isinstance(split, str) else results
+
+
+def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_probs, plan, *, data_root, ds, dev,
+                 passes, w, batch_size, out, save_masks, t0) -> dict:
+    """Predict one split (OOF probabilities come computed), resize to each image's own size, postprocess,
+    score it when it has masks, write its CSV in the dataset's format (and masks in its own values)."""
+    from kagglecmr.engine.postprocess import apply_plan
+
+    k = ds.num_classes
+    if split == "oof":
+        if labelled is None:
+            raise KaggleCMRError(f"{data_root}: --split oof needs labelled images (train/ or val/ with masks)")
+        images = labelled
+        probs = oof_probs
+    else:  # the split's folder was checked on entry
+        images = ds.load(split)
+        seen = {i for r in loaded for ids in r.holdout.values() for i in ids}
+        if split != "test" and any(i in seen for i in images.ids):
+            print(f"warning: the models trained on most '{split}' images; its score is optimistic "
+                  f"(use --split oof for an honest estimate)", flush=True)
+        probs = predict_images(loaded, images.images, dev, passes, w, batch_size)
+    labels = [label_at_size(p, hw) for p, hw in zip(probs, images.sizes())]  # each image's own size
+    if plan is not None:
+        labels = [apply_plan(m, plan, k) for m in labels]
+    if split != "oof" and ds.has_masks(split):  # a labelled split (e.g. a holdout test set): score it
+        truth = {i: ds.read_mask(mp, resize=False) for i, _, mp in ds.items(split)}
+        print(score_report(split, dict(zip(images.ids, labels)), truth, ds), flush=True)
+
+    fmt = ds.submission
+    rows = [row for i, m in zip(images.ids, labels) for row in fmt.rows(i, m, k)]
+    if out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = f"{'+'.join(r.name for r in loaded)}-{split}-{stamp}"
+        out = Path("submissions") / f"{base}.csv"
+        n = 1
+        while out.exists():  # two runs within one second
+            n += 1
+            out = Path("submissions") / f"{base}-{n}.csv"
+    write_submission(rows, out, shape={i: m.shape for i, m in zip(images.ids, labels)}, overwrite=False, fmt=fmt)
+    empty = {c: int(sum(1 for m in labels if not (m == c).any())) for c in range(1, k)}
+    print(f"wrote {len(rows)} rows for {len(images)} images to {out} "
+          f"(empty rows per class: {', '.join(f'{c}: {v}' for c, v in empty.items())}) in {time.time() - t0:.1f}s",
+          flush=True)
+    if save_masks is not None:
+        write_masks(save_masks, images.ids, labels, images.images, ds=ds,
+                    preview=[apply_plan(p, plan, k) if plan is not None else p for p in probs.argmax(1).astype(np.uint8)])
+    return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan, "ids": list(images.ids), "probs": probs,
+            "labels": labels, "truth": images.masks, "tta": passes, "runs": [str(r.path) for r in loaded]}

@@ -1,0 +1,75 @@
+"""Batched inference: uint8 images -> softmax probabilities, with flip/rotation test-time augmentation.
+
+TTA passes are the 8 symmetries of the square (the dihedral group D4): ``none, hflip, vflip, hvflip``
+(= a half turn), and ``rot90, rot270`` (quarter turns, counter-clockwise), ``transpose`` and
+``antitranspose`` (mirrors on the diagonals).  Each pass transforms the input and undoes itself on
+the output before averaging.  The four quarter-turn passes swap height and width: fine for square
+images and for the model wrapper's padding, but only sensible for models trained with 90-degree
+rotations (``augment.rot90``), e.g. histology.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kagglecmr.utils.runtime import autocast
+
+TTA_FLIPS = {"none": (), "hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}
+TTA_TURNS = {"rot90": (1, ()), "rot270": (3, ()), "transpose": (1, (-1,)), "antitranspose": (1, (-2,))}
+TTA_PASSES = (*TTA_FLIPS, *TTA_TURNS)  # (quarter turns, flip dims applied first) for the turned ones
+
+
+def tta_apply(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The TTA pass ``name`` on an ``[N, C, H, W]`` tensor."""
+    if name in TTA_FLIPS:
+        dims = TTA_FLIPS[name]
+        return x.flip(dims) if dims else x
+    turns, dims = TTA_TURNS[name]
+    return torch.rot90(x.flip(dims) if dims else x, turns, (-2, -1))
+
+
+def tta_undo(p: torch.Tensor, name: str) -> torch.Tensor:
+    """The inverse of :func:`tta_apply` (flips are their own inverse; turns turn back, then unflip)."""
+    if name in TTA_FLIPS:
+        return tta_apply(p, name)
+    turns, dims = TTA_TURNS[name]
+    p = torch.rot90(p, -turns, (-2, -1))
+    return p.flip(dims) if dims else p
+
+
+def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """uint8 ``[N,H,W,C]`` -> float ``[N,C,H,W]`` in [0, 1] on ``device``."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+@torch.inference_mode()
+def predict_proba(models, images: np.ndarray | torch.Tensor, device: torch.device, *, tta=("none",),
+                  batch_size: int = 64, amp: torch.dtype | None = None, channels_last: bool = True,
+                  weights=None) -> np.ndarray:
+    """Mean softmax over ``models`` (one or a list) and TTA passes: float32 ``[N, K, H, W]``.
+
+    Each pass is undone on the output before averaging; ``weights`` weighs the models.
+    """
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    weights = np.ones(len(models)) if weights is None else np.asarray(weights, dtype=np.float64)
+    weights = weights / weights.sum()
+    for m in models:
+        m.eval()
+    x_all = images if isinstance(images, torch.Tensor) else to_tensor(images, device, channels_last)
+    out = []
+    for start in range(0, x_all.shape[0], batch_size):
+        x = x_all[start:start + batch_size]
+        acc = None
+        for w, model in zip(weights, models):
+            for name in tta:
+                xi = tta_apply(x, name)
+                with autocast(device, amp):
+                    logits = model(xi)
+                p = tta_undo(torch.softmax(logits.float(), dim=1), name)
+                p = p * (w / len(tta))
+                acc = p if acc is None else acc + p
+        out.append(acc.cpu())
+    return torch.cat(out).numpy()

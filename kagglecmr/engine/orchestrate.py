@@ -1,0 +1,402 @@
+"""Runs: fold specs, run folders, and ``kagglecmr train``'s orchestration of folds.
+
+``run_train`` loads the labelled data and the folds file once, then trains the requested folds one after
+another in this process (:func:`kagglecmr.engine.trainer.train_fold`, one warm-up for all: :mod:`kagglecmr.engine.warm`),
+in ``--jobs N`` child processes each training a share of them (round-robin over the visible GPUs when
+there are several), or as Ray tasks
+(``--executor ray``, :mod:`kagglecmr.engine.executors`); when every fold has out-of-fold predictions it writes
+the run's ``oof.json`` (best-epoch score,
+plus ``score_last``, the honest fixed-epoch rule, and ``score_swa`` with SWA).  Each fold is trained under its fold lock (:mod:`kagglecmr.utils.locks`): a second
+trainer of a fold is refused (exit 2), or, under ``--jobs`` and Ray, skips it.
+
+Run directory ``runs/<name>/`` holds ``run.json`` (the folds file and its sha256; the pseudo labels'
+folder and manifest sha256 with ``train.pseudo.dir``) and ``fold<k>/`` (``full/`` for ``--fold all``)::
+
+    config.yaml  env.json  metrics.csv  curves.png  last.pt  best.safetensors  last.safetensors
+    [swa.safetensors]  oof.npz  oof_last.npz  [oof_swa.npz]  summary.json  dataset.json
+    tb/  (TensorBoard events, with ``train.log: [csv, tensorboard]``)
+    train.lock  (only while a process trains the fold)
+
+and beside the folds ``run.json`` (folds file, pseudo labels) and ``oof.json``; ``ensemble`` adds
+``postprocess.json`` and ``ensemble_oof.json``, ``kagglecmr report`` writes ``report.html``.
+``--seeds 42,43`` trains the same recipe once per seed as runs ``<name>-s42``, ``<name>-s43``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from kagglecmr.cfg.config import Config
+from kagglecmr.data.context import add_context
+from kagglecmr.data.loader import Split
+from kagglecmr.formats.metric import dice_table
+from kagglecmr.utils.errors import KaggleCMRError
+from kagglecmr.utils.io import atomic_write_json, atomic_write_text
+from kagglecmr.utils.locks import LOCK_NAME, FoldLock, FoldLocked
+from kagglecmr.utils.runtime import cpu_count, resolve_device, setup_threads
+
+FULL = "all"
+THREADS_ENV = "KAGGLECMR_THREADS"  # set for child processes of --jobs
+SKIP_LOCKED_ENV = "KAGGLECMR_SKIP_LOCKED"  # set for child processes of --jobs: a locked fold is skipped
+EXECUTORS = ("local", "ray")
+
+
+# ------------------------------------------------------------------------------------------ folds
+def parse_fold_spec(spec: str, n_folds: int) -> list:
+    """``0`` | ``0..4`` | ``0,2,4`` | ``all`` (full fit) -> list of fold numbers or ``"all"``."""
+    s = str(spec).strip().lower()
+    if s == FULL:
+        return [FULL]
+    try:
+        if ".." in s:
+            a, b = s.split("..")
+            folds = list(range(int(a), int(b) + 1))
+        else:
+            folds = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise KaggleCMRError(f"--fold {spec}: expected 0, 0..4, 0,2,4 or all") from None
+    if not folds:
+        raise KaggleCMRError(f"--fold {spec}: no folds given")
+    bad = [f for f in folds if not 0 <= f < n_folds]
+    if bad:
+        raise KaggleCMRError(f"--fold {spec}: fold {bad[0]} out of range 0..{n_folds - 1} (folds file has {n_folds})")
+    return sorted(set(folds))
+
+
+def fold_dir(run_dir: Path, fold) -> Path:
+    return run_dir / ("full" if fold == FULL else f"fold{fold}")
+
+
+# ------------------------------------------------------------------------------------- one fold
+@dataclass
+class FoldResult:
+    fold: object
+    out_dir: Path
+    best_score: float
+    best_epoch: int
+    skipped: bool = False
+    locked_by: str | None = None  # skipped because another trainer holds the fold's lock
+
+
+def _config_for_resume(out_dir: Path) -> dict | None:
+    p = out_dir / "config.yaml"
+    return yaml.safe_load(p.read_text()) if p.is_file() else None
+
+
+def prepare_dir(out_dir: Path, cfg: Config, force: bool) -> bool:
+    """Create/validate the fold directory; returns True when the fold is already finished."""
+    if out_dir.is_dir() and force:  # everything but the lock this process holds
+        for p in out_dir.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = _config_for_resume(out_dir)
+    if saved is not None:  # filled with today's defaults, so folds trained before a new key still resume
+        with contextlib.suppress(Exception):  # an invalid old config simply differs, reported below
+            saved = Config.model_validate(saved).to_dict()
+    if saved is not None and _recipe(saved) != _recipe(cfg.to_dict()):
+        changed = sorted(_diff_keys(_recipe(saved), _recipe(cfg.to_dict())))
+        raise KaggleCMRError(f"{out_dir}: holds a run with another config (differs in {', '.join(changed[:4])}); "
+                             f"use --force to replace it or --name for a new run")
+    if (out_dir / "summary.json").is_file():
+        return True
+    atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+    return False
+
+
+def _recipe(cfg: dict) -> dict:
+    """The config without where it runs and logs (device, threads, log): those may change on resume."""
+    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("device", "threads", "log")}
+    return cfg | {"train": train}
+
+
+def _diff_keys(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in set(a) | set(b):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def full_fit_epochs(run_dir: Path, cfg: Config | None = None) -> int:
+    """Epochs for ``--fold all``: the median best epoch of the run's finished CV folds (with
+    ``train.select: last | swa``, the configured epochs: no epoch was chosen on a fold)."""
+    if cfg is not None and cfg.train.select != "best":
+        return cfg.train.epochs
+    best = []
+    for p in sorted(run_dir.glob("fold*/summary.json")):
+        best.append(json.loads(p.read_text())["best_epoch"])
+    if not best:
+        raise KaggleCMRError(f"{run_dir}: --fold all takes its epochs from finished CV folds; train --fold 0..4 first")
+    return max(1, int(round(float(np.median(best)))))
+
+
+# ------------------------------------------------------------------------------------ OOF summary
+def read_oof_labels(files: list[Path]) -> tuple[list[str], list[np.ndarray]]:
+    """Ids and argmax masks of ``oof.npz`` files (one uint8 ``[n, H, W]`` array per file).
+
+    Uses the ``labels`` saved from the float32 probabilities (the masks the fold Dice was computed
+    on); the float16 ``probs`` are only a fallback for files written before ``labels``."""
+    ids, preds = [], []
+    for f in files:
+        with np.load(f) as z:
+            ids += [str(i) for i in z["ids"]]
+            preds.append(z["labels"] if "labels" in z.files else z["probs"].astype(np.float32).argmax(1).astype(np.uint8))
+    return ids, preds
+
+
+def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> dict | None:
+    """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``.
+
+    ``score``/``per_class``: each fold's best validation epoch (chosen on the fold it is scored on:
+    optimistic); ``score_last``/``per_class_last``: the last epoch (a fixed rule: honest);
+    ``score_swa``/``per_class_swa`` when the folds kept an SWA model; ``select``: what ensembles use."""
+    files = [run_dir / f"fold{k}" / "oof.npz" for k in range(n_folds)]
+    if not all(f.is_file() for f in files):
+        return None
+    result = {}
+    for suffix, name in (("", "oof.npz"), ("_last", "oof_last.npz"), ("_swa", "oof_swa.npz")):
+        files = [run_dir / f"fold{k}" / name for k in range(n_folds)]
+        if not all(f.is_file() for f in files):
+            continue
+        ids, preds = read_oof_labels(files)
+        table = dice_table(np.concatenate(preds), data.subset(ids).masks, num_classes)
+        result |= {f"score{suffix}": float(table.mean()),
+                   f"per_class{suffix}": {str(k): float(table[:, k - 1].mean()) for k in range(1, num_classes)}}
+        if not suffix:
+            result |= {"images": len(ids), "rows": int(table.size)}
+    summary = run_dir / "fold0" / "summary.json"
+    result["select"] = json.loads(summary.read_text()).get("select", "best") if summary.is_file() else "best"
+    atomic_write_json(run_dir / "oof.json", result)
+    return result
+
+
+def print_oof(oof: dict, run_dir: Path) -> None:
+    """The honest (last-epoch) OOF line first, then the best-epoch one (and SWA)."""
+    def per(key):
+        return " ".join(f"{k}:{v:.4f}" for k, v in oof[key].items())
+
+    if "score_last" in oof:
+        print(f"out-of-fold Dice at the last epoch (honest) {oof['score_last']:.4f} [{per('per_class_last')}]",
+              flush=True)
+    if "score_swa" in oof:
+        print(f"out-of-fold Dice of SWA (honest) {oof['score_swa']:.4f} [{per('per_class_swa')}]", flush=True)
+    print(f"out-of-fold Dice at the best epoch (chosen on the fold: optimistic) {oof['score']:.4f} over "
+          f"{oof['rows']} rows [{per('per_class')}] -> {run_dir / 'oof.json'}", flush=True)
+
+
+def write_run_info(run_dir: Path, folds_path: Path, pseudo: dict | None) -> dict:
+    """``run.json``: the folds file (and sha256) the run trains on, and its pseudo labels; refuses a run
+    folder that already trained on another folds file."""
+    from kagglecmr.engine.pseudo import RUN_JSON, run_info, sha256_file
+
+    info = {"folds": str(folds_path), "folds_sha256": sha256_file(folds_path), "pseudo": pseudo}
+    old = run_info(run_dir)
+    if old.get("folds_sha256") not in (None, info["folds_sha256"]):
+        raise KaggleCMRError(f"{run_dir / RUN_JSON}: the run trained on another folds file ({old.get('folds')}); "
+                             f"use --name for a new run")
+    if old != info:
+        atomic_write_json(run_dir / RUN_JSON, info)
+    return info
+
+
+def train_locked(cfg: Config, data: Split, folds_df, fold, run_dir: Path, *, device, force: bool, quiet: bool,
+                 skip_locked: bool = False, **extra) -> FoldResult:
+    """Train one fold holding its lock; a fold another trainer holds raises :class:`FoldLocked`, or with
+    ``skip_locked`` is skipped (a ``FoldResult`` with ``locked_by``) and says so."""
+    from kagglecmr.engine.trainer import train_fold
+
+    out_dir = fold_dir(run_dir, fold)
+    try:
+        with FoldLock(out_dir):
+            return train_fold(cfg, data, folds_df, fold, out_dir, device=device, force=force, quiet=quiet, **extra)
+    except FoldLocked as exc:
+        if not skip_locked:
+            raise
+        print(f"fold {fold}: skipped, {exc}", flush=True)
+        return FoldResult(fold, out_dir, float("nan"), 0, skipped=True, locked_by=str(exc))
+
+
+def fold_configs(cfg: Config, folds: list, run_dir: Path) -> list[tuple[object, Config]]:
+    """``(fold, config)`` per fold: the full fit trains the median best epoch of the CV folds."""
+    out = []
+    for fold in folds:
+        fcfg = cfg
+        if fold == FULL:
+            fcfg = cfg.model_copy(deep=True)
+            epochs = full_fit_epochs(run_dir, cfg)
+            fcfg.train.swa_epochs = min(fcfg.train.swa_epochs, epochs)  # first: validated on assignment
+            fcfg.train.epochs = epochs
+        out.append((fold, fcfg))
+    return out
+
+
+def report_fold(res: FoldResult) -> None:
+    if not res.skipped and res.fold != FULL:
+        print(f"fold {res.fold}: best Dice {res.best_score:.4f} at epoch {res.best_epoch}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------- entry
+def seed_runs(cfg: Config, seeds: str, name: str | None) -> list[tuple[Config, str]]:
+    """``--seeds 42,43,44`` -> one (config with that seed, ``NAME-s<seed>``) per seed."""
+    try:
+        values = [int(s) for s in str(seeds).split(",") if s.strip()]
+    except ValueError:
+        raise KaggleCMRError(f"--seeds {seeds}: expected comma-separated integers, e.g. 42,43,44") from None
+    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise KaggleCMRError(f"--seeds {seeds}: expected distinct non-negative integers")
+    base = name or cfg.name or "run"
+    out = []
+    for v in values:
+        c = cfg.model_copy(deep=True)
+        c.seed = v
+        out.append((c, f"{base}-s{v}"))
+    return out
+
+
+def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name: str | None,
+              runs_dir: Path, device: str | None, force: bool, quiet: bool, jobs: int = 1,
+              executor: str = "local", ray_address: str | None = None, seeds: str | None = None) -> list[FoldResult]:
+    if seeds:
+        results = []
+        for scfg, sname in seed_runs(cfg, seeds, name):
+            results += run_train(scfg, fold_spec=fold_spec, data_root=data_root, folds_path=folds_path, name=sname,
+                                 runs_dir=runs_dir, device=device, force=force, quiet=quiet, jobs=jobs,
+                                 executor=executor, ray_address=ray_address)
+        return results
+    from kagglecmr.data.dataset import prepare
+    from kagglecmr.data.folds import read_folds
+    from kagglecmr.engine import pseudo as pl
+
+    if executor not in EXECUTORS:
+        raise KaggleCMRError(f"--executor {executor}: expected local or ray")
+    if ray_address and executor != "ray":
+        raise KaggleCMRError(f"--ray-address {ray_address}: needs --executor ray")
+    if executor == "ray":
+        from kagglecmr.engine.executors import import_ray
+
+        import_ray()  # before any data is read: a missing extra is a one-line error at once
+    device_spec = device or cfg.train.device
+    dev = resolve_device(device_spec)
+    threads = int(os.environ.get(THREADS_ENV, "0")) or cfg.train.threads
+    setup_threads(threads)
+    name = name or cfg.name or "run"
+    run_dir = Path(runs_dir) / name
+    cfg, ds, data = prepare(cfg, data_root)  # data keys from the dataset (folder or dataset file)
+    data.images = add_context(data.images, cfg.data.context)  # partner frames: found among all labelled images
+    folds_df = read_folds(folds_path, ids=data.ids)
+    n_folds = int(folds_df["fold"].max()) + 1
+    folds = parse_fold_spec(fold_spec, n_folds)
+    pseudo_info = None
+    if cfg.train.pseudo.dir:
+        pseudo_info = pl.pseudo_for_run(Path(cfg.train.pseudo.dir), pl.sha256_file(folds_path), folds_path)
+    if FULL in folds:
+        full_fit_epochs(run_dir, cfg)  # fails before anything is written when no CV fold has finished
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = write_run_info(run_dir, folds_path, pseudo_info)
+    env_extra = {"folds": info["folds"], "folds_sha256": info["folds_sha256"]}
+    if pseudo_info:
+        env_extra |= {"pseudo_dir": pseudo_info["dir"], "pseudo_manifest_sha256": pseudo_info["manifest_sha256"]}
+    print(f"run {run_dir} | {cfg.model.arch}/{cfg.model.encoder} | {len(data)} labelled images | "
+          f"device {dev} | folds {folds}" + (f" | {jobs} at a time" if jobs > 1 else "")
+          + (" | executor ray" if executor == "ray" else ""), flush=True)
+    if executor == "ray":
+        from kagglecmr.engine.executors import train_ray
+
+        if pseudo_info:
+            raise KaggleCMRError("--pseudo: not supported with --executor ray yet (use the local executor)")
+
+        results = train_ray(fold_configs(cfg, folds, run_dir), data=data, folds_df=folds_df, run_dir=run_dir,
+                            device=dev, force=force, jobs=jobs, address=ray_address,
+                            dataset=ds.describe())
+    elif jobs > 1 and len(folds) > 1 and FULL not in folds:
+        results = _train_parallel(cfg, folds, jobs, data_root=data_root, folds_path=folds_path, run_dir=run_dir,
+                                  device=device_spec, force=force)
+    else:
+        skip_locked = bool(os.environ.get(SKIP_LOCKED_ENV))
+        results = []
+        for fold, fcfg in fold_configs(cfg, folds, run_dir):
+            pseudo = pl.load_pseudo(Path(cfg.train.pseudo.dir), fold, cfg.data.spec()) if pseudo_info else None
+            if pseudo is not None:
+                pseudo.images = add_context(pseudo.images, cfg.data.context)
+            fenv = env_extra | ({"pseudo_source": str(pl.pseudo_fold_dir(Path(cfg.train.pseudo.dir), fold))}
+                                if pseudo_info else {})
+            res = train_locked(fcfg, data, folds_df, fold, run_dir, device=dev, force=force, quiet=quiet,
+                               skip_locked=skip_locked, dataset=ds.describe(), pseudo=pseudo, env_extra=fenv)
+            report_fold(res)
+            results.append(res)
+    oof = oof_summary(run_dir, data, n_folds, cfg.data.num_classes)
+    if oof is not None:
+        print_oof(oof, run_dir)
+    return results
+
+
+def chunk_folds(folds: list, jobs: int) -> list[list]:
+    """The folds of each ``--jobs`` child process: ``0..4`` on 2 jobs -> ``[0, 2, 4], [1, 3]``.  A child
+    trains its folds one after another with one warm-up (:mod:`kagglecmr.engine.warm`)."""
+    return [folds[i::jobs] for i in range(min(jobs, len(folds)))]
+
+
+def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, folds_path: Path, run_dir: Path,
+                    device: str, force: bool) -> list[FoldResult]:
+    """Train folds in ``jobs`` child processes at once, each a share of the folds one after another
+    (:func:`chunk_folds`): round-robin over the visible GPUs when the device is auto/cuda and there are
+    several (:func:`assign_devices`), else the children share one device; CPU threads are split.  A fold
+    another trainer holds is skipped (the child says so)."""
+    import subprocess
+
+    import torch
+
+    from kagglecmr.engine.executors import assign_devices
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.yaml"
+    atomic_write_text(cfg_path, cfg.to_yaml())
+    env = os.environ | {THREADS_ENV: str(max(1, cpu_count() // jobs)), SKIP_LOCKED_ENV: "1"}
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    groups = chunk_folds(folds, jobs)
+    devices = assign_devices(groups, device, n_gpus)
+    if len(set(devices)) > 1:
+        print("devices: " + ", ".join(f"folds {','.join(map(str, g))} -> {d}" for g, d in zip(groups, devices)),
+              flush=True)
+    base = [sys.executable, "-m", "kagglecmr", "train", "--config", str(cfg_path), "--data", str(data_root),
+            "--folds", str(folds_path), "--name", run_dir.name, "--runs-dir", str(run_dir.parent),
+            "--quiet"] + (["--force"] if force else [])
+    running, failed = [], []
+    for group, dev in zip(groups, devices):
+        spec = ",".join(map(str, group))
+        running.append((group, subprocess.Popen([*base, "--fold", spec, "--device", dev], env=env)))
+    while running:
+        time.sleep(0.2)
+        for item in list(running):
+            if item[1].poll() is not None:
+                running.remove(item)
+                if item[1].returncode != 0:
+                    failed.append(item[0])
+    if failed:  # a child stops at its first failing fold: name what did not finish, not the whole share
+        unfinished = [k for g in failed for k in g if not (fold_dir(run_dir, k) / "summary.json").is_file()]
+        done = [k for g in failed for k in g if k not in unfinished]
+        raise KaggleCMRError(f"{run_dir}: fold(s) {', '.join(map(str, unfinished))} did not finish (see the output "
+                             f"above)" + (f"; fold(s) {', '.join(map(str, done))} of the same child finished" if done
+                                          else "") + "; rerun the command to resume them")
+    results = []
+    for k in folds:
+        if not (fold_dir(run_dir, k) / "summary.json").is_file():  # its child skipped it: locked
+            print(f"fold {k}: skipped (another trainer holds it, see above)", flush=True)
+            results.append(FoldResult(k, fold_dir(run_dir, k), float("nan"), 0, skipped=True, locked_by="another trainer"))
+            continue
+        summary = json.loads((fold_dir(run_dir, k) / "summary.json").read_text())
+        results.append(FoldResult(k, fold_dir(run_dir, k), summary["best_score"], summary["best_epoch"]))
+        print(f"fold {k}: best Dice {summary['best_score']:.4f} at epoch {summary['best_epoch']}", flush=True)
+    return results

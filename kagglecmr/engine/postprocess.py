@@ -1,0 +1,243 @@
+"""Per-class connected-component post-processing, tuned on out-of-fold predictions.
+
+A *plan* maps a foreground class (as a string, ``"1"``..``"num_classes-1"``) to a rule::
+
+    {"kind": "none"}                   keep the class as predicted
+    {"kind": "largest"}                keep only the largest connected component
+    {"kind": "min_area", "area": A}    drop components smaller than A pixels (may empty the class)
+
+Components are **8-connected** (diagonal neighbours touch).  Pixels removed from class ``k``
+become background (0); other classes are never changed, so the classes are independent under
+the per-class Dice metric and each class's rule can be tuned on its own.
+
+A plan is plain JSON (``save_plan`` / ``load_plan``); invalid plans raise
+:class:`~kagglecmr.utils.errors.ConfigError` with a one-line message naming the file or class.
+Pure numpy + OpenCV; no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from kagglecmr.utils.errors import ConfigError
+from kagglecmr.utils.io import atomic_write_json
+
+CONNECTIVITY = 8
+KINDS = ("none", "largest", "min_area")
+EPSILON = 1e-4  # a rule must beat "none" by more than this (class-mean Dice) to be chosen
+DEFAULT_AREAS = (5, 10, 20, 40, 80)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_rule(rule, where: str) -> dict:
+    """Return a normalised copy of one rule or raise ConfigError(``where: ...``)."""
+    if not isinstance(rule, dict):
+        raise ConfigError(f"{where}: rule must be an object like {{\"kind\": \"largest\"}}, got {rule!r}")
+    kind = rule.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: unknown kind {kind!r} (expected one of: {', '.join(KINDS)})")
+    allowed = {"kind", "area"} if kind == "min_area" else {"kind"}
+    extra = sorted(set(rule) - allowed)
+    if extra:
+        raise ConfigError(f"{where}: unexpected key(s) {', '.join(map(repr, extra))} for kind {kind!r}")
+    if kind != "min_area":
+        return {"kind": kind}
+    if "area" not in rule:
+        raise ConfigError(f"{where}: kind 'min_area' needs an integer 'area' >= 1")
+    area = rule["area"]
+    if isinstance(area, bool) or not isinstance(area, (int, np.integer)) or area < 1:
+        raise ConfigError(f"{where}: bad area {area!r} (expected an integer >= 1)")
+    return {"kind": "min_area", "area": int(area)}
+
+
+def validate_plan(plan, num_classes: int | None = None, *, source: str | os.PathLike | None = None) -> dict:
+    """Return a normalised copy of ``plan`` (keys ``"1"``, ``"2"``... in order) or raise ConfigError.
+
+    Keys may be ints or strings of positive integers; with ``num_classes`` they must be below it.
+    ``source`` (a file name) starts every message; otherwise messages start with ``plan``.
+    """
+    label = str(source) if source is not None else "plan"
+    if not isinstance(plan, dict):
+        raise ConfigError(f"{label}: a plan must be a JSON object mapping class -> rule, got {type(plan).__name__}")
+    out: dict[str, dict] = {}
+    for key, rule in plan.items():
+        text = str(key).strip()
+        if isinstance(key, bool) or not text.isdigit() or int(text) < 1:
+            raise ConfigError(f"{label}: bad class key {key!r} (expected a foreground class number >= 1)")
+        cls = int(text)
+        if num_classes is not None and cls >= num_classes:
+            raise ConfigError(f"{label}: class {cls} out of range (num_classes={num_classes})")
+        if str(cls) in out:
+            raise ConfigError(f"{label}: class {cls} given twice")
+        out[str(cls)] = _check_rule(rule, f"{label}: class {cls}")
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+# --------------------------------------------------------------------------------------------
+# applying
+
+
+def _filter_mask(mask: np.ndarray, rule: dict) -> np.ndarray:
+    """Boolean mask of the pixels of ``mask`` (uint8 0/1, 2-D) that the rule keeps."""
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=CONNECTIVITY, ltype=cv2.CV_32S)
+    if n == 1 or (n == 2 and rule["kind"] == "largest"):  # nothing to choose between
+        return mask.astype(bool)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.zeros(n, dtype=bool)
+    if rule["kind"] == "largest":
+        keep[1 + int(np.argmax(areas))] = True  # ties: the first component in raster order
+    else:
+        keep[1:] = areas >= rule["area"]
+    return keep[comp]
+
+
+def apply_plan(labels: np.ndarray, plan: dict, num_classes: int = 4) -> np.ndarray:
+    """Apply ``plan`` to label maps ``[N, H, W]`` or ``[H, W]``; returns a new array (same dtype).
+
+    Pixels that a class's rule removes become background (0).  Classes without a rule, and
+    label values >= ``num_classes``, are left untouched.  Idempotent.
+    """
+    plan = validate_plan(plan, num_classes)
+    labels = np.asarray(labels)
+    if labels.ndim not in (2, 3):
+        raise ValueError(f"labels must be [H, W] or [N, H, W], got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}")
+    out = labels.copy()
+    batch = out[None] if out.ndim == 2 else out
+    for key, rule in plan.items():
+        if rule["kind"] == "none":
+            continue
+        cls = int(key)
+        is_cls = batch == cls
+        for i in np.flatnonzero(is_cls.any(axis=(1, 2))):
+            mask = is_cls[i]
+            kept = _filter_mask(mask.view(np.uint8), rule)
+            batch[i][mask & ~kept] = 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# tuning
+
+
+def rule_name(rule: dict) -> str:
+    return f"min_area {rule['area']}" if rule["kind"] == "min_area" else rule["kind"]
+
+
+def describe_plan(plan: dict) -> str:
+    """One line, e.g. ``1: largest, 2: none, 3: min_area 20``."""
+    plan = validate_plan(plan)
+    return ", ".join(f"{k}: {rule_name(r)}" for k, r in plan.items()) or "(empty plan)"
+
+
+def candidate_rules(areas=DEFAULT_AREAS) -> list[dict]:
+    """``none``, then ``min_area`` by increasing area, then ``largest``.
+
+    The order is the tie-break in :func:`tune_plan`: among equally good rules the earlier
+    (less destructive) one wins.
+    """
+    checked = sorted({int(_check_rule({"kind": "min_area", "area": a}, "areas")["area"]) for a in areas})
+    return [{"kind": "none"}] + [{"kind": "min_area", "area": a} for a in checked] + [{"kind": "largest"}]
+
+
+def tune_plan(pred_labels: np.ndarray, true_labels: np.ndarray, num_classes: int = 4, areas=DEFAULT_AREAS,
+              *, epsilon: float = EPSILON):
+    """Choose each foreground class's rule to maximise its mean Dice on (out-of-fold) predictions.
+
+    Returns ``(plan, before, after, table)``: the plan (every class, ``none`` included),
+    the mean Dice over all image x class rows before and after applying it, and the candidate
+    scores as a list of dicts ``{"class", "rule", "kind", "area", "mean_dice", "delta",
+    "chosen"}`` (``delta`` is relative to ``none``).  A rule replaces ``none`` only when it
+    improves the class mean by more than ``epsilon``.  Classes do not interact under the metric,
+    so choosing class by class is exact.
+    """
+    from kagglecmr.formats.metric import dice_table  # lazy: score.py is optional at import time
+
+    pred = np.asarray(pred_labels)
+    true = np.asarray(true_labels)
+    if pred.shape != true.shape:
+        raise ValueError(f"pred_labels {pred.shape} and true_labels {true.shape} differ in shape")
+    if pred.ndim == 2:
+        pred, true = pred[None], true[None]
+    if pred.ndim != 3 or pred.shape[0] == 0:
+        raise ValueError(f"expected label maps [N, H, W] with N >= 1, got shape {np.asarray(pred_labels).shape}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+
+    classes = [str(k) for k in range(1, num_classes)]
+    candidates = candidate_rules(areas)
+    # Each candidate applied to every class at once: class k's column depends only on class k's rule.
+    scores = []
+    for rule in candidates:
+        processed = pred if rule["kind"] == "none" else apply_plan(pred, {k: rule for k in classes}, num_classes)
+        table = np.asarray(dice_table(processed, true, num_classes=num_classes), dtype=np.float64)
+        scores.append(table.mean(axis=0))
+    scores = np.stack(scores)  # [candidates, classes]
+    before = float(scores[0].mean())
+
+    plan: dict[str, dict] = {}
+    rows: list[dict] = []
+    chosen_scores = []
+    for c, key in enumerate(classes):
+        base = scores[0, c]
+        best = int(np.argmax(scores[:, c]))  # first of equal maxima: the least destructive
+        if not scores[best, c] - base > epsilon:
+            best = 0
+        plan[key] = dict(candidates[best])
+        chosen_scores.append(scores[best, c])
+        for j, rule in enumerate(candidates):
+            rows.append({
+                "class": int(key),
+                "rule": rule_name(rule),
+                "kind": rule["kind"],
+                "area": rule.get("area"),
+                "mean_dice": float(scores[j, c]),
+                "delta": float(scores[j, c] - base),
+                "chosen": j == best,
+            })
+    after = float(np.mean(chosen_scores))  # every class has N rows: mean of class means = row mean
+    return plan, before, after, rows
+
+
+def format_table(table: list[dict]) -> str:
+    """The tuning table as aligned text lines (``*`` marks the chosen rule)."""
+    lines = [f"{'class':>5}  {'rule':<12} {'mean_dice':>9} {'delta':>9}"]
+    for row in table:
+        mark = " *" if row["chosen"] else ""
+        lines.append(f"{row['class']:>5}  {row['rule']:<12} {row['mean_dice']:>9.5f} {row['delta']:>+9.5f}{mark}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def save_plan(plan: dict, path: str | os.PathLike) -> Path:
+    """Validate and write ``plan`` as JSON (atomically)."""
+    plan = validate_plan(plan, source=path)
+    return atomic_write_json(path, plan)
+
+
+def load_plan(path: str | os.PathLike, num_classes: int | None = None) -> dict:
+    """Read and validate a plan written by :func:`save_plan`; ConfigError names the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: plan file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read plan file ({exc.__class__.__name__}: {exc})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    return validate_plan(obj, num_classes, source=path)

@@ -1,0 +1,287 @@
+"""Pseudo-labels of an unlabelled split: ``kagglecmr pseudo-label``, and reading them back for ``train --pseudo``.
+
+The teachers are finished runs (``runs/<name>``) that all used the same folds file (``run.json``'s
+``folds_sha256``).  The output folder holds one labelled dataset per fold and one for the full fit::
+
+    DIR/fold<k>/train/image/<id>.png   DIR/fold<k>/train/mask/<id>_mask.png   (fold-k teacher models only)
+    DIR/full/train/image/...           DIR/full/train/mask/...                (every model of every teacher)
+    DIR/manifest.json
+
+**Honest OOF.**  Fold k of a student is validated on fold k's held-out images, so the pseudo masks it
+trains on must come from models that never saw those images either: DIR/fold<k> is predicted by the
+teachers' fold-k models only (whose hold-out is exactly fold k).  The full fit and the submission may
+use the whole ensemble (DIR/full).
+
+A mask pixel is the ensemble's argmax class, or :data:`~kagglecmr.models.losses.IGNORE` (255) where the
+ensemble's largest probability is below ``confidence``; every training loss leaves those pixels out.
+Images without a single confident pixel are left out (they would teach nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from kagglecmr.utils.errors import DataError, KaggleCMRError
+from kagglecmr.utils.io import atomic_path, atomic_write_json
+
+IGNORE = 255  # as kagglecmr.models.losses.IGNORE (kept here so reading pseudo labels needs no torch import)
+MANIFEST = "manifest.json"
+RUN_JSON = "run.json"
+
+
+# ------------------------------------------------------------------------------------------ hashes
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_info(run_dir: Path) -> dict:
+    """``run.json`` of a run folder (folds file and its sha256, pseudo labels), or ``{}`` for old runs."""
+    p = Path(run_dir) / RUN_JSON
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        raise KaggleCMRError(f"{p}: not valid JSON") from None
+
+
+def run_folds_sha(run_dir: Path) -> str | None:
+    """The sha256 of the folds file a run trained on: its own, or that of its pseudo labels' manifest."""
+    return run_info(run_dir).get("folds_sha256")
+
+
+def check_same_folds(run_dirs: list[Path], what: str = "runs") -> str | None:
+    """Refuse runs trained on different folds files (or on pseudo labels made on different folds files).
+
+    Returns the common folds sha256 (``None`` when no run recorded one: trained before ``run.json``)."""
+    seen: dict[str, Path] = {}
+    for r in run_dirs:
+        info = run_info(r)
+        shas = {info.get("folds_sha256"), (info.get("pseudo") or {}).get("folds_sha256")} - {None}
+        for sha in shas:
+            seen.setdefault(sha, Path(r))
+    if len(seen) > 1:
+        (a, pa), (b, pb) = list(seen.items())[:2]
+        raise KaggleCMRError(f"{pb}: {what} trained on another folds file than {pa} "
+                             f"(sha256 {b[:12]} vs {a[:12]}); OOF predictions would mix hold-outs")
+    return next(iter(seen), None)
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_manifest(pseudo_dir: Path) -> tuple[dict, str]:
+    """``(manifest, sha256 of manifest.json)`` of a pseudo-label folder."""
+    p = Path(pseudo_dir) / MANIFEST
+    if not p.is_file():
+        raise KaggleCMRError(f"{pseudo_dir}: no {MANIFEST} (not a folder written by kagglecmr pseudo-label)")
+    try:
+        manifest = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        raise KaggleCMRError(f"{p}: not valid JSON") from None
+    for key in ("folds_sha256", "n_folds", "folds"):
+        if key not in manifest:
+            raise KaggleCMRError(f"{p}: key '{key}' missing")
+    return manifest, sha256_file(p)
+
+
+def pseudo_fold_dir(pseudo_dir: Path, fold) -> Path:
+    """The labelled folder a student's ``fold`` trains on: ``fold<k>``, or ``full`` for ``--fold all``."""
+    return Path(pseudo_dir) / ("full" if fold == "all" else f"fold{int(fold)}")
+
+
+def read_pseudo_mask(path: Path, spec) -> np.ndarray:
+    import cv2
+
+    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED) if Path(path).is_file() else None
+    if m is None or m.ndim != 2 or m.dtype != np.uint8:
+        raise DataError(f"{path}: not a one-channel 8-bit PNG mask")
+    bad = np.unique(m[(m >= spec.num_classes) & (m != IGNORE)])
+    if bad.size:
+        raise DataError(f"{path}: mask value {int(bad[0])} is neither a class 0..{spec.num_classes - 1} nor {IGNORE}")
+    if m.shape != (spec.size, spec.size):
+        raise DataError(f"{path}: size {m.shape[1]}x{m.shape[0]}, expected {spec.size}x{spec.size}")
+    return m
+
+
+def load_pseudo(pseudo_dir: Path, fold, spec):
+    """The pseudo-labelled images a student's ``fold`` trains on (a :class:`~kagglecmr.data.loader.Split`
+    whose masks may hold 255 = ignore)."""
+    from kagglecmr.data.loader import Split, discover, read_image
+
+    root = pseudo_fold_dir(pseudo_dir, fold)
+    if not (root / "train" / "image").is_dir():
+        raise KaggleCMRError(f"{root}: missing (the pseudo-label folder has no labels for fold {fold})")
+    items = discover(root, "train", labelled=True)
+    return Split(ids=[i for i, _, _ in items], images=np.stack([read_image(ip, spec) for _, ip, _ in items]),
+                 masks=np.stack([read_pseudo_mask(mp, spec) for _, _, mp in items]),
+                 splits=["pseudo"] * len(items), image_paths=[ip for _, ip, _ in items])
+
+
+def pseudo_for_run(pseudo_dir: Path, folds_sha: str, folds_path: Path) -> dict:
+    """Check a pseudo-label folder against the student's folds file; returns what run.json/env.json record."""
+    manifest, manifest_sha = read_manifest(pseudo_dir)
+    if manifest["folds_sha256"] != folds_sha:
+        raise KaggleCMRError(f"{Path(pseudo_dir) / MANIFEST}: made with folds file {manifest['folds']} "
+                             f"(sha256 {manifest['folds_sha256'][:12]}), not {folds_path} ({folds_sha[:12]}); "
+                             f"fold k's pseudo labels must come from teachers that held out fold k")
+    return {"dir": str(pseudo_dir), "manifest_sha256": manifest_sha, "folds_sha256": manifest["folds_sha256"]}
+
+
+# ------------------------------------------------------------------------------------------ teachers
+def _fold_names(run_dir: Path) -> list[str]:
+    dirs = sorted((d for d in Path(run_dir).glob("fold*") if d.name[4:].isdigit()), key=lambda d: int(d.name[4:]))
+    return [d.name for d in dirs]
+
+
+def teacher_probs(run_dirs: list[Path], fold, images: np.ndarray, device, passes, batch_size: int,
+                  select: str | None = None):
+    """Mean softmax of the teachers' models for ``fold`` (one per run: its ``fold<k>`` model; ``"all"``:
+    every fold model and the full fit of every run), and the checkpoint files read.  ``select`` (best, last,
+    swa) picks that checkpoint of every fold instead of the one its ``train.select`` kept."""
+    import torch
+
+    from kagglecmr.cfg.config import Config
+    from kagglecmr.data.context import add_context
+    from kagglecmr.engine.infer import predict_proba
+    from kagglecmr.models.checkpoint import load_best, selected_model_file
+    from kagglecmr.models.factory import build_model
+    from kagglecmr.utils.runtime import amp_dtype
+
+    total, files = None, []
+    for run in run_dirs:
+        names = [f"fold{int(fold)}"] if fold != "all" else _fold_names(run) + (["full"] if (run / "full").is_dir() else [])
+        for name in names:
+            d = Path(run) / name
+            if not (d / "summary.json").is_file():
+                raise KaggleCMRError(f"{run}: {name} is missing or unfinished (train it before pseudo-labelling)")
+            path = selected_model_file(d, select, run)
+            sd, meta = load_best(path)
+            cfg = Config.model_validate(meta["config"])
+            model = build_model(cfg, weights="none", check_size=False)
+            model.load_state_dict(sd)
+            model = model.to(device).to(memory_format=torch.channels_last).eval()
+            p = predict_proba(model, add_context(images, cfg.data.context), device, tta=passes, batch_size=batch_size,
+                              amp=amp_dtype(cfg.train.amp, device))
+            total = p if total is None else total + p
+            files.append(path)
+    return total / len(files), files
+
+
+def _holdout(fold_dir: Path) -> list[str] | None:
+    """The ids a fold model never trained on (its ``oof.npz``); ``None`` for the full fit."""
+    if not (fold_dir / "oof.npz").is_file():
+        return None
+    with np.load(fold_dir / "oof.npz") as z:
+        return sorted(str(x) for x in z["ids"])
+
+
+def _write_png(path: Path, arr: np.ndarray) -> None:
+    import cv2
+
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), arr):
+            raise KaggleCMRError(f"{path}: cannot write PNG")
+
+
+def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out: Path | None = None,
+                 confidence: float = 0.9, tta: bool = False, force: bool = False, device: str = "auto",
+                 batch_size: int | None = None, select: str | None = None) -> dict:
+    """Write ``out/fold<k>/``, ``out/full/`` and ``out/manifest.json`` (see the module docstring)."""
+    from kagglecmr.cfg.config import Config
+    from kagglecmr.data.loader import load_split, png_size
+    from kagglecmr.models.checkpoint import check_select, load_best, model_file
+    from kagglecmr.utils.runtime import resolve_device, setup_threads
+
+    if not runs:
+        raise KaggleCMRError("--runs: give at least one teacher run")
+    if not 0 <= confidence <= 1:
+        raise KaggleCMRError(f"--confidence {confidence}: expected a probability 0..1")
+    check_select(select)  # an unknown name is an error before anything is read or written
+    runs = [Path(r) for r in runs]
+    for r in runs:
+        if not r.is_dir() or not _fold_names(r):
+            raise KaggleCMRError(f"{r}: not a run folder with fold<k>/ inside")
+    infos = [run_info(r) for r in runs]
+    for r, info in zip(runs, infos):
+        if not info.get("folds_sha256"):
+            raise KaggleCMRError(f"{r / RUN_JSON}: missing, so the run's folds file is unknown (retrain the run)")
+    folds_sha = check_same_folds(runs, "teachers")
+    n_folds = {len(_fold_names(r)) for r in runs}
+    if len(n_folds) != 1:
+        raise KaggleCMRError(f"{runs[-1]}: teachers have different numbers of folds ({sorted(n_folds)})")
+    n_folds = n_folds.pop()
+    out = Path(out) if out is not None else Path("pseudo") / f"{'+'.join(r.name for r in runs)}-{split}"
+    if out.exists() and not force:
+        raise KaggleCMRError(f"{out}: already exists (use --force to replace it)")
+
+    dev = resolve_device(device)
+    setup_threads(0)
+    _, meta = load_best(model_file(runs[0] / "fold0"))
+    cfg = Config.model_validate(meta["config"])
+    spec = cfg.data.spec()
+    data = load_split(data_root, split, spec, labelled=False)
+    passes = list(cfg.infer.tta) if tta else ["none"]
+    bsz = batch_size or cfg.infer.batch_size_for(dev.type)
+    print(f"pseudo-labelling {len(data)} '{split}' images with {', '.join(r.name for r in runs)} | "
+          f"TTA {'+'.join(passes)} | confidence {confidence} | device {dev}", flush=True)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        per_fold = {}
+        for fold in [*range(n_folds), "all"]:
+            probs, files = teacher_probs(runs, fold, data.images, dev, passes, bsz, select)
+            conf = probs.max(1)
+            labels = probs.argmax(1).astype(np.uint8)
+            labels[conf < confidence] = IGNORE
+            root = pseudo_fold_dir(tmp, fold)
+            stats, kept = {}, 0
+            for i, ip, img, m, c in zip(data.ids, data.image_paths, data.images, labels, conf):
+                ignored = float((m == IGNORE).mean())
+                stats[i] = {"mean_confidence": round(float(c.mean()), 5), "ignored_fraction": round(ignored, 5),
+                            "kept": ignored < 1.0}
+                if ignored >= 1.0:
+                    continue
+                kept += 1
+                dst = root / "train" / "image" / f"{i}.png"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if Path(ip).suffix.lower() == ".png" and png_size(ip) == img.shape[:2]:
+                    shutil.copyfile(ip, dst)
+                else:  # resized on reading: store what the model saw
+                    _write_png(dst, img[:, :, ::-1] if img.shape[2] == 3 else img)
+                _write_png(root / "train" / "mask" / f"{i}_mask.png", m)
+            name = root.name
+            per_fold[name] = {
+                "teachers": [{"run": str(f.parent.parent), "checkpoint": str(f), "sha256": sha256_file(f),
+                              "holdout": _holdout(f.parent)} for f in files],
+                "images": kept, "mean_confidence": float(conf.mean()),
+                "ignored_fraction": float((labels == IGNORE).mean()), "per_image": stats,
+            }
+            print(f"{name}: {kept}/{len(data)} images, mean confidence {conf.mean():.4f}, "
+                  f"{(labels == IGNORE).mean():.1%} of pixels ignored, from {len(files)} model(s)", flush=True)
+        manifest = {
+            "split": split, "data": str(data_root), "confidence": confidence, "tta": passes,
+            "select": select or "train.select",
+            "teachers": [{"run": str(r), "name": r.name, "folds_sha256": info["folds_sha256"],
+                          "folds": info.get("folds")} for r, info in zip(runs, infos)],
+            "folds": infos[0].get("folds"), "folds_sha256": folds_sha, "n_folds": n_folds,
+            "ignore_value": IGNORE, "per_fold": per_fold,
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        if out.exists():  # --force: the old folder goes only once the new one is complete
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    print(f"wrote pseudo labels to {out} (train --pseudo {out})", flush=True)
+    return manifest

@@ -1,0 +1,406 @@
+"""Leaderboard metric, submission CSV reading/writing and the ``score`` command.
+
+The score is the mean, over every row of the truth, of the Dice coefficient between the
+submission's mask and the truth's mask of that row: ``2|A∩B| / (|A|+|B|)``, 1 when both are
+empty and 0 when exactly one is.  A row is one class of one image that gets rows in the
+submission format (:mod:`kagglecmr.formats.submission`; CMR by default, see :mod:`kagglecmr.formats.rle`).
+
+Also reported, averaged over rows (overall and per class) like Dice: IoU ``|A∩B| / |A∪B|`` (1
+when both are empty) and pixel accuracy.  A row's pixel accuracy is the binary one-vs-rest
+accuracy: the fraction of the image's pixels where prediction and truth agree (both in the class
+or both outside it).  The overall ``pixel_accuracy`` is its mean over rows when scoring a CSV
+(rows need not form a label map), and the fraction of correctly labelled pixels over all images
+(every class, background included) when the label maps are known (:func:`score_label_maps`).
+
+Image shape used to check that runs stay inside the image (and to count pixels):
+
+* truth masks (a mask folder, or ``--data``): each mask's own size;
+* a solution CSV: 96x96, unless the solution's runs reach further, in which case the smallest
+  square holding its last pixel.  Dice and IoU do not depend on the shape; pixel accuracy does.
+
+Pure numpy; no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kagglecmr.data.loader import labelled_mask_paths, natural_key, natural_sorted
+from kagglecmr.formats.rle import (
+    Shape,
+    decode_flat,
+    image_pixels,
+    mask_folder_paths,
+    masks_to_rows,
+    parse_rle,
+    quoted,
+    rle_extent,
+)
+from kagglecmr.formats.submission import CMR, SubmissionFormat
+from kagglecmr.utils.errors import DataError, SubmissionError
+from kagglecmr.utils.io import atomic_write_text
+
+HEADER = list(CMR.header)
+DEFAULT_SIDE = 96
+N_WORST = 5
+
+
+# --------------------------------------------------------------------------- Dice
+
+
+def _dice(inter, size_a, size_b) -> np.ndarray:
+    """Elementwise Dice from counts; 1 where both masks are empty."""
+    total = np.asarray(size_a, dtype=np.float64) + np.asarray(size_b, dtype=np.float64)
+    return np.where(total == 0, 1.0, 2.0 * np.asarray(inter, dtype=np.float64) / np.maximum(total, 1.0))
+
+
+def _confusion(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-image confusion matrices ``[N, pred class, true class]`` of label maps ``[N, H, W]``."""
+    for name, arr in (("prediction", pred), ("truth", true)):
+        if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+            raise ValueError(f"{name} labels must lie in 0..{num_classes - 1}")
+    n, c = pred.shape[0], num_classes
+    # one bincount gives every image's confusion matrix
+    flat = (n, pred.shape[1] * pred.shape[2])
+    pairs = pred.reshape(flat).astype(np.intp) * c + true.reshape(flat).astype(np.intp)
+    pairs += (np.arange(n, dtype=np.intp) * c * c)[:, None]
+    return np.bincount(pairs.ravel(), minlength=n * c * c).reshape(n, c, c)
+
+
+def dice_table(pred_labels, true_labels, num_classes: int = 4) -> np.ndarray:
+    """Per-image, per-foreground-class Dice, ``float64 [N, num_classes - 1]``.
+
+    ``pred_labels`` and ``true_labels`` are integer label maps ``[N, H, W]`` (or one ``[H, W]``)
+    with values in ``0..num_classes-1``.  Column ``k-1`` is class ``k``; the leaderboard score
+    of the same masks is ``dice_table(...).mean()``.
+    """
+    pred, true = np.asarray(pred_labels), np.asarray(true_labels)
+    if pred.shape != true.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from truth shape {true.shape}")
+    if pred.ndim == 2:
+        pred, true = pred[None], true[None]
+    if pred.ndim != 3:
+        raise ValueError(f"expected label maps [N, H, W], got shape {pred.shape}")
+    conf = _confusion(pred, true, num_classes)
+    inter = np.diagonal(conf, axis1=1, axis2=2)[:, 1:]
+    return _dice(inter, conf.sum(axis=2)[:, 1:], conf.sum(axis=1)[:, 1:])
+
+
+def rle_counts(pred_enc: str, true_enc: str, num_pixels: int, *, start: int = 1) -> tuple[int, int, int, int]:
+    """``(|A∩B|, |A|, |B|, pixels)`` of two encodings of an image with ``num_pixels`` pixels."""
+    a, b = decode_flat(pred_enc, num_pixels, start=start), decode_flat(true_enc, num_pixels, start=start)
+    return int(np.count_nonzero(a & b)), int(np.count_nonzero(a)), int(np.count_nonzero(b)), int(num_pixels)
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _read_text(path: Path, fmt: SubmissionFormat = CMR) -> str:
+    expected = ",".join(fmt.header)
+    if not path.exists():
+        raise SubmissionError(f"{path}: file not found")
+    if not path.is_file():
+        raise SubmissionError(f"{path}: not a file (expected a CSV with header '{expected}')")
+    data = path.read_bytes()
+    if not data.strip():
+        raise SubmissionError(f"{path}: empty file (expected header '{expected}')")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SubmissionError(f"{path}: not a CSV text file (not UTF-8)") from None
+
+
+def _check_row(fields: list[str], shape, fmt: SubmissionFormat = CMR) -> tuple[str, str]:
+    """Validate one data row (without its location) and return ``(id, encoding)``."""
+    if not fields:
+        raise SubmissionError("blank line")
+    if len(fields) != 2:
+        raise SubmissionError(f"expected 2 fields ({','.join(fmt.header)}), found {len(fields)}")
+    rid, enc = fields
+    image, _ = fmt.parse_row_id(rid)
+    try:
+        parse_rle(enc, image_pixels(shape, image), start=fmt.start)
+    except SubmissionError as exc:
+        raise SubmissionError(f"{rid}: {exc}") from None
+    return rid, enc
+
+
+def parse_submission(text: str, name: str | Path, shape: Shape = None, fmt: SubmissionFormat = CMR) -> dict[str, str]:
+    """Parse and validate submission CSV text in format ``fmt``; errors name ``name`` and the line.
+
+    With ``shape`` (one ``(H, W)`` for every image, or ``{image id: (H, W)}``), runs past the
+    image's last pixel are errors too.
+    """
+    reader = csv.reader(io.StringIO(text.rstrip("\r\n"), newline=""), strict=True)
+    rows: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    try:
+        header = next(reader, [])
+        if header != list(fmt.header):
+            raise SubmissionError(f"line 1: header is {quoted(','.join(header))}, expected '{','.join(fmt.header)}'")
+        for fields in reader:
+            try:
+                rid, enc = _check_row(fields, shape, fmt)
+                if rid in rows:
+                    raise SubmissionError(f"duplicate id {quoted(rid)} (first on line {lines[rid]})")
+            except SubmissionError as exc:
+                raise SubmissionError(f"line {reader.line_num}: {exc}") from None
+            rows[rid], lines[rid] = enc, reader.line_num
+    except csv.Error as exc:
+        raise SubmissionError(f"{name}: line {reader.line_num}: not valid CSV ({exc})") from None
+    except SubmissionError as exc:
+        raise SubmissionError(f"{name}: {exc}") from None
+    if not rows:
+        raise SubmissionError(f"{name}: no rows after the header")
+    return rows
+
+
+def read_submission(path: str | Path, shape: Shape = None, fmt: SubmissionFormat = CMR) -> dict[str, str]:
+    """Read a submission / solution CSV ``{id: encoding}`` in file order, strictly validated.
+
+    One-line :class:`SubmissionError` naming the file (and line) for: missing or empty file,
+    not UTF-8 text, bad CSV quoting, a header other than exactly ``fmt.header`` (``id,encoding``),
+    a row without exactly two fields, a bad or duplicate id, and a malformed encoding (odd count,
+    non-integer, start below ``fmt.start`` or length < 1, unsorted or overlapping runs, and with
+    ``shape`` runs past the image).  Accepts CRLF line endings, a UTF-8 BOM, a trailing newline
+    and ``""`` for an empty encoding.
+    """
+    path = Path(path)
+    return parse_submission(_read_text(path, fmt), path, shape=shape, fmt=fmt)
+
+
+def submission_text(rows, fmt: SubmissionFormat = CMR) -> str:
+    """CSV text of ``(id, encoding)`` rows, header first, ``\\n`` line endings."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(fmt.header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_submission(rows, path: str | Path, *, shape: Shape, overwrite: bool = False,
+                     fmt: SubmissionFormat = CMR) -> Path:
+    """Write rows ``(id, encoding)`` as a submission CSV in format ``fmt``, atomically, after validating them.
+
+    The text is parsed back with :func:`parse_submission` (the reader the scorer uses) and
+    every encoding is checked against ``shape`` (one ``(H, W)`` or ``{image id: (H, W)}``)
+    before anything touches the disk.
+    """
+    text = submission_text(rows, fmt)
+    parse_submission(text, path, shape=shape, fmt=fmt)
+    return atomic_write_text(path, text, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ScoreResult:
+    """Outcome of scoring: overall and per-class mean Dice, IoU and pixel accuracy, and the worst rows.
+
+    Per-class dicts are keyed by the class index as a string (``"1"``).  ``pixel_accuracy_of``
+    says how ``pixel_accuracy`` was computed: ``"rows"`` (mean over rows of the one-vs-rest
+    accuracy) or ``"labels"`` (fraction of correctly labelled pixels); see the module docstring.
+    """
+
+    score: float
+    per_class: dict[str, float]
+    rows: int
+    images: int
+    worst: list[tuple[str, float]]
+    iou: float
+    pixel_accuracy: float
+    per_class_iou: dict[str, float]
+    per_class_pixel_accuracy: dict[str, float]
+    row_dice: dict[str, float] = field(default_factory=dict, repr=False)
+    pixel_accuracy_of: str = field(default="rows", repr=False)
+    class_names: tuple[str, ...] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, tuple[int, int, int, int]], fmt: SubmissionFormat = CMR, *,
+                    correct_pixels: tuple[int, int] | None = None) -> ScoreResult:
+        """Summarise ``{row id: (|A∩B|, |A|, |B|, image pixels)}`` (every truth row; A = prediction).
+
+        ``correct_pixels`` ``(correct, total)`` over whole label maps, when known, gives the overall
+        pixel accuracy; otherwise it is the mean over rows of the one-vs-rest accuracy.
+        """
+        if not counts:
+            raise ValueError("nothing to score: no rows")
+        rids = list(counts)
+        inter, a, b, n = (np.array(col, dtype=np.float64) for col in zip(*counts.values()))
+        dice = _dice(inter, a, b)
+        union = a + b - inter
+        iou = np.where(union == 0, 1.0, inter / np.maximum(union, 1.0))
+        acc = np.where(n == 0, 1.0, (n - (union - inter)) / np.maximum(n, 1.0))  # pixels outside A xor B
+        parsed = [fmt.parse_row_id(rid) for rid in rids]
+        ks = np.array([k for _, k in parsed])
+        order = sorted(set(ks.tolist()))
+
+        def per(values: np.ndarray) -> dict[str, float]:
+            return {str(k): float(values[ks == k].mean()) for k in order}
+
+        row_dice = dict(zip(rids, dice.tolist()))
+        worst = sorted(row_dice.items(), key=lambda kv: (kv[1], natural_key(kv[0])))[:N_WORST]
+        if correct_pixels is None:
+            pixel_accuracy, of = float(acc.mean()), "rows"
+        else:
+            pixel_accuracy, of = correct_pixels[0] / max(correct_pixels[1], 1), "labels"
+        return cls(score=float(dice.mean()), per_class=per(dice), rows=len(rids),
+                   images=len({image for image, _ in parsed}), worst=worst, iou=float(iou.mean()),
+                   pixel_accuracy=float(pixel_accuracy), per_class_iou=per(iou), per_class_pixel_accuracy=per(acc),
+                   row_dice=row_dice, pixel_accuracy_of=of, class_names=fmt.class_names)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (without the per-row table)."""
+        return {
+            "score": self.score,
+            "per_class": dict(self.per_class),
+            "rows": self.rows,
+            "images": self.images,
+            "worst": [{"id": rid, "dice": d} for rid, d in self.worst],
+            "iou": self.iou,
+            "pixel_accuracy": self.pixel_accuracy,
+            "per_class_iou": dict(self.per_class_iou),
+            "per_class_pixel_accuracy": dict(self.per_class_pixel_accuracy),
+        }
+
+    def report(self) -> str:
+        """Human-readable multi-line summary."""
+        how = ("correctly labelled pixels" if self.pixel_accuracy_of == "labels"
+               else "mean over rows of one-vs-rest accuracy")
+        lines = [f"score {self.score:.6f}  (mean Dice over {self.rows} rows, {self.images} images)",
+                 f"IoU {self.iou:.6f}  pixel accuracy {self.pixel_accuracy:.6f} ({how})"]
+        names = self.class_names
+        labels = {k: f"{k} ({names[int(k)]})" if names and int(k) < len(names) else k for k in self.per_class}
+        width = max(len(v) for v in labels.values())
+        lines += [f"  class {labels[k]:<{width}}  Dice {v:.6f}  IoU {self.per_class_iou[k]:.6f}  "
+                  f"pixel acc {self.per_class_pixel_accuracy[k]:.6f}" for k, v in self.per_class.items()]
+        lines.append(f"worst {len(self.worst)} rows:")
+        lines += [f"  {rid:<20} {d:.6f}" for rid, d in self.worst]
+        return "\n".join(lines)
+
+
+def _some(ids, n: int = 3) -> str:
+    ids = natural_sorted(ids)
+    return ", ".join(ids[:n]) + (", ..." if len(ids) > n else "")
+
+
+def _check_same_ids(pred, truth, name, what: str = "rows", error=SubmissionError) -> None:
+    missing = [i for i in truth if i not in pred]
+    if missing:
+        raise error(f"{name}: {len(missing)} of {len(truth)} truth {what} missing, e.g. {_some(missing)}")
+    unknown = [i for i in pred if i not in truth]
+    if unknown:
+        raise error(f"{name}: {len(unknown)} of {len(pred)} {what} are not in the truth, e.g. {_some(unknown)}")
+
+
+def score_rows(pred: dict[str, str], truth: dict[str, str], shape: Shape, *, name: str | Path = "submission",
+               fmt: SubmissionFormat = CMR) -> ScoreResult:
+    """Score submission rows against truth rows (both ``{id: encoding}`` in format ``fmt``).
+
+    ``shape`` is the images' ``(H, W)``, or ``{image id: (H, W)}`` for images of several sizes.
+    Every truth row must be in the submission and every submission row in the truth; otherwise
+    a :class:`SubmissionError` (prefixed with ``name``) gives the counts and a few of the ids.
+    """
+    _check_same_ids(pred, truth, name)
+    counts = {}
+    try:
+        for rid, enc in truth.items():
+            image = fmt.parse_row_id(rid)[0]
+            num_pixels = image_pixels(shape, image)
+            if num_pixels is None:
+                raise ValueError(f"no image size for {image!r} in shape")
+            counts[rid] = rle_counts(pred[rid], enc, num_pixels, start=fmt.start)
+    except SubmissionError as exc:
+        raise SubmissionError(f"{name}: {exc}") from None
+    return ScoreResult.from_counts(counts, fmt)
+
+
+def score_label_maps(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], num_classes: int,
+                     fmt: SubmissionFormat = CMR) -> ScoreResult:
+    """Score label maps ``{image id: [H, W]}`` (sizes may differ between images) with ``fmt``'s rows.
+
+    Dice, IoU and the per-class numbers equal those of scoring the two label maps' CSVs in
+    format ``fmt``; ``pixel_accuracy`` is the fraction of correctly labelled pixels over all
+    images.  A missing or extra image, a size mismatch or a label outside ``0..num_classes-1``
+    is a ``ValueError``.
+    """
+    _check_same_ids(pred, truth, "score_label_maps", "images", ValueError)
+    classes = fmt.row_classes(num_classes)
+    counts, correct, total = {}, 0, 0
+    for i, t in truth.items():  # rows in truth order, classes in row order, as the CSV path
+        p, t = np.asarray(pred[i]), np.asarray(t)
+        if t.ndim != 2 or p.shape != t.shape:
+            raise ValueError(f"{i}: prediction shape {p.shape} differs from truth shape {t.shape} (or is not 2-D)")
+        c = _confusion(p[None], t[None], num_classes)[0]  # one image at a time: any size, little memory
+        n = int(c.sum())
+        correct, total = correct + int(np.trace(c)), total + n
+        for k in classes:
+            counts[fmt.row_id(i, k)] = (int(c[k, k]), int(c[k, :].sum()), int(c[:, k].sum()), n)
+    return ScoreResult.from_counts(counts, fmt, correct_pixels=(correct, total))
+
+
+def infer_shape(rows: dict[str, str], fmt: SubmissionFormat = CMR) -> tuple[int, int]:
+    """Image shape for CSV truth: 96x96, or the smallest square holding the last run's pixel."""
+    extent = max((rle_extent(enc, start=fmt.start) for enc in rows.values()), default=0)
+    side = max(DEFAULT_SIDE, math.isqrt(extent - 1) + 1 if extent else 0)
+    return side, side
+
+
+def _truth_from_path(truth: Path, num_classes: int, fmt: SubmissionFormat = CMR) -> tuple[dict[str, str], Shape]:
+    """Truth rows and shape from a mask folder or a solution CSV."""
+    if truth.is_dir():
+        rows, shape = masks_to_rows(mask_folder_paths(truth), num_classes, fmt)
+        return dict(rows), shape
+    if not truth.exists():
+        raise DataError(f"{truth}: truth not found (expected a mask folder or a solution CSV)")
+    rows = read_submission(truth, fmt=fmt)
+    return rows, infer_shape(rows, fmt)
+
+
+def _truth_from_data(submission: Path, data: Path, num_classes: int,
+                     fmt: SubmissionFormat = CMR) -> tuple[dict[str, str], Shape]:
+    """Truth rows and shape from the labelled masks under ``data`` of the submission's images."""
+    image_ids = natural_sorted({fmt.parse_row_id(rid)[0] for rid in read_submission(submission, fmt=fmt)})
+    paths = labelled_mask_paths(data)
+    unknown = [i for i in image_ids if i not in paths]
+    if unknown:
+        raise SubmissionError(
+            f"{submission}: {len(unknown)} of {len(image_ids)} images have no mask under "
+            f"{data}/train/mask or {data}/val/mask, e.g. {_some(unknown)} (use --truth)"
+        )
+    rows, shape = masks_to_rows({i: paths[i] for i in image_ids}, num_classes, fmt)
+    return dict(rows), shape
+
+
+def run_score(
+    submission: str | Path,
+    truth: str | Path | None = None,
+    data: str | Path = Path("data"),
+    as_json: bool = False,
+    num_classes: int = 4,
+    fmt: SubmissionFormat = CMR,
+) -> ScoreResult:
+    """``kagglecmr score``: score a submission CSV in format ``fmt`` and print the result.
+
+    ``truth`` is a mask folder or a solution CSV; without it the submission's images are looked
+    up among the labelled masks (train/ and val/) under ``data``.  Masks may differ in size
+    (each row is checked against its own image).  Prints a report, or with ``as_json`` exactly
+    one JSON object on stdout.
+    """
+    submission = Path(submission)
+    if truth is None:
+        truth_rows, shape = _truth_from_data(submission, Path(data), num_classes, fmt)
+    else:
+        truth_rows, shape = _truth_from_path(Path(truth), num_classes, fmt)
+    pred = read_submission(submission, shape=shape, fmt=fmt)
+    result = score_rows(pred, truth_rows, shape, name=submission, fmt=fmt)
+    print(json.dumps(result.to_dict()) if as_json else result.report())
+    return result

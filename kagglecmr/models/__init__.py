@@ -1,0 +1,1 @@
+"""Models: the segmentation-model factory, losses and checkpoint files."""

@@ -1,0 +1,1 @@
+"""Reports read from run folders: the local leaderboard (``kagglecmr runs``) and the HTML report (``kagglecmr report``)."""
