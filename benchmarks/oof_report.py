@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from kagglecmr.data.loader import load_labelled
-from kagglecmr.engine.orchestrate import read_oof_labels
+from kagglecmr.engine.rundir import read_oof_labels
 from kagglecmr.formats.metric import dice_table
 
 CLASSES = {1: "RV", 2: "Myo", 3: "LV"}

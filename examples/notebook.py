@@ -50,8 +50,8 @@ labels = probs.argmax(1).astype(np.uint8)
 print(probs.shape, probs.dtype, "classes present:", np.unique(labels).tolist())
 
 # %% Submission: one row per image and class, validated before it is written
-from kagglecmr.formats.metric import write_submission  # noqa: E402
-from kagglecmr.formats.rle import label_to_rows  # noqa: E402
+from kagglecmr.formats.submission import label_to_rows  # noqa: E402
+from kagglecmr.formats.submission_csv import write_submission  # noqa: E402
 
 rows = [row for p, m in zip(paths, labels) for row in label_to_rows(p.stem, m, probs.shape[1])]
 submission = write_submission(rows, WORK / "submission.csv", shape=labels.shape[1:], overwrite=True)

@@ -21,8 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from kagglecmr.cfg.config import Config
     from kagglecmr.engine.exporter import ExportedModel
-    from kagglecmr.engine.orchestrate import FoldResult
     from kagglecmr.engine.predictor import Predictor
+    from kagglecmr.engine.rundir import FoldResult
     from kagglecmr.formats.metric import ScoreResult
 
 
@@ -112,7 +112,7 @@ def make_folds(data: str | Path = "data", *, n_folds: int = 5, seed: int = 42, o
 def score(submission: str | Path, *, truth: str | Path | None = None, data: str | Path = "data",
           split: str | None = None, as_json: bool = False) -> ScoreResult:
     """Leaderboard score of a submission CSV (``kagglecmr score``): ``.score``, ``.per_class``, ``.worst``."""
-    from kagglecmr.formats.metric import run_score
+    from kagglecmr.engine.evaluator import run_score
 
     data = Path(data)
     if split is not None or str(data).endswith((".yaml", ".yml")) or (data / "dataset.yaml").is_file():
@@ -125,7 +125,7 @@ def score(submission: str | Path, *, truth: str | Path | None = None, data: str 
 def encode(mask_dir: str | Path, *, out: str | Path = "submission.csv", force: bool = False,
            num_classes: int = 4, data: str | Path | None = None) -> EncodeResult:
     """PNG label masks -> validated submission CSV (``kagglecmr encode``); ``data``: a dataset file's format."""
-    from kagglecmr.formats.rle import run_encode
+    from kagglecmr.engine.evaluator import run_encode
 
     if data is not None:
         from kagglecmr.engine.evaluator import run_encode_dataset

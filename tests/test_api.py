@@ -63,9 +63,8 @@ def test_every_cli_verb_is_an_api_function_with_its_own_docstring():
 def test_train_is_submittable_to_a_process_pool():
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1) as pool:  # pickles kc.make_folds by reference, as it would kc.train
-        with pytest.raises(KaggleCMRError):
-            pool.submit(kc.make_folds, "/nonexistent-data-folder", out="/nonexistent/folds.csv").result(timeout=120)
+    with ProcessPoolExecutor(1) as pool, pytest.raises(KaggleCMRError):  # kc.make_folds pickled by reference
+        pool.submit(kc.make_folds, "/nonexistent-data-folder", out="/nonexistent/folds.csv").result(timeout=120)
 
 
 def test_api_ensemble_and_score_equal_the_cli(project, tmp_path, main_cli):

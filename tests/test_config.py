@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kagglecmr.cfg.config import REPO_CONFIGS, Config, load_config, parse_override, resolve_config_path
+from kagglecmr.cfg.config import SHIPPED_CONFIGS, Config, load_config, parse_override, resolve_config_path
 from kagglecmr.utils.errors import ConfigError, KaggleCMRError
 
-SHIPPED = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml"))
+SHIPPED = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
 
 
 def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
@@ -58,7 +58,7 @@ def test_the_three_documented_configs_are_shipped():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_config_loads_by_name_and_path_from_any_cwd(name, monkeypatch, tmp_path):
-    path = REPO_CONFIGS / f"{name}.yaml"
+    path = SHIPPED_CONFIGS / f"{name}.yaml"
     raw = yaml.safe_load(path.read_text())
     monkeypatch.chdir(tmp_path)  # no ./configs here: the repo's configs must still be found
     by_name = load_config(name)
@@ -71,7 +71,7 @@ def test_shipped_config_loads_by_name_and_path_from_any_cwd(name, monkeypatch, t
 
 def test_shipped_configs_differ_from_defaults_where_they_say_so():
     demo = load_config("demo")
-    raw = yaml.safe_load((REPO_CONFIGS / "demo.yaml").read_text())
+    raw = yaml.safe_load((SHIPPED_CONFIGS / "demo.yaml").read_text())
     assert demo.model.weights == raw["model"]["weights"] != Config().model.weights
 
 

@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from kagglecmr.cfg.config import load_config
+from kagglecmr.cfg.config import DataSpec, load_config
 from kagglecmr.data import loader as data
-from kagglecmr.data.loader import DataSpec
 from kagglecmr.utils.errors import DataError, KaggleCMRError
+from kagglecmr.utils.naming import natural_key, natural_sorted
 
 S = 32  # image side used throughout (small files, quick decoding)
 SPEC = DataSpec(size=S, in_channels=1, num_classes=4)
@@ -87,8 +87,8 @@ def one_line(exc: pytest.ExceptionInfo, *needles) -> str:
 # ------------------------------------------------------------------------------------ discovery
 def test_natural_key_orders_numbers_numerically():
     names = ["cmr10", "cmr2", "cmr1", "CMR3", "cmr100", "cmr20"]
-    assert data.natural_sorted(names) == ["cmr1", "cmr2", "CMR3", "cmr10", "cmr20", "cmr100"]
-    assert data.natural_key("cmr2") < data.natural_key("cmr10")
+    assert natural_sorted(names) == ["cmr1", "cmr2", "CMR3", "cmr10", "cmr20", "cmr100"]
+    assert natural_key("cmr2") < natural_key("cmr10")
 
 
 def test_mask_id():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from kagglecmr.cfg.config import load_config
+from kagglecmr.cfg.config import SHIPPED_DATASETS, load_config
 from kagglecmr.data.dataset import apply_dataset, auto_mask_map, load_dataset, recipe_for
 from kagglecmr.utils.errors import ConfigError, DataError
 
@@ -294,7 +294,8 @@ def test_folder_form_and_equivalent_file_give_the_same_data_and_folds(tmp_path):
     assert (a.num_classes, a.in_channels, a.size) == (b.num_classes, b.in_channels, b.size) == (4, 1, (96, 96))
     sa, sb = a.labelled(), b.labelled()
     assert sa.ids == sb.ids and sa.splits == sb.splits
-    from kagglecmr.data.loader import DataSpec, load_labelled
+    from kagglecmr.cfg.config import DataSpec
+    from kagglecmr.data.loader import load_labelled
 
     legacy = load_labelled(demo, DataSpec())  # the folder reader before dataset files: the same arrays
     np.testing.assert_array_equal(legacy.images, sa.images)
@@ -310,25 +311,25 @@ def test_folder_form_and_equivalent_file_give_the_same_data_and_folds(tmp_path):
 def test_shipped_cmr_file_matches_the_folder(tmp_path):
     from kagglecmr.data.folds import run_make_folds
 
-    a, b = load_dataset(REAL_CMR), load_dataset(REPO / "configs" / "datasets" / "cmr.yaml")
+    a, b = load_dataset(REAL_CMR), load_dataset(SHIPPED_DATASETS / "cmr.yaml")
     sa, sb = a.labelled(), b.labelled()
     assert sa.ids == sb.ids
     np.testing.assert_array_equal(sa.images, sb.images)
     np.testing.assert_array_equal(sa.masks, sb.masks)
     assert [i for i, _, _ in a.items("test")] == [i for i, _, _ in b.items("test")]
     run_make_folds(REAL_CMR, out=tmp_path / "a.csv")
-    run_make_folds(REPO / "configs" / "datasets" / "cmr.yaml", out=tmp_path / "b.csv")
+    run_make_folds(SHIPPED_DATASETS / "cmr.yaml", out=tmp_path / "b.csv")
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
 
     # the same submission scores the same through both (a CSV of the true masks, some rows wrong)
-    from kagglecmr.engine.evaluator import run_score_dataset
-    from kagglecmr.formats.metric import run_score, write_submission
+    from kagglecmr.engine.evaluator import run_score, run_score_dataset
+    from kagglecmr.formats.submission_csv import write_submission
 
     rows = [(rid, "" if n % 7 == 0 else enc) for n, (i, m) in enumerate(zip(sa.ids, sa.masks))
             for rid, enc in b.submission.rows(i, m, 4)]
     write_submission(rows, tmp_path / "sub.csv", shape=(96, 96))
     folder, file = run_score(tmp_path / "sub.csv", data=REAL_CMR), run_score_dataset(tmp_path / "sub.csv",
-                                                                                        data=REPO / "configs" / "datasets" / "cmr.yaml")
+                                                                                        data=SHIPPED_DATASETS / "cmr.yaml")
     assert folder.to_dict() == file.to_dict() and folder.score < 1.0
 
 
@@ -347,7 +348,7 @@ def test_config_pins_must_agree_with_the_dataset(tmp_path):
 
 
 def test_recipe_named_by_the_dataset_file(tmp_path):
-    assert recipe_for(REPO / "configs" / "datasets" / "warwick.yaml") == "warwick"
+    assert recipe_for(SHIPPED_DATASETS / "warwick.yaml") == "warwick"
     assert recipe_for(two_folder(tmp_path)) == "default"
     assert recipe_for(tmp_path) == "default"
     (tmp_path / "r.yaml").write_text("train: {epochs: 3}\n")

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 import kagglecmr.data.demo as demo
+from kagglecmr.cfg.config import DataSpec
 from kagglecmr.data import loader as data
 from kagglecmr.data.demo import make_demo_dataset
 from kagglecmr.utils.errors import KaggleCMRError
+from kagglecmr.utils.naming import natural_sorted
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -22,7 +24,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def _names(folder: Path) -> list[str]:
-    return data.natural_sorted(p.name for p in folder.iterdir())
+    return natural_sorted(p.name for p in folder.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 def test_size_option(tmp_path):
     make_demo_dataset(tmp_path / "d", n_train=2, n_val=0, n_test=1, size=64)
-    split = data.load_labelled(tmp_path / "d", data.DataSpec(size=64))
+    split = data.load_labelled(tmp_path / "d", DataSpec(size=64))
     assert split.images.shape == (2, 64, 64, 1)
 
 

@@ -19,14 +19,16 @@ import torch
 from conftest import N_FOLDS, N_TEST, copy_run, tree_snapshot, truth_masks
 
 from kagglecmr.cfg.config import Config
-from kagglecmr.data.loader import load_split, natural_sorted, read_mask
+from kagglecmr.data.loader import load_split, read_mask
 from kagglecmr.engine import ensembler as ensemble
 from kagglecmr.engine.infer import TTA_FLIPS, TTA_PASSES, predict_proba, tta_apply, tta_undo
 from kagglecmr.engine.postprocess import apply_plan, load_plan, tune_plan
-from kagglecmr.formats.metric import dice_table, read_submission
+from kagglecmr.formats.metric import dice_table
+from kagglecmr.formats.submission_csv import read_submission
 from kagglecmr.models.checkpoint import load_best
 from kagglecmr.models.factory import build_model
 from kagglecmr.utils.errors import ConfigError
+from kagglecmr.utils.naming import natural_sorted
 
 CPU = torch.device("cpu")
 TEST_IDS = [f"cmr{i}" for i in range(26, 26 + N_TEST)]  # demo ids run on across train (20), val (5), test

@@ -27,6 +27,7 @@ from kagglecmr.data.folds import (
     write_folds,
 )
 from kagglecmr.utils.errors import DataError, KaggleCMRError
+from kagglecmr.utils.naming import natural_sorted
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cmr"
 needs_real = pytest.mark.skipif(not (REAL / "train" / "image").is_dir(), reason=f"real data not found at {REAL}")
@@ -135,7 +136,7 @@ def test_demo_phantoms_are_not_near_duplicates(demo):
 def test_every_labelled_image_exactly_once_including_val(demo, tmp_path, capsys):
     df = _run(demo, tmp_path / "f.csv")
     ids = data.load_labelled(demo).ids
-    assert df["id"].tolist() == data.natural_sorted(ids)
+    assert df["id"].tolist() == natural_sorted(ids)
     assert df["id"].is_unique and len(df) == 72
     assert set(df["fold"]) == set(range(5))
     assert df.loc[df["split"] == "val", "id"].tolist() == [f"cmr{i}" for i in range(61, 73)]

@@ -160,7 +160,7 @@ def test_cmr_from_a_labels_csv_equals_the_folder_form(tmp_path):
     """The cardiac training masks written as a Kaggle train.csv (the competition's own format) load to the
     same arrays, ids and folds as the PNG masks."""
     from kagglecmr.data.folds import make_folds
-    from kagglecmr.formats.rle import run_encode
+    from kagglecmr.engine.evaluator import run_encode
 
     run_encode(REAL_CMR / "train" / "mask", tmp_path / "train.csv")
     path = tmp_path / "cmr_csv.yaml"

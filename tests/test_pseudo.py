@@ -20,6 +20,7 @@ from kagglecmr.data.folds import run_make_folds
 from kagglecmr.data.loader import load_split
 from kagglecmr.engine import pseudo as pl
 from kagglecmr.engine.orchestrate import run_train
+from kagglecmr.engine.rundir import sha256_file
 from kagglecmr.models import checkpoint as ckpt
 
 
@@ -54,7 +55,7 @@ def labels_dir(project, tmp_path_factory, one_torch_thread):
 
 def test_layout_and_manifest(project, labels_dir):
     manifest = json.loads((labels_dir / "manifest.json").read_text())
-    assert manifest["folds_sha256"] == pl.sha256_file(project.folds)
+    assert manifest["folds_sha256"] == sha256_file(project.folds)
     assert manifest["confidence"] == 0.6 and manifest["tta"] == ["none"] and manifest["n_folds"] == N_FOLDS
     assert manifest["teachers"][0]["name"] == project.run.name
     assert set(manifest["per_fold"]) == {f"fold{k}" for k in range(N_FOLDS)} | {"full"}
@@ -62,7 +63,7 @@ def test_layout_and_manifest(project, labels_dir):
     for name, rec in manifest["per_fold"].items():
         assert set(rec["per_image"]) == set(test_ids)
         for t in rec["teachers"]:
-            assert t["sha256"] == pl.sha256_file(Path(t["checkpoint"]))
+            assert t["sha256"] == sha256_file(Path(t["checkpoint"]))
         kept = [i for i, s in rec["per_image"].items() if s["kept"]]
         assert sorted(p.stem for p in (labels_dir / name / "train" / "image").iterdir()) == sorted(kept)
         for i in kept:  # the image is the test image, byte for byte
@@ -108,7 +109,7 @@ def test_full_masks_come_from_every_fold_model(project, labels_dir):
 def test_teacher_probs_reads_no_other_folds_model(project, monkeypatch, one_torch_thread):
     read = []
     real = ckpt.load_best
-    monkeypatch.setattr(ckpt, "load_best", lambda p: read.append(Path(p)) or real(p))
+    monkeypatch.setattr(pl, "load_best", lambda p: read.append(Path(p)) or real(p))  # the name pseudo calls
     images = load_split(project.data, "test", labelled=False).images
     for k in range(N_FOLDS):
         read.clear()
@@ -192,10 +193,10 @@ def test_fold_k_student_reads_only_the_fold_k_pseudo_labels(project, labels_dir,
     assert read == [(labels_dir, 1)]
     d = tmp_path / "student" / "fold1"
     env = json.loads((d / "env.json").read_text())
-    manifest_sha = pl.sha256_file(labels_dir / "manifest.json")
+    manifest_sha = sha256_file(labels_dir / "manifest.json")
     assert env["pseudo_source"] == str(labels_dir / "fold1")
     assert env["pseudo_manifest_sha256"] == manifest_sha
-    assert env["folds_sha256"] == pl.sha256_file(project.folds)
+    assert env["folds_sha256"] == sha256_file(project.folds)
     assert env["pseudo_images"] == len(list((labels_dir / "fold1" / "train" / "image").iterdir()))
     assert env["val_images"] == len(fold_ids(project.folds, 1))  # pseudo images never validate
     cfg = yaml.safe_load((d / "config.yaml").read_text())
@@ -230,7 +231,7 @@ def test_a_student_is_a_teacher_for_the_next_round(project, labels_dir, tmp_path
     assert json.loads((student / "oof.json").read_text())["score_last"] >= 0
     round2 = pl.pseudo_label(runs=[student, project.run], data_root=project.data, out=tmp_path / "round2",
                              confidence=0.5, device="cpu")
-    assert round2["folds_sha256"] == pl.sha256_file(project.folds)
+    assert round2["folds_sha256"] == sha256_file(project.folds)
     assert [Path(t["checkpoint"]).parent for t in round2["per_fold"]["fold3"]["teachers"]] == \
         [student / "fold3", project.run / "fold3"]
 

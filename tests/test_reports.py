@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import N_FOLDS, copy_run
 
-from kagglecmr.reports.leaderboard import config_diff, list_runs, record_ensemble_oof
+from kagglecmr.engine.rundir import record_ensemble_oof
+from kagglecmr.reports.leaderboard import config_diff, list_runs
 from kagglecmr.utils.errors import ConfigError
 from kagglecmr.utils.tracking import TB_DIR, Tracker
 

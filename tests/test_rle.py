@@ -10,18 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kagglecmr.formats.metric import read_submission
-from kagglecmr.formats.rle import (
-    decode_rle,
-    encode_rle,
-    label_to_rows,
-    mask_folder_paths,
-    parse_row_id,
-    read_label_mask,
-    rle_extent,
-    row_id,
-    run_encode,
-)
+from kagglecmr.data.mask_folder import mask_folder_paths, read_label_mask
+from kagglecmr.engine.evaluator import run_encode
+from kagglecmr.formats.rle import decode_rle, encode_rle, rle_extent
+from kagglecmr.formats.submission import label_to_rows, parse_row_id, row_id
+from kagglecmr.formats.submission_csv import read_submission
 from kagglecmr.utils.errors import DataError, KaggleCMRError, SubmissionError
 
 shapes = st.tuples(st.integers(1, 24), st.integers(1, 24))

@@ -10,17 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kagglecmr.formats.metric import (
-    ScoreResult,
-    dice_table,
-    infer_shape,
-    read_submission,
-    run_score,
-    score_label_maps,
-    score_rows,
-    write_submission,
-)
-from kagglecmr.formats.rle import encode_rle, label_to_rows
+from kagglecmr.engine.evaluator import run_score
+from kagglecmr.formats.metric import ScoreResult, dice_table, score_label_maps, score_rows
+from kagglecmr.formats.rle import encode_rle
+from kagglecmr.formats.submission import label_to_rows
+from kagglecmr.formats.submission_csv import infer_shape, read_submission, write_submission
 from kagglecmr.utils.errors import DataError, KaggleCMRError, SubmissionError
 
 # --------------------------------------------------------------------------- independent reference

@@ -15,7 +15,8 @@ from kagglecmr.cfg.config import load_config
 from kagglecmr.data.loader import load_labelled
 from kagglecmr.engine.ensembler import load_run
 from kagglecmr.engine.infer import predict_proba
-from kagglecmr.engine.orchestrate import read_oof_labels, run_train, seed_runs
+from kagglecmr.engine.orchestrate import run_train, seed_runs
+from kagglecmr.engine.rundir import read_oof_labels
 from kagglecmr.formats.metric import dice_table
 from kagglecmr.models.checkpoint import model_file
 from kagglecmr.utils.errors import ConfigError
@@ -73,7 +74,7 @@ def test_swa_fold_keeps_the_average_with_recomputed_batchnorm(project, tmp_path,
 
 
 def test_select_last_full_fit_uses_the_configured_epochs(project, tmp_path):
-    from kagglecmr.engine.orchestrate import full_fit_epochs
+    from kagglecmr.engine.rundir import full_fit_epochs
 
     assert full_fit_epochs(project.run, load_config(project.config, ["train.select=last"])) == 2
 
@@ -105,7 +106,7 @@ def test_full_fit_with_swa_shorter_than_the_cv_epochs(project, tmp_path, one_tor
     """--fold all trains for the median best epoch; SWA then averages at most that many epochs."""
     from conftest import copy_run
 
-    from kagglecmr.engine.orchestrate import full_fit_epochs
+    from kagglecmr.engine.rundir import full_fit_epochs
 
     run = copy_run(project.run, tmp_path / "tiny", slim=True)
     for k in range(N_FOLDS):  # pretend every fold peaked at epoch 1

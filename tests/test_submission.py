@@ -12,17 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kagglecmr.formats.metric import (
-    parse_submission,
-    read_submission,
-    run_score,
-    score_label_maps,
-    score_rows,
-    submission_text,
-    write_submission,
-)
-from kagglecmr.formats.rle import label_to_rows, parse_row_id
-from kagglecmr.formats.submission import CMR, SubmissionFormat
+from kagglecmr.engine.evaluator import run_score
+from kagglecmr.formats.metric import score_label_maps, score_rows
+from kagglecmr.formats.submission import CMR, SubmissionFormat, label_to_rows, parse_row_id
+from kagglecmr.formats.submission_csv import parse_submission, read_submission, submission_text, write_submission
 from kagglecmr.utils.errors import ConfigError, SubmissionError
 
 NAMES = ("background", "Fish", "Flower", "Sugar")

@@ -2,23 +2,37 @@
 
 Unknown keys and bad values are one-line :class:`~kagglecmr.utils.errors.ConfigError` messages naming
 the file and the key.  ``--config`` takes a path or the bare name of a shipped config
-(``--config demo`` -> ``configs/demo.yaml``).  Command-line overrides use dotted keys
-(``--set train.lr=3e-4``).
+(``--config demo``): a ``configs/demo.yaml`` in the current folder first, else the YAML file shipped inside
+the package (``kagglecmr/cfg/demo.yaml``, package data read through :mod:`importlib.resources`, so an
+installed wheel has them too).  Command-line overrides use dotted keys (``--set train.lr=3e-4``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kagglecmr.data.loader import DataSpec
 from kagglecmr.utils.errors import ConfigError
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SHIPPED_CONFIGS = Path(str(resources.files(__package__)))  # the recipes shipped as package data: kagglecmr/cfg/*.yaml
+SHIPPED_DATASETS = SHIPPED_CONFIGS / "datasets"  # the dataset files shipped beside them
+LOCAL_CONFIGS = "configs"  # a folder of the user's own recipes in the current directory, looked up first
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What every image and mask must look like (from config ``data``)."""
+
+    size: int = 96
+    in_channels: int = 1
+    num_classes: int = 4
+    resize: bool = False  # resize other sizes to ``size`` (masks: nearest neighbour) instead of failing
 
 
 class _Section(BaseModel):
@@ -195,21 +209,26 @@ class Config(_Section):
 
 
 def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
-    """A path as given, else a bare name looked up in ./configs and the repo's configs/."""
+    """A path as given, else a bare name looked up in ./configs, then among the shipped configs."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.parent != Path("."):
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         return p
-    for folder in (Path.cwd() / "configs", REPO_CONFIGS):
+    for folder in (Path.cwd() / LOCAL_CONFIGS, SHIPPED_CONFIGS):
         for suffix in (".yaml", ".yml"):
             cand = folder / f"{p.name}{suffix}"
             if cand.is_file():
                 return cand
     if p.is_file():
         return p
-    shipped = sorted(x.stem for x in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
+    shipped = shipped_configs()
     raise ConfigError(f"{name_or_path}: no such config (shipped: {', '.join(shipped) or 'none'})")
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in the package (``default``, ``demo``, ...)."""
+    return sorted(x.stem for x in SHIPPED_CONFIGS.glob("*.yaml"))
 
 
 def _format_validation_error(src: str, err: ValidationError) -> str:

@@ -7,7 +7,13 @@ import torch
 
 from kagglecmr.cfg.config import Config
 from kagglecmr.data import augment as aug
-from kagglecmr.engine.infer import to_tensor
+
+
+def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """uint8 ``[N,H,W,C]`` -> float ``[N,C,H,W]`` in [0, 1] on ``device``."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
 class BatchMaker:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from kagglecmr.data.folds import SIMILARITY_THRESHOLD, image_similarity
+
 CONTEXTS = ("none", "partner")
 
 
 def partners(images: np.ndarray) -> np.ndarray:
     """Index of each image's partner frame (itself when no other image is similar enough)."""
-    from kagglecmr.data.folds import SIMILARITY_THRESHOLD, image_similarity
 
     n = len(images)
     if n < 2:

@@ -44,6 +44,7 @@ from kagglecmr.data.mask_values import (  # noqa: F401 (auto_mask_map, class_to_
     map_values,
     resolve_mask_map,
 )
+from kagglecmr.formats.submission import SubmissionFormat
 from kagglecmr.utils.errors import ConfigError, DataError
 
 DATASET_FILE = "dataset.yaml"
@@ -229,7 +230,6 @@ def _size(path: Path, items: dict, train_images, setting) -> tuple[tuple[int, in
 
 
 def _submission_format(d: dict | None, num_classes: int, names: list[str], source: str):
-    from kagglecmr.formats.submission import SubmissionFormat
 
     try:
         return SubmissionFormat.from_dict(d, num_classes=num_classes, class_names=names, source=source)

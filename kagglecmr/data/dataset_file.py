@@ -18,9 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kagglecmr.data.labels_csv import CsvLabels, CsvMask, is_csv_pattern
-from kagglecmr.data.loader import natural_sorted
 from kagglecmr.data.mask_values import MaskUnion, parse_raw
 from kagglecmr.utils.errors import DataError
+from kagglecmr.utils.naming import natural_sorted
 
 
 class SplitPatterns(BaseModel):

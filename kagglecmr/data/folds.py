@@ -32,9 +32,12 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from kagglecmr.data.loader import DataSpec, Split, natural_key
+from kagglecmr.cfg.config import Config, DataConfig, DataSpec
+from kagglecmr.data.dataset import apply_dataset, load_dataset
+from kagglecmr.data.loader import Split
 from kagglecmr.utils.errors import DataError, KaggleCMRError
 from kagglecmr.utils.io import atomic_write_text
+from kagglecmr.utils.naming import natural_key
 
 SIMILARITY_THRESHOLD = 0.40
 SIMILARITY_SIDE = 48  # images are compared at this resolution (INTER_AREA)
@@ -326,8 +329,6 @@ def run_make_folds(data, n_folds: int = 5, seed: int = 42, out=Path("folds/folds
     """Load the labelled images of ``data`` (a folder or a dataset file), make folds, write ``out`` and
     print a per-fold table.  Groups: the dataset's ``group`` regex, else the similarity guard.
     ``config`` (or the legacy ``spec``) pins size/channels/classes as ``train`` would."""
-    from kagglecmr.cfg.config import Config, DataConfig
-    from kagglecmr.data.dataset import apply_dataset, load_dataset
 
     out = Path(out)
     if n_folds < 2:

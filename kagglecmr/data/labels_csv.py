@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kagglecmr.data.loader import image_size
+from kagglecmr.formats.submission import SubmissionFormat
 from kagglecmr.utils.errors import ConfigError, DataError, SubmissionError
 
 LABEL_KEYS = ("id", "header", "order", "start", "class_column")
@@ -43,7 +45,6 @@ class CsvLabels:
                  source: str):
         """``labels``: the dataset file's ``labels:`` mapping; without it the ``submission:`` format's
         row layout (its ``classes``, which rows a submission has, do not apply to training labels)."""
-        from kagglecmr.formats.submission import SubmissionFormat
 
         self.path, self.source = Path(path), source
         spec = dict(labels) if labels is not None else {k: v for k, v in (submission or {}).items() if k != "classes"}
@@ -155,7 +156,6 @@ class CsvMask:
     image_path: Path
 
     def decode(self) -> np.ndarray:
-        from kagglecmr.data.loader import image_size
 
         return self.table.mask(self.image_id, image_size(self.image_path))
 

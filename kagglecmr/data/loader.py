@@ -10,7 +10,6 @@ Every problem is a :class:`~kagglecmr.utils.errors.DataError` whose one-line mes
 
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,31 +17,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kagglecmr.cfg.config import DataSpec
 from kagglecmr.utils.errors import DataError
+from kagglecmr.utils.naming import natural_sorted
 
 SPLITS = ("train", "val", "test")
 LABELLED_SPLITS = ("train", "val")
 IMAGE_SUFFIXES = (".png",)
 MASK_SUFFIX = "_mask"
-
-
-def natural_key(text: str) -> list:
-    """Sort key that orders embedded numbers numerically: cmr2 < cmr10."""
-    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", str(text))]
-
-
-def natural_sorted(items, key=lambda x: x):
-    return sorted(items, key=lambda x: natural_key(key(x)))
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What every image and mask must look like (from config ``data``)."""
-
-    size: int = 96
-    in_channels: int = 1
-    num_classes: int = 4
-    resize: bool = False  # resize other sizes to ``size`` (masks: nearest neighbour) instead of failing
 
 
 @dataclass
@@ -132,7 +114,7 @@ def discover(root: str | Path, split: str, *, labelled: bool | None = None) -> l
     return [(i, images[i], masks.get(i)) for i in natural_sorted(images)]
 
 
-def _imread(path: Path, flags: int) -> np.ndarray:
+def imread(path: Path, flags: int) -> np.ndarray:
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
     raw = Path(path).read_bytes()
@@ -195,7 +177,7 @@ def _check_size(path: Path, arr: np.ndarray, spec: DataSpec, *, nearest: bool) -
 def read_image(path: str | Path, spec: DataSpec = DataSpec()) -> np.ndarray:
     """Decode an image to uint8 ``[H, W, C]`` with ``spec.in_channels`` channels."""
     path = Path(path)
-    img = _imread(path, cv2.IMREAD_UNCHANGED)
+    img = imread(path, cv2.IMREAD_UNCHANGED)
     if img.dtype != np.uint8:
         if img.dtype == np.uint16:
             img = (img / 257.0).round().astype(np.uint8)
@@ -310,7 +292,7 @@ def labelled_mask_paths(root: str | Path) -> dict[str, Path]:
 def decode_image(path: str | Path) -> np.ndarray:
     """Any image cv2 reads (grey, RGB, RGBA; 8 or 16 bit) as uint8 ``[H, W, C]`` in RGB(A) order."""
     path = Path(path)
-    img = _imread(path, cv2.IMREAD_UNCHANGED)
+    img = imread(path, cv2.IMREAD_UNCHANGED)
     if img.dtype == np.uint16:
         img = (img / 257.0).round().astype(np.uint8)
     elif img.dtype != np.uint8:
@@ -332,7 +314,7 @@ def decode_mask(path: str | Path, *, to_grey: bool = False) -> np.ndarray:
     """A label mask's raw values (uint8 or uint16 ``[H, W]``); colour masks are :class:`ColourMaskError`,
     or with ``to_grey`` their luminance (binary masks saved as colour JPEGs, whose channels differ a little)."""
     path = Path(path)
-    m = _imread(path, cv2.IMREAD_UNCHANGED)
+    m = imread(path, cv2.IMREAD_UNCHANGED)
     if m.ndim == 3 and to_grey and m.shape[2] >= 3:
         m = cv2.cvtColor(np.ascontiguousarray(m[:, :, :3]), cv2.COLOR_BGR2GRAY)
     if m.ndim == 3:
@@ -343,17 +325,6 @@ def decode_mask(path: str | Path, *, to_grey: bool = False) -> np.ndarray:
     if m.dtype not in (np.uint8, np.uint16):
         raise DataError(f"{path}: unsupported mask pixel type {m.dtype}")
     return np.ascontiguousarray(m)
-
-
-def decode_colour_mask(path: str | Path) -> np.ndarray:
-    """A colour-coded mask as ``0xRRGGBB`` codes (uint32 ``[H, W]``; grey pixels have r = g = b)."""
-    from kagglecmr.data.mask_values import colour_codes
-
-    path = Path(path)
-    m = _imread(path, cv2.IMREAD_UNCHANGED)
-    if m.dtype != np.uint8:
-        raise DataError(f"{path}: colour masks must be 8-bit (found {m.dtype})")
-    return colour_codes(m if m.ndim == 2 or m.shape[2] >= 3 else m[:, :, 0])
 
 
 def resize_to(arr: np.ndarray, hw: tuple[int, int], *, nearest: bool) -> np.ndarray:
@@ -371,4 +342,4 @@ def image_size(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     if path.suffix.lower() == ".png":
         return png_size(path)
-    return tuple(_imread(path, cv2.IMREAD_UNCHANGED).shape[:2])
+    return tuple(imread(path, cv2.IMREAD_UNCHANGED).shape[:2])

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from kagglecmr.data import loader as D
@@ -63,6 +64,15 @@ def codes_to_bgr(codes: np.ndarray) -> np.ndarray:
     """Inverse of :func:`colour_codes`: ``[H, W, 3]`` BGR uint8 for ``cv2.imwrite``."""
     c = np.asarray(codes, np.uint32)
     return np.stack([c & 0xFF, (c >> 8) & 0xFF, (c >> 16) & 0xFF], axis=-1).astype(np.uint8)
+
+
+def decode_colour_mask(path: str | Path) -> np.ndarray:
+    """A colour-coded mask as ``0xRRGGBB`` codes (uint32 ``[H, W]``; grey pixels have r = g = b)."""
+    path = Path(path)
+    m = D.imread(path, cv2.IMREAD_UNCHANGED)
+    if m.dtype != np.uint8:
+        raise DataError(f"{path}: colour masks must be 8-bit (found {m.dtype})")
+    return colour_codes(m if m.ndim == 2 or m.shape[2] >= 3 else m[:, :, 0])
 
 
 def map_values(raw: np.ndarray, mapping: dict[int, int], where: str, dataset: str) -> np.ndarray:
@@ -162,7 +172,7 @@ def decode_raw(mask, *, colour: bool = False, grey: bool = False) -> np.ndarray:
     """A mask file's raw values (grey levels, or 0xRRGGBB colour codes; ``grey``: colour files as their
     luminance, for the binary rules), one file or several united."""
     def decode(p):
-        return D.decode_colour_mask(p) if colour else D.decode_mask(p, to_grey=grey)
+        return decode_colour_mask(p) if colour else D.decode_mask(p, to_grey=grey)
 
     return mask.decode(decode) if isinstance(mask, MaskUnion) else decode(mask)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from scipy.optimize import minimize
 
 from kagglecmr.formats.metric import dice_table
 
@@ -65,8 +66,6 @@ def fit_weights(probs: list[np.ndarray], masks: np.ndarray, num_classes: int) ->
         dist = np.abs(grid - equal).sum(1)
         best = np.lexsort((dist, -scores))[0]  # highest score, then closest to equal weights
         return grid[best], f"simplex grid, step {step} ({len(grid)} points)"
-    from scipy.optimize import minimize
-
     def softmax(z):
         e = np.exp(z - z.max())
         return e / e.sum()

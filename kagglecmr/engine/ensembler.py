@@ -25,13 +25,22 @@ import numpy as np
 import torch
 
 from kagglecmr.cfg.config import Config
+from kagglecmr.data.batches import to_tensor
 from kagglecmr.data.context import add_context
+from kagglecmr.data.dataset import apply_dataset, load_dataset
 from kagglecmr.data.loader import Split
-from kagglecmr.engine.infer import TTA_PASSES, TTA_TURNS, predict_proba, to_tensor
+from kagglecmr.engine.blend import blend_table, fit_weights, nested_estimate
+from kagglecmr.engine.evaluator import truth_masks
+from kagglecmr.engine.infer import TTA_PASSES, TTA_TURNS, predict_proba
 from kagglecmr.engine.outputs import contact_sheet_path, label_at_size, score_report, write_masks  # noqa: F401 (re-exported)
-from kagglecmr.formats.metric import dice_table, write_submission
+from kagglecmr.engine.postprocess import apply_plan, describe_plan, load_plan, save_plan, tune_plan
+from kagglecmr.engine.rundir import check_same_folds, record_ensemble_oof
+from kagglecmr.formats.metric import dice_table
+from kagglecmr.formats.submission_csv import write_submission
+from kagglecmr.models.checkpoint import load_best, model_file, selected_model_file
 from kagglecmr.models.factory import build_model
 from kagglecmr.utils.errors import ConfigError, KaggleCMRError
+from kagglecmr.utils.io import atomic_write_json
 from kagglecmr.utils.runtime import amp_dtype, resolve_device, setup_threads
 
 
@@ -61,7 +70,6 @@ def load_run(path: Path, device: torch.device, *, with_full: bool = False, selec
     best, last or swa for all folds) and, with ``with_full``, of the full fit (``full/``, from
     ``train --fold all``) when it exists.  The full fit holds nothing out, so it never enters
     out-of-fold predictions."""
-    from kagglecmr.models.checkpoint import load_best, model_file, selected_model_file
 
     path = Path(path)
     if not path.is_dir():
@@ -185,8 +193,6 @@ def report_oof(probs: np.ndarray, labelled: Split, passes, num_classes: int) -> 
 
 def record_oof(run_dir: Path, passes, pred: np.ndarray, truth: np.ndarray, plan: dict | None, num_classes: int) -> None:
     """Store the OOF Dice of this TTA set (and after ``plan``) in the run's ``ensemble_oof.json``."""
-    from kagglecmr.engine.postprocess import apply_plan
-    from kagglecmr.reports.leaderboard import record_ensemble_oof
 
     pp = dice_table(apply_plan(pred, plan, num_classes), truth, num_classes) if plan is not None else None
     record_ensemble_oof(run_dir, list(passes), dice_table(pred, truth, num_classes), pp, plan)
@@ -194,7 +200,6 @@ def record_oof(run_dir: Path, passes, pred: np.ndarray, truth: np.ndarray, plan:
 
 def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int) -> dict:
     """Tune the per-class plan on OOF masks with the leaderboard metric and print the result."""
-    from kagglecmr.engine.postprocess import apply_plan, describe_plan, tune_plan
 
     plan, _, _, _ = tune_plan(pred, labelled.masks, num_classes)
     after = dice_table(apply_plan(pred, plan, num_classes), labelled.masks, num_classes)
@@ -205,7 +210,6 @@ def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int) -
 def fit_blend(loaded: list[Run], labelled: Split, dev, passes, batch_size) -> tuple[np.ndarray, np.ndarray, dict]:
     """``--weights auto``: per-run OOF probabilities, weights fitted on them (printed with each run's OOF,
     the equal-weight blend and a nested honest estimate).  Returns ``(weights, blended OOF probs, record)``."""
-    from kagglecmr.engine.blend import blend_table, fit_weights, nested_estimate
 
     k = loaded[0].cfg.data.num_classes
     probs = [predict_oof([r], labelled, dev, passes, np.ones(1), batch_size) for r in loaded]
@@ -245,9 +249,6 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored).
     ``select``: best, last or swa for every fold instead of each fold's ``train.select`` (``last``/``swa``
     make the OOF and a weight fit honest: no epoch chosen on the fold it scores)."""
-    from kagglecmr.data.dataset import apply_dataset, load_dataset
-    from kagglecmr.engine.postprocess import save_plan
-    from kagglecmr.engine.pseudo import check_same_folds
 
     t0 = time.time()
     splits = [split] if isinstance(split, str) else list(split)
@@ -287,8 +288,6 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     print(f"ensemble of {n_models} models from {', '.join(r.name for r in loaded)} | TTA {'+'.join(passes)} | "
           f"device {dev}", flush=True)
 
-    from kagglecmr.engine.postprocess import describe_plan, load_plan
-
     has_labels = any(ds.has_masks(s) for s in ("train", "val"))
     labelled = ds.labelled() if has_labels else None
     plan = oof_probs = blend = None
@@ -304,7 +303,6 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
             oof_probs = predict_oof(loaded, labelled, dev, passes, w, batch_size)
         oof_pred = report_oof(oof_probs, labelled, passes, k)
         if any(tuple(hw) != labelled.masks.shape[1:] for hw in labelled.sizes()):  # resized for the model
-            from kagglecmr.engine.evaluator import truth_masks
 
             own = {i: label_at_size(p, hw) for i, p, hw in zip(labelled.ids, oof_probs, labelled.sizes())}
             print(score_report("OOF at each image's own size (the leaderboard's way)", own,
@@ -325,7 +323,6 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
                                   passes=passes, w=w, batch_size=batch_size, out=out, save_masks=masks_dir, t0=t0)
         results[s]["weights"] = [float(x) for x in w]
         if blend is not None:
-            from kagglecmr.utils.io import atomic_write_json
 
             wpath = Path(results[s]["out"]).with_name(Path(results[s]["out"]).stem + ".weights.json")
             atomic_write_json(wpath, blend | {"submission": results[s]["out"], "select": select or "train.select"})
@@ -338,7 +335,6 @@ def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_prob
                  passes, w, batch_size, out, save_masks, t0) -> dict:
     """Predict one split (OOF probabilities come computed), resize to each image's own size, postprocess,
     score it when it has masks, write its CSV in the dataset's format (and masks in its own values)."""
-    from kagglecmr.engine.postprocess import apply_plan
 
     k = ds.num_classes
     if split == "oof":

@@ -1,11 +1,14 @@
-"""``score`` and ``encode`` against a dataset (``--data DATASET.yaml``): its submission format, its mask
-values, each image at its own size.
+"""The ``score`` and ``encode`` commands: a submission CSV scored against masks, masks encoded as a CSV.
+
+Against a dataset (``--data DATASET.yaml``): its submission format, its mask values, each image at its
+own size.
 
 ``score SUB.csv --data D [--split test]`` scores the CSV against the split's masks (default: the labelled
 train/val masks of the submission's images) with the competition metric (mean Dice over rows,
 empty/empty = 1), and also reports IoU and pixel accuracy.  ``encode MASKS --data D`` turns PNG masks in
 the dataset's own values (``<id>_mask.png`` or ``<id>.png``, e.g. from ``ensemble --save-masks``) into
-the dataset's submission CSV.  Pure numpy; no torch.
+the dataset's submission CSV.  Without a dataset file (the folder form, ``--truth DIR`` or a solution CSV),
+:func:`run_score` and :func:`run_encode` read PNG label masks directly.  Pure numpy; no torch.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ import json
 from pathlib import Path
 
 from kagglecmr.data.dataset import Dataset, load_dataset
-from kagglecmr.utils.errors import KaggleCMRError, SubmissionError
+from kagglecmr.data.loader import labelled_mask_paths
+from kagglecmr.data.mask_folder import mask_folder_paths, masks_to_rows
+from kagglecmr.formats.metric import ScoreResult, _some, score_rows
+from kagglecmr.formats.rle import Shape
+from kagglecmr.formats.submission import CMR, SubmissionFormat
+from kagglecmr.formats.submission_csv import infer_shape, read_submission, write_submission
+from kagglecmr.utils.errors import DataError, KaggleCMRError, SubmissionError
+from kagglecmr.utils.naming import natural_sorted
 
 
 def truth_masks(ds: Dataset, split: str | None, image_ids: list[str] | None = None) -> dict:
@@ -38,9 +48,6 @@ def truth_masks(ds: Dataset, split: str | None, image_ids: list[str] | None = No
 def run_score_dataset(submission: str | Path, *, data: str | Path, split: str | None = None,
                       truth: str | Path | None = None, as_json: bool = False):
     """``kagglecmr score SUB.csv --data DATASET [--split S]``: prints a report (or one JSON object)."""
-    from kagglecmr.formats.metric import read_submission, score_rows
-    from kagglecmr.formats.rle import mask_folder_paths
-
     submission = Path(submission)
     ds = load_dataset(data)
     fmt, k = ds.submission, ds.num_classes
@@ -66,9 +73,6 @@ def run_score_dataset(submission: str | Path, *, data: str | Path, split: str | 
 
 def run_encode_dataset(mask_dir: str | Path, *, data: str | Path, out: str | Path, force: bool = False) -> int:
     """``kagglecmr encode MASKS --data DATASET``: masks in the dataset's values -> its submission CSV."""
-    from kagglecmr.formats.metric import write_submission
-    from kagglecmr.formats.rle import mask_folder_paths
-
     out = Path(out)
     if out.exists() and not force:
         raise KaggleCMRError(f"{out}: already exists (use --force to overwrite)")
@@ -79,3 +83,90 @@ def run_encode_dataset(mask_dir: str | Path, *, data: str | Path, out: str | Pat
     write_submission(rows, out, shape={i: m.shape for i, m in masks.items()}, overwrite=force, fmt=fmt)
     print(f"wrote {out}: {len(rows)} rows ({len(masks)} images, format of {ds.path})")
     return len(rows)
+
+
+# ------------------------------------------------------------------ folder form (no dataset file)
+def _truth_from_path(truth: Path, num_classes: int, fmt: SubmissionFormat = CMR) -> tuple[dict[str, str], Shape]:
+    """Truth rows and shape from a mask folder or a solution CSV."""
+    if truth.is_dir():
+        rows, shape = masks_to_rows(mask_folder_paths(truth), num_classes, fmt)
+        return dict(rows), shape
+    if not truth.exists():
+        raise DataError(f"{truth}: truth not found (expected a mask folder or a solution CSV)")
+    rows = read_submission(truth, fmt=fmt)
+    return rows, infer_shape(rows, fmt)
+
+
+def _truth_from_data(submission: Path, data: Path, num_classes: int,
+                     fmt: SubmissionFormat = CMR) -> tuple[dict[str, str], Shape]:
+    """Truth rows and shape from the labelled masks under ``data`` of the submission's images."""
+    image_ids = natural_sorted({fmt.parse_row_id(rid)[0] for rid in read_submission(submission, fmt=fmt)})
+    paths = labelled_mask_paths(data)
+    unknown = [i for i in image_ids if i not in paths]
+    if unknown:
+        raise SubmissionError(
+            f"{submission}: {len(unknown)} of {len(image_ids)} images have no mask under "
+            f"{data}/train/mask or {data}/val/mask, e.g. {_some(unknown)} (use --truth)"
+        )
+    rows, shape = masks_to_rows({i: paths[i] for i in image_ids}, num_classes, fmt)
+    return dict(rows), shape
+
+
+def run_score(
+    submission: str | Path,
+    truth: str | Path | None = None,
+    data: str | Path = Path("data"),
+    as_json: bool = False,
+    num_classes: int = 4,
+    fmt: SubmissionFormat = CMR,
+) -> ScoreResult:
+    """``kagglecmr score``: score a submission CSV in format ``fmt`` and print the result.
+
+    ``truth`` is a mask folder or a solution CSV; without it the submission's images are looked
+    up among the labelled masks (train/ and val/) under ``data``.  Masks may differ in size
+    (each row is checked against its own image).  Prints a report, or with ``as_json`` exactly
+    one JSON object on stdout.
+    """
+    submission = Path(submission)
+    if truth is None:
+        truth_rows, shape = _truth_from_data(submission, Path(data), num_classes, fmt)
+    else:
+        truth_rows, shape = _truth_from_path(Path(truth), num_classes, fmt)
+    pred = read_submission(submission, shape=shape, fmt=fmt)
+    result = score_rows(pred, truth_rows, shape, name=submission, fmt=fmt)
+    print(json.dumps(result.to_dict()) if as_json else result.report())
+    return result
+
+
+def run_encode(mask_dir: str | Path, out: str | Path, force: bool = False, num_classes: int = 4, fmt=None) -> int:
+    """``kagglecmr encode``: PNG label masks -> validated submission CSV; returns the rows written.
+
+    Rows are in natural image order (cmr2 before cmr10), the row classes of ``fmt`` (a
+    :class:`~kagglecmr.formats.submission.SubmissionFormat`, default CMR: ``1..num_classes-1``) within an
+    image; masks may differ in size.  The CSV is parsed back with the scorer's reader before it is
+    written atomically; an existing ``out`` is refused (and left untouched) unless ``force``.
+    """
+    fmt = CMR if fmt is None else fmt
+    out = Path(out)
+    if num_classes < 2:
+        raise KaggleCMRError(f"--num-classes {num_classes}: need at least 2 (background and one class)")
+    try:
+        classes = fmt.row_classes(num_classes)
+    except ValueError as exc:
+        raise KaggleCMRError(f"--num-classes {num_classes}: {exc}") from None
+    if out.exists() and not force:
+        raise KaggleCMRError(f"{out}: already exists (use --force to overwrite)")
+    rows, shape = masks_to_rows(mask_folder_paths(mask_dir), num_classes, fmt)
+    write_submission(rows, out, shape=shape, overwrite=force, fmt=fmt)
+    print(_encode_summary(rows, out, classes, fmt))
+    return len(rows)
+
+
+def _encode_summary(rows: list[tuple[str, str]], out: Path, classes: list[int], fmt) -> str:
+    empty = {k: 0 for k in classes}
+    for rid, enc in rows:
+        if not enc:
+            empty[fmt.parse_row_id(rid)[1]] += 1
+    per_class = ", ".join(f"class {fmt.class_label(k)}: {n}" for k, n in empty.items())
+    n_images = len(rows) // len(classes)
+    return f"wrote {out}: {len(rows)} rows ({n_images} images x {len(classes)} classes); empty rows {per_class}"

@@ -23,9 +23,10 @@ import traceback
 from pathlib import Path
 
 from kagglecmr.cfg.config import Config
-from kagglecmr.engine.orchestrate import FoldResult, fold_dir, report_fold, train_locked
+from kagglecmr.engine.rundir import FoldResult, fold_dir, report_fold
+from kagglecmr.engine.trainer import train_locked
 from kagglecmr.utils.errors import KaggleCMRError
-from kagglecmr.utils.runtime import cpu_count
+from kagglecmr.utils.runtime import cpu_count, resolve_device, setup_threads
 
 RAY_INSTALL = "pip install 'kagglecmr[ray]'"
 OBJECT_STORE_MIN = 100 * 2**20  # bytes; Ray's own minimum is 75 MiB
@@ -70,7 +71,6 @@ def task_resources(device_type: str, n_folds: int, jobs: int, cpus: int, gpus: f
 def _fold_task(cfg: Config, data, folds_df, fold, run_dir: str, device: str, force: bool, threads: int,
                dataset: dict | None = None):
     """One fold in a Ray worker: ``(FoldResult, None)`` or ``(None, one-line error)``."""
-    from kagglecmr.utils.runtime import resolve_device, setup_threads
 
     try:
         setup_threads(threads)

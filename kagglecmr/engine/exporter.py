@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kagglecmr.data.loader import load_labelled
 from kagglecmr.engine.infer import predict_proba, tta_apply, tta_undo
 from kagglecmr.engine.predictor import Predictor
 from kagglecmr.utils.errors import KaggleCMRError
@@ -224,7 +225,6 @@ def check_images(pred: Predictor, data) -> tuple[np.ndarray, str]:
     if data is None:
         rng = np.random.default_rng(0)
         return rng.integers(0, 256, (2 * CHECK_BATCH + 3, c, h, w), dtype=np.uint8), "random images (no --data)"
-    from kagglecmr.data.loader import load_labelled
 
     split = load_labelled(data, pred.runs[0].cfg.data.spec())
     imgs = split.images[:CHECK_IMAGES].transpose(0, 3, 1, 2)

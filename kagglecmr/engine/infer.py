@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kagglecmr.data.batches import to_tensor
 from kagglecmr.utils.runtime import autocast
 
 TTA_FLIPS = {"none": (), "hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}
@@ -36,13 +37,6 @@ def tta_undo(p: torch.Tensor, name: str) -> torch.Tensor:
     turns, dims = TTA_TURNS[name]
     p = torch.rot90(p, -turns, (-2, -1))
     return p.flip(dims) if dims else p
-
-
-def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
-    """uint8 ``[N,H,W,C]`` -> float ``[N,C,H,W]`` in [0, 1] on ``device``."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
 @torch.inference_mode()

@@ -24,28 +24,34 @@ and beside the folds ``run.json`` (folds file, pseudo labels) and ``oof.json``; 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import yaml
 
 from kagglecmr.cfg.config import Config
 from kagglecmr.data.context import add_context
-from kagglecmr.data.loader import Split
-from kagglecmr.formats.metric import dice_table
+from kagglecmr.data.dataset import prepare
+from kagglecmr.data.folds import read_folds
+from kagglecmr.engine import pseudo as pl
+from kagglecmr.engine.executors import assign_devices, import_ray, train_ray
+from kagglecmr.engine.rundir import (
+    FULL,
+    FoldResult,
+    fold_dir,
+    full_fit_epochs,
+    oof_summary,
+    print_oof,
+    report_fold,
+    sha256_file,
+    write_run_info,
+)
+from kagglecmr.engine.trainer import train_locked
 from kagglecmr.utils.errors import KaggleCMRError
-from kagglecmr.utils.io import atomic_write_json, atomic_write_text
-from kagglecmr.utils.locks import LOCK_NAME, FoldLock, FoldLocked
+from kagglecmr.utils.io import atomic_write_text
 from kagglecmr.utils.runtime import cpu_count, resolve_device, setup_threads
 
-FULL = "all"
 THREADS_ENV = "KAGGLECMR_THREADS"  # set for child processes of --jobs
 SKIP_LOCKED_ENV = "KAGGLECMR_SKIP_LOCKED"  # set for child processes of --jobs: a locked fold is skipped
 EXECUTORS = ("local", "ray")
@@ -73,161 +79,6 @@ def parse_fold_spec(spec: str, n_folds: int) -> list:
     return sorted(set(folds))
 
 
-def fold_dir(run_dir: Path, fold) -> Path:
-    return run_dir / ("full" if fold == FULL else f"fold{fold}")
-
-
-# ------------------------------------------------------------------------------------- one fold
-@dataclass
-class FoldResult:
-    fold: object
-    out_dir: Path
-    best_score: float
-    best_epoch: int
-    skipped: bool = False
-    locked_by: str | None = None  # skipped because another trainer holds the fold's lock
-
-
-def _config_for_resume(out_dir: Path) -> dict | None:
-    p = out_dir / "config.yaml"
-    return yaml.safe_load(p.read_text()) if p.is_file() else None
-
-
-def prepare_dir(out_dir: Path, cfg: Config, force: bool) -> bool:
-    """Create/validate the fold directory; returns True when the fold is already finished."""
-    if out_dir.is_dir() and force:  # everything but the lock this process holds
-        for p in out_dir.iterdir():
-            if p.name != LOCK_NAME:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved = _config_for_resume(out_dir)
-    if saved is not None:  # filled with today's defaults, so folds trained before a new key still resume
-        with contextlib.suppress(Exception):  # an invalid old config simply differs, reported below
-            saved = Config.model_validate(saved).to_dict()
-    if saved is not None and _recipe(saved) != _recipe(cfg.to_dict()):
-        changed = sorted(_diff_keys(_recipe(saved), _recipe(cfg.to_dict())))
-        raise KaggleCMRError(f"{out_dir}: holds a run with another config (differs in {', '.join(changed[:4])}); "
-                             f"use --force to replace it or --name for a new run")
-    if (out_dir / "summary.json").is_file():
-        return True
-    atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
-    return False
-
-
-def _recipe(cfg: dict) -> dict:
-    """The config without where it runs and logs (device, threads, log): those may change on resume."""
-    train = {k: v for k, v in cfg.get("train", {}).items() if k not in ("device", "threads", "log")}
-    return cfg | {"train": train}
-
-
-def _diff_keys(a, b, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in set(a) | set(b):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def full_fit_epochs(run_dir: Path, cfg: Config | None = None) -> int:
-    """Epochs for ``--fold all``: the median best epoch of the run's finished CV folds (with
-    ``train.select: last | swa``, the configured epochs: no epoch was chosen on a fold)."""
-    if cfg is not None and cfg.train.select != "best":
-        return cfg.train.epochs
-    best = []
-    for p in sorted(run_dir.glob("fold*/summary.json")):
-        best.append(json.loads(p.read_text())["best_epoch"])
-    if not best:
-        raise KaggleCMRError(f"{run_dir}: --fold all takes its epochs from finished CV folds; train --fold 0..4 first")
-    return max(1, int(round(float(np.median(best)))))
-
-
-# ------------------------------------------------------------------------------------ OOF summary
-def read_oof_labels(files: list[Path]) -> tuple[list[str], list[np.ndarray]]:
-    """Ids and argmax masks of ``oof.npz`` files (one uint8 ``[n, H, W]`` array per file).
-
-    Uses the ``labels`` saved from the float32 probabilities (the masks the fold Dice was computed
-    on); the float16 ``probs`` are only a fallback for files written before ``labels``."""
-    ids, preds = [], []
-    for f in files:
-        with np.load(f) as z:
-            ids += [str(i) for i in z["ids"]]
-            preds.append(z["labels"] if "labels" in z.files else z["probs"].astype(np.float32).argmax(1).astype(np.uint8))
-    return ids, preds
-
-
-def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> dict | None:
-    """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``.
-
-    ``score``/``per_class``: each fold's best validation epoch (chosen on the fold it is scored on:
-    optimistic); ``score_last``/``per_class_last``: the last epoch (a fixed rule: honest);
-    ``score_swa``/``per_class_swa`` when the folds kept an SWA model; ``select``: what ensembles use."""
-    files = [run_dir / f"fold{k}" / "oof.npz" for k in range(n_folds)]
-    if not all(f.is_file() for f in files):
-        return None
-    result = {}
-    for suffix, name in (("", "oof.npz"), ("_last", "oof_last.npz"), ("_swa", "oof_swa.npz")):
-        files = [run_dir / f"fold{k}" / name for k in range(n_folds)]
-        if not all(f.is_file() for f in files):
-            continue
-        ids, preds = read_oof_labels(files)
-        table = dice_table(np.concatenate(preds), data.subset(ids).masks, num_classes)
-        result |= {f"score{suffix}": float(table.mean()),
-                   f"per_class{suffix}": {str(k): float(table[:, k - 1].mean()) for k in range(1, num_classes)}}
-        if not suffix:
-            result |= {"images": len(ids), "rows": int(table.size)}
-    summary = run_dir / "fold0" / "summary.json"
-    result["select"] = json.loads(summary.read_text()).get("select", "best") if summary.is_file() else "best"
-    atomic_write_json(run_dir / "oof.json", result)
-    return result
-
-
-def print_oof(oof: dict, run_dir: Path) -> None:
-    """The honest (last-epoch) OOF line first, then the best-epoch one (and SWA)."""
-    def per(key):
-        return " ".join(f"{k}:{v:.4f}" for k, v in oof[key].items())
-
-    if "score_last" in oof:
-        print(f"out-of-fold Dice at the last epoch (honest) {oof['score_last']:.4f} [{per('per_class_last')}]",
-              flush=True)
-    if "score_swa" in oof:
-        print(f"out-of-fold Dice of SWA (honest) {oof['score_swa']:.4f} [{per('per_class_swa')}]", flush=True)
-    print(f"out-of-fold Dice at the best epoch (chosen on the fold: optimistic) {oof['score']:.4f} over "
-          f"{oof['rows']} rows [{per('per_class')}] -> {run_dir / 'oof.json'}", flush=True)
-
-
-def write_run_info(run_dir: Path, folds_path: Path, pseudo: dict | None) -> dict:
-    """``run.json``: the folds file (and sha256) the run trains on, and its pseudo labels; refuses a run
-    folder that already trained on another folds file."""
-    from kagglecmr.engine.pseudo import RUN_JSON, run_info, sha256_file
-
-    info = {"folds": str(folds_path), "folds_sha256": sha256_file(folds_path), "pseudo": pseudo}
-    old = run_info(run_dir)
-    if old.get("folds_sha256") not in (None, info["folds_sha256"]):
-        raise KaggleCMRError(f"{run_dir / RUN_JSON}: the run trained on another folds file ({old.get('folds')}); "
-                             f"use --name for a new run")
-    if old != info:
-        atomic_write_json(run_dir / RUN_JSON, info)
-    return info
-
-
-def train_locked(cfg: Config, data: Split, folds_df, fold, run_dir: Path, *, device, force: bool, quiet: bool,
-                 skip_locked: bool = False, **extra) -> FoldResult:
-    """Train one fold holding its lock; a fold another trainer holds raises :class:`FoldLocked`, or with
-    ``skip_locked`` is skipped (a ``FoldResult`` with ``locked_by``) and says so."""
-    from kagglecmr.engine.trainer import train_fold
-
-    out_dir = fold_dir(run_dir, fold)
-    try:
-        with FoldLock(out_dir):
-            return train_fold(cfg, data, folds_df, fold, out_dir, device=device, force=force, quiet=quiet, **extra)
-    except FoldLocked as exc:
-        if not skip_locked:
-            raise
-        print(f"fold {fold}: skipped, {exc}", flush=True)
-        return FoldResult(fold, out_dir, float("nan"), 0, skipped=True, locked_by=str(exc))
-
-
 def fold_configs(cfg: Config, folds: list, run_dir: Path) -> list[tuple[object, Config]]:
     """``(fold, config)`` per fold: the full fit trains the median best epoch of the CV folds."""
     out = []
@@ -240,11 +91,6 @@ def fold_configs(cfg: Config, folds: list, run_dir: Path) -> list[tuple[object, 
             fcfg.train.epochs = epochs
         out.append((fold, fcfg))
     return out
-
-
-def report_fold(res: FoldResult) -> None:
-    if not res.skipped and res.fold != FULL:
-        print(f"fold {res.fold}: best Dice {res.best_score:.4f} at epoch {res.best_epoch}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------- entry
@@ -275,16 +121,12 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
                                  runs_dir=runs_dir, device=device, force=force, quiet=quiet, jobs=jobs,
                                  executor=executor, ray_address=ray_address)
         return results
-    from kagglecmr.data.dataset import prepare
-    from kagglecmr.data.folds import read_folds
-    from kagglecmr.engine import pseudo as pl
 
     if executor not in EXECUTORS:
         raise KaggleCMRError(f"--executor {executor}: expected local or ray")
     if ray_address and executor != "ray":
         raise KaggleCMRError(f"--ray-address {ray_address}: needs --executor ray")
     if executor == "ray":
-        from kagglecmr.engine.executors import import_ray
 
         import_ray()  # before any data is read: a missing extra is a one-line error at once
     device_spec = device or cfg.train.device
@@ -300,7 +142,7 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
     folds = parse_fold_spec(fold_spec, n_folds)
     pseudo_info = None
     if cfg.train.pseudo.dir:
-        pseudo_info = pl.pseudo_for_run(Path(cfg.train.pseudo.dir), pl.sha256_file(folds_path), folds_path)
+        pseudo_info = pl.pseudo_for_run(Path(cfg.train.pseudo.dir), sha256_file(folds_path), folds_path)
     if FULL in folds:
         full_fit_epochs(run_dir, cfg)  # fails before anything is written when no CV fold has finished
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +154,6 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
           f"device {dev} | folds {folds}" + (f" | {jobs} at a time" if jobs > 1 else "")
           + (" | executor ray" if executor == "ray" else ""), flush=True)
     if executor == "ray":
-        from kagglecmr.engine.executors import train_ray
 
         if pseudo_info:
             raise KaggleCMRError("--pseudo: not supported with --executor ray yet (use the local executor)")
@@ -357,8 +198,6 @@ def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, fol
     import subprocess
 
     import torch
-
-    from kagglecmr.engine.executors import assign_devices
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.yaml"

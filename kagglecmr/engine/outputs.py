@@ -7,7 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kagglecmr.formats.metric import score_label_maps
 from kagglecmr.utils.errors import KaggleCMRError
+from kagglecmr.utils.io import atomic_path
+from kagglecmr.utils.plots import contact_sheet
 
 
 def label_at_size(probs: np.ndarray, hw) -> np.ndarray:
@@ -23,7 +26,6 @@ def label_at_size(probs: np.ndarray, hw) -> np.ndarray:
 
 def score_report(split: str, pred: dict, truth: dict, ds) -> str:
     """``<split> Dice ... IoU ... pixel accuracy ...`` of label maps at their own sizes (per class)."""
-    from kagglecmr.formats.metric import score_label_maps
 
     r = score_label_maps(pred, truth, ds.num_classes, fmt=ds.submission)
     names = ds.classes
@@ -41,9 +43,6 @@ def write_masks(folder: Path, ids: list[str], pred, images: np.ndarray, *, ds=No
     size; 0..K-1 without a dataset), plus an overlay contact sheet beside the folder
     (``<folder>_contact_sheet.png``, at the model size), so the folder holds masks only."""
     import cv2
-
-    from kagglecmr.utils.io import atomic_path
-    from kagglecmr.utils.plots import contact_sheet
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kagglecmr.formats.metric import dice_table
 from kagglecmr.utils.errors import ConfigError
 from kagglecmr.utils.io import atomic_write_json
 
@@ -160,7 +161,6 @@ def tune_plan(pred_labels: np.ndarray, true_labels: np.ndarray, num_classes: int
     improves the class mean by more than ``epsilon``.  Classes do not interact under the metric,
     so choosing class by class is exact.
     """
-    from kagglecmr.formats.metric import dice_table  # lazy: score.py is optional at import time
 
     pred = np.asarray(pred_labels)
     true = np.asarray(true_labels)

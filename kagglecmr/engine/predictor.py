@@ -21,11 +21,12 @@ import cv2
 import numpy as np
 import torch
 
-from kagglecmr.data.loader import natural_sorted
+from kagglecmr.data.loader import imread
 from kagglecmr.data.mask_values import labels_to_raw
 from kagglecmr.engine.ensembler import Run, _weights, check_compatible, latest_run, load_run, predict_images, tta_passes
 from kagglecmr.utils.errors import DataError, KaggleCMRError
 from kagglecmr.utils.io import atomic_path
+from kagglecmr.utils.naming import natural_sorted
 from kagglecmr.utils.runtime import resolve_device, setup_threads
 
 CHUNK = 256  # images uploaded to the device at once
@@ -237,9 +238,8 @@ def image_files(inputs) -> list[Path]:
 
 def read_any_png(path: Path) -> np.ndarray:
     """A PNG as grey ``[H, W]`` or RGB ``[H, W, 3]`` (RGB order), uint8 or uint16 as stored."""
-    from kagglecmr.data.loader import _imread
 
-    img = _imread(Path(path), cv2.IMREAD_UNCHANGED)
+    img = imread(Path(path), cv2.IMREAD_UNCHANGED)
     if img.ndim == 3 and img.shape[2] == 4:
         img = img[:, :, :3]
     if img.ndim == 3 and img.shape[2] == 3:

@@ -19,7 +19,6 @@ Images without a single confident pixel are left out (they would teach nothing).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -27,54 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
+from kagglecmr.cfg.config import Config
+from kagglecmr.data.context import add_context
+from kagglecmr.data.loader import Split, discover, load_split, png_size, read_image
+from kagglecmr.engine.infer import predict_proba
+from kagglecmr.engine.rundir import RUN_JSON, check_same_folds, run_info, sha256_file
+from kagglecmr.models.checkpoint import check_select, load_best, model_file, selected_model_file
+from kagglecmr.models.factory import build_model
+from kagglecmr.models.losses import IGNORE
 from kagglecmr.utils.errors import DataError, KaggleCMRError
 from kagglecmr.utils.io import atomic_path, atomic_write_json
+from kagglecmr.utils.runtime import amp_dtype, resolve_device, setup_threads
 
-IGNORE = 255  # as kagglecmr.models.losses.IGNORE (kept here so reading pseudo labels needs no torch import)
 MANIFEST = "manifest.json"
-RUN_JSON = "run.json"
-
-
-# ------------------------------------------------------------------------------------------ hashes
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def run_info(run_dir: Path) -> dict:
-    """``run.json`` of a run folder (folds file and its sha256, pseudo labels), or ``{}`` for old runs."""
-    p = Path(run_dir) / RUN_JSON
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        raise KaggleCMRError(f"{p}: not valid JSON") from None
-
-
-def run_folds_sha(run_dir: Path) -> str | None:
-    """The sha256 of the folds file a run trained on: its own, or that of its pseudo labels' manifest."""
-    return run_info(run_dir).get("folds_sha256")
-
-
-def check_same_folds(run_dirs: list[Path], what: str = "runs") -> str | None:
-    """Refuse runs trained on different folds files (or on pseudo labels made on different folds files).
-
-    Returns the common folds sha256 (``None`` when no run recorded one: trained before ``run.json``)."""
-    seen: dict[str, Path] = {}
-    for r in run_dirs:
-        info = run_info(r)
-        shas = {info.get("folds_sha256"), (info.get("pseudo") or {}).get("folds_sha256")} - {None}
-        for sha in shas:
-            seen.setdefault(sha, Path(r))
-    if len(seen) > 1:
-        (a, pa), (b, pb) = list(seen.items())[:2]
-        raise KaggleCMRError(f"{pb}: {what} trained on another folds file than {pa} "
-                             f"(sha256 {b[:12]} vs {a[:12]}); OOF predictions would mix hold-outs")
-    return next(iter(seen), None)
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -115,7 +79,6 @@ def read_pseudo_mask(path: Path, spec) -> np.ndarray:
 def load_pseudo(pseudo_dir: Path, fold, spec):
     """The pseudo-labelled images a student's ``fold`` trains on (a :class:`~kagglecmr.data.loader.Split`
     whose masks may hold 255 = ignore)."""
-    from kagglecmr.data.loader import Split, discover, read_image
 
     root = pseudo_fold_dir(pseudo_dir, fold)
     if not (root / "train" / "image").is_dir():
@@ -148,13 +111,6 @@ def teacher_probs(run_dirs: list[Path], fold, images: np.ndarray, device, passes
     every fold model and the full fit of every run), and the checkpoint files read.  ``select`` (best, last,
     swa) picks that checkpoint of every fold instead of the one its ``train.select`` kept."""
     import torch
-
-    from kagglecmr.cfg.config import Config
-    from kagglecmr.data.context import add_context
-    from kagglecmr.engine.infer import predict_proba
-    from kagglecmr.models.checkpoint import load_best, selected_model_file
-    from kagglecmr.models.factory import build_model
-    from kagglecmr.utils.runtime import amp_dtype
 
     total, files = None, []
     for run in run_dirs:
@@ -196,10 +152,6 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
                  confidence: float = 0.9, tta: bool = False, force: bool = False, device: str = "auto",
                  batch_size: int | None = None, select: str | None = None) -> dict:
     """Write ``out/fold<k>/``, ``out/full/`` and ``out/manifest.json`` (see the module docstring)."""
-    from kagglecmr.cfg.config import Config
-    from kagglecmr.data.loader import load_split, png_size
-    from kagglecmr.models.checkpoint import check_select, load_best, model_file
-    from kagglecmr.utils.runtime import resolve_device, setup_threads
 
     if not runs:
         raise KaggleCMRError("--runs: give at least one teacher run")

@@ -31,17 +31,19 @@ import numpy as np
 import torch
 
 from kagglecmr.cfg.config import Config
-from kagglecmr.data.batches import BatchMaker
+from kagglecmr.data.batches import BatchMaker, to_tensor
 from kagglecmr.data.loader import Split
 from kagglecmr.engine.cudagraph import use_cuda_graphs
-from kagglecmr.engine.infer import predict_proba, to_tensor
+from kagglecmr.engine.infer import predict_proba
 from kagglecmr.engine.optim import lr_lambda
-from kagglecmr.engine.orchestrate import FULL, FoldResult, prepare_dir
+from kagglecmr.engine.rundir import FULL, FoldResult, fold_dir, prepare_dir
 from kagglecmr.engine.warm import step_state
 from kagglecmr.formats.metric import dice_table
 from kagglecmr.models.checkpoint import MODEL_FILES, load_best, load_last, save_best, save_last
 from kagglecmr.models.factory import build_model, count_parameters
 from kagglecmr.utils.io import atomic_path, atomic_write_json
+from kagglecmr.utils.locks import FoldLock, FoldLocked
+from kagglecmr.utils.plots import plot_curves
 from kagglecmr.utils.progress import Reporter, write_metrics
 from kagglecmr.utils.runtime import amp_dtype, autocast, environment, peak_memory_mb, seed_everything
 from kagglecmr.utils.tracking import Tracker
@@ -244,6 +246,20 @@ def _validate(model, criterion, x, y, device, dtype, batch_size) -> tuple[np.nda
 
 
 def _plot(out_dir: Path, history: list[dict]) -> None:
-    from kagglecmr.utils.plots import plot_curves
 
     plot_curves(history, out_dir / "curves.png", title=f"{out_dir.parent.name}/{out_dir.name}")
+
+
+def train_locked(cfg: Config, data: Split, folds_df, fold, run_dir: Path, *, device, force: bool, quiet: bool,
+                 skip_locked: bool = False, **extra) -> FoldResult:
+    """Train one fold holding its lock; a fold another trainer holds raises :class:`FoldLocked`, or with
+    ``skip_locked`` is skipped (a ``FoldResult`` with ``locked_by``) and says so."""
+    out_dir = fold_dir(run_dir, fold)
+    try:
+        with FoldLock(out_dir):
+            return train_fold(cfg, data, folds_df, fold, out_dir, device=device, force=force, quiet=quiet, **extra)
+    except FoldLocked as exc:
+        if not skip_locked:
+            raise
+        print(f"fold {fold}: skipped, {exc}", flush=True)
+        return FoldResult(fold, out_dir, float("nan"), 0, skipped=True, locked_by=str(exc))

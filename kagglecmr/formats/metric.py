@@ -1,4 +1,4 @@
-"""Leaderboard metric, submission CSV reading/writing and the ``score`` command.
+"""The leaderboard metric: mean Dice over submission rows, with IoU and pixel accuracy beside it.
 
 The score is the mean, over every row of the truth, of the Dice coefficient between the
 submission's mask and the truth's mask of that row: ``2|A∩B| / (|A|+|B|)``, 1 when both are
@@ -12,43 +12,22 @@ or both outside it).  The overall ``pixel_accuracy`` is its mean over rows when 
 (rows need not form a label map), and the fraction of correctly labelled pixels over all images
 (every class, background included) when the label maps are known (:func:`score_label_maps`).
 
-Image shape used to check that runs stay inside the image (and to count pixels):
-
-* truth masks (a mask folder, or ``--data``): each mask's own size;
-* a solution CSV: 96x96, unless the solution's runs reach further, in which case the smallest
-  square holding its last pixel.  Dice and IoU do not depend on the shape; pixel accuracy does.
-
-Pure numpy; no torch.
+Reading and writing the CSVs: :mod:`kagglecmr.formats.submission_csv`; the ``score`` command:
+:mod:`kagglecmr.engine.evaluator`.  Pure numpy; no torch.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from kagglecmr.data.loader import labelled_mask_paths, natural_key, natural_sorted
-from kagglecmr.formats.rle import (
-    Shape,
-    decode_flat,
-    image_pixels,
-    mask_folder_paths,
-    masks_to_rows,
-    parse_rle,
-    quoted,
-    rle_extent,
-)
+from kagglecmr.formats.rle import Shape, decode_flat, image_pixels
 from kagglecmr.formats.submission import CMR, SubmissionFormat
-from kagglecmr.utils.errors import DataError, SubmissionError
-from kagglecmr.utils.io import atomic_write_text
+from kagglecmr.utils.errors import SubmissionError
+from kagglecmr.utils.naming import natural_key, natural_sorted
 
-HEADER = list(CMR.header)
-DEFAULT_SIDE = 96
 N_WORST = 5
 
 
@@ -97,108 +76,6 @@ def rle_counts(pred_enc: str, true_enc: str, num_pixels: int, *, start: int = 1)
     """``(|A∩B|, |A|, |B|, pixels)`` of two encodings of an image with ``num_pixels`` pixels."""
     a, b = decode_flat(pred_enc, num_pixels, start=start), decode_flat(true_enc, num_pixels, start=start)
     return int(np.count_nonzero(a & b)), int(np.count_nonzero(a)), int(np.count_nonzero(b)), int(num_pixels)
-
-
-# --------------------------------------------------------------------------- CSV
-
-
-def _read_text(path: Path, fmt: SubmissionFormat = CMR) -> str:
-    expected = ",".join(fmt.header)
-    if not path.exists():
-        raise SubmissionError(f"{path}: file not found")
-    if not path.is_file():
-        raise SubmissionError(f"{path}: not a file (expected a CSV with header '{expected}')")
-    data = path.read_bytes()
-    if not data.strip():
-        raise SubmissionError(f"{path}: empty file (expected header '{expected}')")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise SubmissionError(f"{path}: not a CSV text file (not UTF-8)") from None
-
-
-def _check_row(fields: list[str], shape, fmt: SubmissionFormat = CMR) -> tuple[str, str]:
-    """Validate one data row (without its location) and return ``(id, encoding)``."""
-    if not fields:
-        raise SubmissionError("blank line")
-    if len(fields) != 2:
-        raise SubmissionError(f"expected 2 fields ({','.join(fmt.header)}), found {len(fields)}")
-    rid, enc = fields
-    image, _ = fmt.parse_row_id(rid)
-    try:
-        parse_rle(enc, image_pixels(shape, image), start=fmt.start)
-    except SubmissionError as exc:
-        raise SubmissionError(f"{rid}: {exc}") from None
-    return rid, enc
-
-
-def parse_submission(text: str, name: str | Path, shape: Shape = None, fmt: SubmissionFormat = CMR) -> dict[str, str]:
-    """Parse and validate submission CSV text in format ``fmt``; errors name ``name`` and the line.
-
-    With ``shape`` (one ``(H, W)`` for every image, or ``{image id: (H, W)}``), runs past the
-    image's last pixel are errors too.
-    """
-    reader = csv.reader(io.StringIO(text.rstrip("\r\n"), newline=""), strict=True)
-    rows: dict[str, str] = {}
-    lines: dict[str, int] = {}
-    try:
-        header = next(reader, [])
-        if header != list(fmt.header):
-            raise SubmissionError(f"line 1: header is {quoted(','.join(header))}, expected '{','.join(fmt.header)}'")
-        for fields in reader:
-            try:
-                rid, enc = _check_row(fields, shape, fmt)
-                if rid in rows:
-                    raise SubmissionError(f"duplicate id {quoted(rid)} (first on line {lines[rid]})")
-            except SubmissionError as exc:
-                raise SubmissionError(f"line {reader.line_num}: {exc}") from None
-            rows[rid], lines[rid] = enc, reader.line_num
-    except csv.Error as exc:
-        raise SubmissionError(f"{name}: line {reader.line_num}: not valid CSV ({exc})") from None
-    except SubmissionError as exc:
-        raise SubmissionError(f"{name}: {exc}") from None
-    if not rows:
-        raise SubmissionError(f"{name}: no rows after the header")
-    return rows
-
-
-def read_submission(path: str | Path, shape: Shape = None, fmt: SubmissionFormat = CMR) -> dict[str, str]:
-    """Read a submission / solution CSV ``{id: encoding}`` in file order, strictly validated.
-
-    One-line :class:`SubmissionError` naming the file (and line) for: missing or empty file,
-    not UTF-8 text, bad CSV quoting, a header other than exactly ``fmt.header`` (``id,encoding``),
-    a row without exactly two fields, a bad or duplicate id, and a malformed encoding (odd count,
-    non-integer, start below ``fmt.start`` or length < 1, unsorted or overlapping runs, and with
-    ``shape`` runs past the image).  Accepts CRLF line endings, a UTF-8 BOM, a trailing newline
-    and ``""`` for an empty encoding.
-    """
-    path = Path(path)
-    return parse_submission(_read_text(path, fmt), path, shape=shape, fmt=fmt)
-
-
-def submission_text(rows, fmt: SubmissionFormat = CMR) -> str:
-    """CSV text of ``(id, encoding)`` rows, header first, ``\\n`` line endings."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(fmt.header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def write_submission(rows, path: str | Path, *, shape: Shape, overwrite: bool = False,
-                     fmt: SubmissionFormat = CMR) -> Path:
-    """Write rows ``(id, encoding)`` as a submission CSV in format ``fmt``, atomically, after validating them.
-
-    The text is parsed back with :func:`parse_submission` (the reader the scorer uses) and
-    every encoding is checked against ``shape`` (one ``(H, W)`` or ``{image id: (H, W)}``)
-    before anything touches the disk.
-    """
-    text = submission_text(rows, fmt)
-    parse_submission(text, path, shape=shape, fmt=fmt)
-    return atomic_write_text(path, text, overwrite=overwrite)
-
-
-# --------------------------------------------------------------------------- scoring
 
 
 @dataclass
@@ -347,60 +224,3 @@ def score_label_maps(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], 
     return ScoreResult.from_counts(counts, fmt, correct_pixels=(correct, total))
 
 
-def infer_shape(rows: dict[str, str], fmt: SubmissionFormat = CMR) -> tuple[int, int]:
-    """Image shape for CSV truth: 96x96, or the smallest square holding the last run's pixel."""
-    extent = max((rle_extent(enc, start=fmt.start) for enc in rows.values()), default=0)
-    side = max(DEFAULT_SIDE, math.isqrt(extent - 1) + 1 if extent else 0)
-    return side, side
-
-
-def _truth_from_path(truth: Path, num_classes: int, fmt: SubmissionFormat = CMR) -> tuple[dict[str, str], Shape]:
-    """Truth rows and shape from a mask folder or a solution CSV."""
-    if truth.is_dir():
-        rows, shape = masks_to_rows(mask_folder_paths(truth), num_classes, fmt)
-        return dict(rows), shape
-    if not truth.exists():
-        raise DataError(f"{truth}: truth not found (expected a mask folder or a solution CSV)")
-    rows = read_submission(truth, fmt=fmt)
-    return rows, infer_shape(rows, fmt)
-
-
-def _truth_from_data(submission: Path, data: Path, num_classes: int,
-                     fmt: SubmissionFormat = CMR) -> tuple[dict[str, str], Shape]:
-    """Truth rows and shape from the labelled masks under ``data`` of the submission's images."""
-    image_ids = natural_sorted({fmt.parse_row_id(rid)[0] for rid in read_submission(submission, fmt=fmt)})
-    paths = labelled_mask_paths(data)
-    unknown = [i for i in image_ids if i not in paths]
-    if unknown:
-        raise SubmissionError(
-            f"{submission}: {len(unknown)} of {len(image_ids)} images have no mask under "
-            f"{data}/train/mask or {data}/val/mask, e.g. {_some(unknown)} (use --truth)"
-        )
-    rows, shape = masks_to_rows({i: paths[i] for i in image_ids}, num_classes, fmt)
-    return dict(rows), shape
-
-
-def run_score(
-    submission: str | Path,
-    truth: str | Path | None = None,
-    data: str | Path = Path("data"),
-    as_json: bool = False,
-    num_classes: int = 4,
-    fmt: SubmissionFormat = CMR,
-) -> ScoreResult:
-    """``kagglecmr score``: score a submission CSV in format ``fmt`` and print the result.
-
-    ``truth`` is a mask folder or a solution CSV; without it the submission's images are looked
-    up among the labelled masks (train/ and val/) under ``data``.  Masks may differ in size
-    (each row is checked against its own image).  Prints a report, or with ``as_json`` exactly
-    one JSON object on stdout.
-    """
-    submission = Path(submission)
-    if truth is None:
-        truth_rows, shape = _truth_from_data(submission, Path(data), num_classes, fmt)
-    else:
-        truth_rows, shape = _truth_from_path(Path(truth), num_classes, fmt)
-    pred = read_submission(submission, shape=shape, fmt=fmt)
-    result = score_rows(pred, truth_rows, shape, name=submission, fmt=fmt)
-    print(json.dumps(result.to_dict()) if as_json else result.report())
-    return result

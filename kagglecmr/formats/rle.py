@@ -1,4 +1,4 @@
-"""Run-length encoding, the competition's row ids, and the ``encode`` command.
+"""Run-length encoding of binary masks and the image ids a row id may hold.
 
 A submission row encodes one class ``k`` of one image: the binary mask ``label == k`` is
 flattened column-major (``x.T.flatten()``, i.e. down the first column first), and every run of
@@ -16,12 +16,10 @@ with a one-line message (callers prefix the file and line).  Pure numpy; no torc
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 
-from kagglecmr.data.loader import DataSpec, mask_id, natural_key, png_size, read_mask
-from kagglecmr.utils.errors import DataError, KaggleCMRError, SubmissionError
+from kagglecmr.utils.errors import SubmissionError
 
 _IMAGE_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # no commas, quotes or whitespace, so ids need no CSV quoting
 IMAGE_ID_RE = re.compile(_IMAGE_ID, re.ASCII)
@@ -161,119 +159,3 @@ def check_image_id(image_id: str) -> str:
     if not IMAGE_ID_RE.fullmatch(image_id):
         raise SubmissionError(f"bad image id {quoted(image_id)}: use letters, digits, '_', '.', '-'")
     return image_id
-
-
-def row_id(image_id: str, k: int) -> str:
-    """``("cmr7", 2)`` -> ``"cmr7_mask2"`` (the CMR format; any format: ``SubmissionFormat.row_id``)."""
-    from kagglecmr.formats.submission import CMR  # submission builds on this module
-
-    return CMR.row_id(image_id, k)
-
-
-def parse_row_id(rid: str) -> tuple[str, int]:
-    """``"cmr7_mask2"`` -> ``("cmr7", 2)``; raises :class:`SubmissionError` for any other shape."""
-    from kagglecmr.formats.submission import CMR
-
-    return CMR.parse_row_id(rid)
-
-
-def label_to_rows(image_id: str, label_mask, num_classes: int = 4) -> list[tuple[str, str]]:
-    """The ``num_classes - 1`` CMR submission rows ``(id, encoding)`` of one label mask."""
-    from kagglecmr.formats.submission import CMR
-
-    return CMR.rows(image_id, label_mask, num_classes)
-
-
-# --------------------------------------------------------------------------- mask folders
-
-
-def mask_folder_paths(folder: str | Path) -> dict[str, Path]:
-    """``{image id: png}`` of a mask folder (``cmrN_mask.png`` or ``cmrN.png``), in natural order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: mask folder not found")
-    found: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if not (p.is_file() and p.suffix.lower() == ".png" and not p.name.startswith(".")):
-            continue
-        i = mask_id(p)
-        try:
-            check_image_id(i)
-        except SubmissionError as exc:
-            raise DataError(f"{p}: {exc}") from None
-        if i in found:
-            raise DataError(f"{p}: same image id '{i}' as {found[i].name}")
-        found[i] = p
-    if not found:
-        raise DataError(f"{folder}: no PNG masks in folder")
-    return dict(sorted(found.items(), key=lambda kv: natural_key(kv[0])))
-
-
-def read_label_mask(path: str | Path, num_classes: int = 4) -> np.ndarray:
-    """``data.read_mask`` at the mask's own size (any square size; labels ``< num_classes``)."""
-    path = Path(path)
-    h, w = png_size(path)
-    if h != w:
-        raise DataError(f"{path}: mask is {w}x{h}; only square masks are supported")
-    return read_mask(path, DataSpec(size=h, num_classes=num_classes))
-
-
-def masks_to_rows(paths: dict[str, Path], num_classes: int = 4, fmt=None):
-    """Submission rows of label masks ``{image id: png}`` in format ``fmt`` (default CMR), and their size.
-
-    The size is ``(H, W)`` when every mask has the same, else ``{image id: (H, W)}``; both are
-    what :func:`kagglecmr.formats.metric.write_submission` and ``read_submission`` take as ``shape``.
-    """
-    from kagglecmr.formats.submission import CMR
-
-    fmt = CMR if fmt is None else fmt
-    rows: list[tuple[str, str]] = []
-    shapes: dict[str, tuple[int, int]] = {}
-    for i, p in paths.items():
-        m = read_label_mask(p, num_classes)
-        shapes[i] = m.shape
-        rows.extend(fmt.rows(i, m, num_classes))
-    if not shapes:
-        raise DataError("no masks given")
-    sizes = set(shapes.values())
-    return rows, (sizes.pop() if len(sizes) == 1 else shapes)
-
-
-# --------------------------------------------------------------------------- command
-
-
-def run_encode(mask_dir: str | Path, out: str | Path, force: bool = False, num_classes: int = 4, fmt=None) -> int:
-    """``kagglecmr encode``: PNG label masks -> validated submission CSV; returns the rows written.
-
-    Rows are in natural image order (cmr2 before cmr10), the row classes of ``fmt`` (a
-    :class:`~kagglecmr.formats.submission.SubmissionFormat`, default CMR: ``1..num_classes-1``) within an
-    image; masks may differ in size.  The CSV is parsed back with the scorer's reader before it is
-    written atomically; an existing ``out`` is refused (and left untouched) unless ``force``.
-    """
-    from kagglecmr.formats.metric import write_submission  # score imports this module
-    from kagglecmr.formats.submission import CMR
-
-    fmt = CMR if fmt is None else fmt
-    out = Path(out)
-    if num_classes < 2:
-        raise KaggleCMRError(f"--num-classes {num_classes}: need at least 2 (background and one class)")
-    try:
-        classes = fmt.row_classes(num_classes)
-    except ValueError as exc:
-        raise KaggleCMRError(f"--num-classes {num_classes}: {exc}") from None
-    if out.exists() and not force:
-        raise KaggleCMRError(f"{out}: already exists (use --force to overwrite)")
-    rows, shape = masks_to_rows(mask_folder_paths(mask_dir), num_classes, fmt)
-    write_submission(rows, out, shape=shape, overwrite=force, fmt=fmt)
-    print(_encode_summary(rows, out, classes, fmt))
-    return len(rows)
-
-
-def _encode_summary(rows: list[tuple[str, str]], out: Path, classes: list[int], fmt) -> str:
-    empty = {k: 0 for k in classes}
-    for rid, enc in rows:
-        if not enc:
-            empty[fmt.parse_row_id(rid)[1]] += 1
-    per_class = ", ".join(f"class {fmt.class_label(k)}: {n}" for k, n in empty.items())
-    n_images = len(rows) // len(classes)
-    return f"wrote {out}: {len(rows)} rows ({n_images} images x {len(classes)} classes); empty rows {per_class}"

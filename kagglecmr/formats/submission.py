@@ -356,3 +356,19 @@ def _class_indices(value, class_names: tuple[str, ...] | None) -> tuple[int, ...
 
 CMR = SubmissionFormat()
 """The cardiac MR competition's format: ``id,encoding``, ``cmrN_maskK``, column-major, 1-based."""
+
+
+# --------------------------------------------------------------------------- CMR row ids
+def row_id(image_id: str, k: int) -> str:
+    """``("cmr7", 2)`` -> ``"cmr7_mask2"`` (the CMR format; any format: ``SubmissionFormat.row_id``)."""
+    return CMR.row_id(image_id, k)
+
+
+def parse_row_id(rid: str) -> tuple[str, int]:
+    """``"cmr7_mask2"`` -> ``("cmr7", 2)``; raises :class:`SubmissionError` for any other shape."""
+    return CMR.parse_row_id(rid)
+
+
+def label_to_rows(image_id: str, label_mask, num_classes: int = 4) -> list[tuple[str, str]]:
+    """The ``num_classes - 1`` CMR submission rows ``(id, encoding)`` of one label mask."""
+    return CMR.rows(image_id, label_mask, num_classes)

@@ -21,9 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kagglecmr.reports.leaderboard import ENSEMBLE_OOF, flatten, fold_dirs, read_json, read_run, run_config
+from kagglecmr.cfg.config import Config
+from kagglecmr.data.dataset import prepare
+from kagglecmr.engine.postprocess import describe_plan, load_plan
+from kagglecmr.engine.rundir import ENSEMBLE_OOF, read_json
+from kagglecmr.reports.leaderboard import flatten, fold_dirs, read_run, run_config
 from kagglecmr.utils.errors import KaggleCMRError
 from kagglecmr.utils.io import atomic_write_text
+from kagglecmr.utils.plots import contact_sheet, plot_class_dice, plot_run_curves
 
 REPORT = "report.html"
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1560px;color:#222}
@@ -101,7 +106,6 @@ def _fold_rows(run_dir: Path, row: dict, oofs: dict[int, dict], n_classes: int) 
 
 def _worst(run_dir: Path, oofs: dict, cfg: dict, data, worst: int, tmp: Path) -> str:
     """Truth | prediction sheet of the ``worst`` OOF images (lowest mean Dice over classes)."""
-    from kagglecmr.utils.plots import contact_sheet
 
     if not oofs:
         return _note("no oof.npz in any fold: no out-of-fold images to show")
@@ -114,8 +118,6 @@ def _worst(run_dir: Path, oofs: dict, cfg: dict, data, worst: int, tmp: Path) ->
     if data is None:
         return text + _note("images not shown: pass --data (the dataset the run was trained on) to see them")
     try:
-        from kagglecmr.cfg.config import Config
-        from kagglecmr.data.dataset import prepare
 
         _, _, split = prepare(Config.model_validate(cfg), data, quiet=True)  # a folder or a dataset file
         split = split.subset([ids[i] for i in order])
@@ -131,7 +133,6 @@ def _worst(run_dir: Path, oofs: dict, cfg: dict, data, worst: int, tmp: Path) ->
 
 def build_report(run_dir: str | os.PathLike, *, data: str | os.PathLike | None = None, worst: int = 12) -> str:
     """The report page of ``run_dir`` as one HTML string (PNG plots inlined)."""
-    from kagglecmr.utils.plots import plot_class_dice, plot_run_curves
 
     run_dir = Path(run_dir)
     row = read_run(run_dir)
@@ -213,7 +214,6 @@ def build_report(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
     parts.append("<h2>Postprocessing</h2>")
     plan_path = run_dir / "postprocess.json"
     if plan_path.is_file():
-        from kagglecmr.engine.postprocess import describe_plan, load_plan
 
         try:
             plan = load_plan(plan_path)

@@ -24,24 +24,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from kagglecmr.cfg.config import Config, load_config
+from kagglecmr.engine.rundir import ENSEMBLE_OOF, read_json
 from kagglecmr.utils.errors import KaggleCMRError
-from kagglecmr.utils.io import atomic_write_json
 
-ENSEMBLE_OOF = "ensemble_oof.json"
 SECTION_ORDER = ["model", "loss", "train", "data", "augment", "infer"]  # what the short table names first
 IGNORED_KEYS = ("name", "train.device", "train.threads", "train.log")  # where a run ran, not what it is
 
 
 # ------------------------------------------------------------------------------------ reading
-def read_json(path: Path) -> dict | None:
-    """A JSON object, or None when the file is absent or unreadable (a half-written run is normal)."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def read_yaml(path: Path) -> dict | None:
     try:
         obj = yaml.safe_load(Path(path).read_text())
@@ -76,7 +67,6 @@ def run_config(run_dir: Path) -> dict:
 
 def default_config() -> dict:
     """The shipped ``default`` recipe as a dict (the built-in defaults when it is not found)."""
-    from kagglecmr.cfg.config import Config, load_config
 
     try:
         return load_config("default").to_dict()
@@ -270,20 +260,3 @@ def run_runs(runs_dir: str | os.PathLike = "runs", *, as_json: bool = False) -> 
     rows = list_runs(runs_dir)
     print_runs(rows, as_json=as_json)
     return rows
-
-
-# ------------------------------------------------------------------------------------ recording
-def record_ensemble_oof(run_dir: str | os.PathLike, passes: list[str], table: np.ndarray,
-                        pp_table: np.ndarray | None = None, plan: dict | None = None) -> Path:
-    """Merge one OOF result of ``ensemble`` (a Dice table ``[images, classes-1]`` for the TTA set
-    ``passes``, and the table after the postprocessing ``plan``) into ``<run>/ensemble_oof.json``."""
-    def entry(t):
-        return {"score": float(t.mean()), "per_class": {str(k + 1): float(t[:, k].mean()) for k in range(t.shape[1])}}
-
-    path = Path(run_dir) / ENSEMBLE_OOF
-    record = read_json(path) or {}
-    e = entry(np.asarray(table)) | {"tta": list(passes), "images": int(np.asarray(table).shape[0])}
-    if pp_table is not None:
-        e["postprocess"] = entry(np.asarray(pp_table)) | {"plan": plan}
-    record.setdefault("entries", {})["+".join(passes)] = e
-    return atomic_write_json(path, record)
