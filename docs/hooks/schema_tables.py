@@ -101,40 +101,24 @@ def _warn(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------- the models
 def config_model():
-    """The experiment config's pydantic model (``kagglecmr.cfg.config``, formerly ``kagglecmr.config``)."""
-    try:
-        from kagglecmr.cfg.config import Config
-    except ImportError:
-        from kagglecmr.config import Config
+    """The experiment config's pydantic model (:class:`kagglecmr.cfg.config.Config`)."""
+    from kagglecmr.cfg.config import Config
+
     return Config
 
 
 def dataset_model():
-    """The dataset file's pydantic model (``kagglecmr.data.dataset_file``, formerly ``kagglecmr.dataset_file``)."""
-    try:
-        from kagglecmr.data.dataset_file import DatasetFile
-    except ImportError:
-        from kagglecmr.dataset_file import DatasetFile
+    """The dataset file's pydantic model (:class:`kagglecmr.data.dataset_file.DatasetFile`)."""
+    from kagglecmr.data.dataset_file import DatasetFile
+
     return DatasetFile
 
 
 def shipped_configs() -> dict[str, Path]:
     """``{name: path}`` of the experiment configs shipped with the package (``--config NAME``)."""
-    folders = []
-    try:
-        import kagglecmr.cfg as cfg
+    from kagglecmr.cfg.config import SHIPPED_CONFIGS, shipped_configs as names
 
-        here = Path(cfg.__file__).resolve().parent
-        folders += [here, *sorted(p for p in here.iterdir() if p.is_dir() and p.name != "datasets")]
-    except ImportError:
-        pass
-    import kagglecmr
-
-    folders.append(Path(kagglecmr.__file__).resolve().parents[1] / "configs")  # the layout before kagglecmr/cfg
-    for folder in folders:
-        if (folder / "default.yaml").is_file():
-            return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
-    return {}
+    return {name: SHIPPED_CONFIGS / f"{name}.yaml" for name in names()}
 
 
 # ------------------------------------------------------------------------------------------- formatting
@@ -303,7 +287,7 @@ def render_recipes() -> str:
     config = config_model()
     configs = shipped_configs()
     if not configs:
-        _warn("schema_tables: no shipped configs found (kagglecmr/cfg/*.yaml or configs/*.yaml)")
+        _warn("schema_tables: no shipped configs found (kagglecmr/cfg/*.yaml)")
         return ""
     cols = {}
     for name, path in configs.items():
