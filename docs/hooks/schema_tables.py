@@ -116,7 +116,8 @@ def dataset_model():
 
 def shipped_configs() -> dict[str, Path]:
     """``{name: path}`` of the experiment configs shipped with the package (``--config NAME``)."""
-    from kagglecmr.cfg.config import SHIPPED_CONFIGS, shipped_configs as names
+    from kagglecmr.cfg.config import SHIPPED_CONFIGS
+    from kagglecmr.cfg.config import shipped_configs as names
 
     return {name: SHIPPED_CONFIGS / f"{name}.yaml" for name in names()}
 
