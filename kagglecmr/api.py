@@ -111,15 +111,17 @@ def make_folds(data: str | Path = "data", *, n_folds: int = 5, seed: int = 42, o
 
 def score(submission: str | Path, *, truth: str | Path | None = None, data: str | Path = "data",
           split: str | None = None, as_json: bool = False) -> ScoreResult:
-    """Leaderboard score of a submission CSV (``kagglecmr score``): ``.score``, ``.per_class``, ``.worst``."""
-    from kagglecmr.engine.evaluator import run_score
+    """Leaderboard score of a submission CSV (``kagglecmr score``): ``.score``, ``.per_class``, ``.worst``.
+
+    The truth is ``data``'s masks (a folder or a dataset file, read as training reads it: its mask values,
+    classes and submission format), of ``split`` or by default the labelled masks of the submission's
+    images; or ``truth``: a mask folder or a solution CSV (CMR format unless ``data`` is a dataset)."""
+    from kagglecmr.engine.evaluator import run_score, run_score_dataset
 
     data = Path(data)
-    if split is not None or str(data).endswith((".yaml", ".yml")) or (data / "dataset.yaml").is_file():
-        from kagglecmr.engine.evaluator import run_score_dataset
-
+    if truth is None or split is not None or data.exists():
         return run_score_dataset(Path(submission), data=data, split=split, truth=truth, as_json=as_json)
-    return run_score(Path(submission), truth=None if truth is None else Path(truth), data=Path(data), as_json=as_json)
+    return run_score(Path(submission), truth=Path(truth), as_json=as_json)
 
 
 def encode(mask_dir: str | Path, *, out: str | Path = "submission.csv", force: bool = False,
@@ -284,6 +286,10 @@ def export(runs: list[str | Path] | str | Path | None = None, *, out: str | Path
         raise KaggleCMRError(f"--format {format}: expected onnx or torchscript")
     if format == "onnx":
         _require_onnx()  # before minutes of loading
+    for r in [] if runs is None else [runs] if isinstance(runs, (str, Path)) else runs:
+        if Path(r).is_file() or Path(r).suffix.lower() in (".onnx", ".pt"):
+            raise KaggleCMRError(f"{r}: an exported file, not a run folder; export takes the run folders it was "
+                                 f"made from (--runs runs/<name>)")
     pred = load_ensemble(runs, tta=tta, tta_flips=tta_flips, weights=weights, device="cpu", full=full,
                          runs_dir=runs_dir, select=select)
     info = export_ensemble(pred, Path(out), format, data=None if data is None else Path(data), force=force)

@@ -83,6 +83,9 @@ def test_score_unknown_images_under_data(tmp_path):
     sub = tmp_path / "s.csv"
     sub.write_text("id,encoding\ncmr5_mask1,\n")
     write_png(tmp_path / "data" / "train" / "mask" / "cmr1_mask.png", np.zeros((8, 8)))
+    # a folder with masks but no images is not a dataset (one loader for every command)
+    assert_cli_error(cli("score", sub, "--data", tmp_path / "data"), tmp_path / "data", "train/image")
+    write_png(tmp_path / "data" / "train" / "image" / "cmr1.png", np.zeros((8, 8)))
     assert_cli_error(cli("score", sub, "--data", tmp_path / "data"), sub, "cmr5")
 
 
@@ -164,6 +167,8 @@ def test_score_default_data_dir(tmp_path, masks):
     data = tmp_path / "data" / "val" / "mask"
     data.parent.mkdir(parents=True)
     masks.rename(data)
+    for m in data.iterdir():  # a dataset folder: every mask beside its image
+        write_png(data.parent / "image" / m.name.replace("_mask", ""), np.full((8, 8), 90))
     assert cli("encode", data, "--out", tmp_path / "s.csv").returncode == 0
     proc = cli("score", "s.csv", "--json", cwd=tmp_path)  # --data defaults to ./data
     assert proc.returncode == 0, proc.stderr

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kagglecmr.engine.evaluator import run_score
+from kagglecmr.engine.evaluator import run_score, run_score_dataset
 from kagglecmr.formats.metric import ScoreResult, dice_table, score_label_maps, score_rows
 from kagglecmr.formats.rle import encode_rle
 from kagglecmr.formats.submission import label_to_rows
@@ -419,7 +419,7 @@ def test_run_score_against_folder_csv_and_data(tmp_path, dataset, capsys):
     assert "score" in capsys.readouterr().out
     solution = write_rows(tmp_path / "solution.csv", truth)
     assert run_score(sub, truth=solution).score == pytest.approx(expected, abs=1e-12)
-    assert run_score(sub, data=root, as_json=True).score == pytest.approx(expected, abs=1e-12)
+    assert run_score_dataset(sub, data=root, as_json=True).score == pytest.approx(expected, abs=1e-12)
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert printed["score"] == pytest.approx(expected) and set(printed["per_class"]) == {"1", "2", "3"}
     assert run_score(solution, truth=solution).score == 1.0
@@ -428,7 +428,7 @@ def test_run_score_against_folder_csv_and_data(tmp_path, dataset, capsys):
 def test_run_score_val_submission_scores_against_val(tmp_path, dataset, capsys):
     root, labels = dataset
     sub = write_rows(tmp_path / "val.csv", labels_rows({i: labels[i] for i in ["cmr11", "cmr12"]}))
-    result = run_score(sub, data=root, as_json=True)
+    result = run_score_dataset(sub, data=root, as_json=True)
     assert (result.score, result.rows, result.images) == (1.0, 6, 2)
     assert json.loads(capsys.readouterr().out)["score"] == 1.0
 
@@ -437,8 +437,8 @@ def test_run_score_unknown_images_under_data(tmp_path, dataset):
     root, labels = dataset
     sub = write_rows(tmp_path / "s.csv", labels_rows({"cmr1": labels["cmr1"], "cmr99": labels["cmr2"]}))
     with pytest.raises(SubmissionError) as info:
-        run_score(sub, data=root)
-    one_line_error(info, str(sub), "1 of 2 images have no mask", "cmr99")
+        run_score_dataset(sub, data=root)
+    one_line_error(info, str(sub), "1 of 2 images have no train/val mask", "cmr99")
 
 
 def test_run_score_checks_runs_against_mask_shape(tmp_path, dataset):
@@ -448,7 +448,7 @@ def test_run_score_checks_runs_against_mask_shape(tmp_path, dataset):
     sub = tmp_path / "s.csv"
     write_submission(list(rows.items()), sub, shape=(96, 96))
     with pytest.raises(SubmissionError) as info:
-        run_score(sub, data=root)
+        run_score_dataset(sub, data=root)
     one_line_error(info, str(sub), "cmr1_mask1", "past the image's 256 pixels")
 
 

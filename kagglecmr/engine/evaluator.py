@@ -17,14 +17,12 @@ import json
 from pathlib import Path
 
 from kagglecmr.data.dataset import Dataset, load_dataset
-from kagglecmr.data.loader import labelled_mask_paths
 from kagglecmr.data.mask_folder import mask_folder_paths, masks_to_rows
-from kagglecmr.formats.metric import ScoreResult, _some, score_rows
+from kagglecmr.formats.metric import ScoreResult, score_rows
 from kagglecmr.formats.rle import Shape
 from kagglecmr.formats.submission import CMR, SubmissionFormat
 from kagglecmr.formats.submission_csv import infer_shape, read_submission, write_submission
 from kagglecmr.utils.errors import DataError, KaggleCMRError, SubmissionError
-from kagglecmr.utils.naming import natural_sorted
 
 
 def truth_masks(ds: Dataset, split: str | None, image_ids: list[str] | None = None) -> dict:
@@ -51,6 +49,13 @@ def run_score_dataset(submission: str | Path, *, data: str | Path, split: str | 
     submission = Path(submission)
     ds = load_dataset(data)
     fmt, k = ds.submission, ds.num_classes
+    if truth is not None and Path(truth).is_file():  # a solution CSV in the dataset's format
+        truth_rows = read_submission(truth, fmt=fmt)
+        shape = infer_shape(truth_rows, fmt)
+        result = score_rows(read_submission(submission, shape=shape, fmt=fmt), truth_rows, shape, name=submission,
+                            fmt=fmt)
+        print(json.dumps(result.to_dict()) if as_json else result.report())
+        return result
     if truth is not None:
         truth_paths = mask_folder_paths(truth)
         masks = {i: ds.read_mask(p, resize=False) for i, p in truth_paths.items()}
@@ -97,41 +102,15 @@ def _truth_from_path(truth: Path, num_classes: int, fmt: SubmissionFormat = CMR)
     return rows, infer_shape(rows, fmt)
 
 
-def _truth_from_data(submission: Path, data: Path, num_classes: int,
-                     fmt: SubmissionFormat = CMR) -> tuple[dict[str, str], Shape]:
-    """Truth rows and shape from the labelled masks under ``data`` of the submission's images."""
-    image_ids = natural_sorted({fmt.parse_row_id(rid)[0] for rid in read_submission(submission, fmt=fmt)})
-    paths = labelled_mask_paths(data)
-    unknown = [i for i in image_ids if i not in paths]
-    if unknown:
-        raise SubmissionError(
-            f"{submission}: {len(unknown)} of {len(image_ids)} images have no mask under "
-            f"{data}/train/mask or {data}/val/mask, e.g. {_some(unknown)} (use --truth)"
-        )
-    rows, shape = masks_to_rows({i: paths[i] for i in image_ids}, num_classes, fmt)
-    return dict(rows), shape
-
-
-def run_score(
-    submission: str | Path,
-    truth: str | Path | None = None,
-    data: str | Path = Path("data"),
-    as_json: bool = False,
-    num_classes: int = 4,
-    fmt: SubmissionFormat = CMR,
-) -> ScoreResult:
-    """``kagglecmr score``: score a submission CSV in format ``fmt`` and print the result.
-
-    ``truth`` is a mask folder or a solution CSV; without it the submission's images are looked
-    up among the labelled masks (train/ and val/) under ``data``.  Masks may differ in size
-    (each row is checked against its own image).  Prints a report, or with ``as_json`` exactly
-    one JSON object on stdout.
+def run_score(submission: str | Path, truth: str | Path, as_json: bool = False, num_classes: int = 4,
+              fmt: SubmissionFormat = CMR) -> ScoreResult:
+    """``kagglecmr score SUB --truth T`` without a dataset: score a submission CSV in format ``fmt`` (CMR) and
+    print the result.  ``truth`` is a mask folder (label values ``0..num_classes-1``) or a solution CSV.
+    Masks may differ in size (each row is checked against its own image).  Prints a report, or with
+    ``as_json`` exactly one JSON object on stdout.
     """
     submission = Path(submission)
-    if truth is None:
-        truth_rows, shape = _truth_from_data(submission, Path(data), num_classes, fmt)
-    else:
-        truth_rows, shape = _truth_from_path(Path(truth), num_classes, fmt)
+    truth_rows, shape = _truth_from_path(Path(truth), num_classes, fmt)
     pred = read_submission(submission, shape=shape, fmt=fmt)
     result = score_rows(pred, truth_rows, shape, name=submission, fmt=fmt)
     print(json.dumps(result.to_dict()) if as_json else result.report())

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kagglecmr.data.loader import load_labelled
+from kagglecmr.data.dataset import apply_dataset, load_dataset
 from kagglecmr.engine.infer import predict_proba, tta_apply, tta_undo
 from kagglecmr.engine.predictor import Predictor
 from kagglecmr.utils.errors import KaggleCMRError
@@ -226,7 +226,9 @@ def check_images(pred: Predictor, data) -> tuple[np.ndarray, str]:
         rng = np.random.default_rng(0)
         return rng.integers(0, 256, (2 * CHECK_BATCH + 3, c, h, w), dtype=np.uint8), "random images (no --data)"
 
-    split = load_labelled(data, pred.runs[0].cfg.data.spec())
+    ds = load_dataset(data)  # a folder or a dataset file, read as training read it
+    apply_dataset(pred.runs[0].cfg, ds)  # the run's size and channels (a dataset of other classes is an error)
+    split = ds.labelled()
     imgs = split.images[:CHECK_IMAGES].transpose(0, 3, 1, 2)
     return np.ascontiguousarray(imgs), f"{len(imgs)} labelled (OOF) images of {data}"
 
@@ -237,6 +239,12 @@ def export_ensemble(pred: Predictor, out: Path, fmt: str, *, data=None, force: b
         raise KaggleCMRError(f"--format {fmt}: expected onnx or torchscript")
     if fmt == "onnx":
         _require_onnx()
+    context = [r for r in pred.runs if r.cfg.data.context != "none"]
+    if context:
+        raise KaggleCMRError(f"{context[0].path}: trained with data.context: {context[0].cfg.data.context} (each "
+                             f"image's partner frame, found among a split's images, is an extra input), which one "
+                             f"exported file of single images cannot reproduce; use kagglecmr ensemble/predict "
+                             f"for this run, or retrain it without data.context")
     out = Path(out)
     sidecar = out.with_name(out.name + ".json")
     for p in (out, sidecar):

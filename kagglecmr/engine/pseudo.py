@@ -25,10 +25,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kagglecmr.cfg.config import Config
 from kagglecmr.data.context import add_context
-from kagglecmr.data.loader import Split, discover, load_split, png_size, read_image
+from kagglecmr.data.dataset import apply_dataset, load_dataset
+from kagglecmr.data.loader import Split, discover, png_size, read_image
 from kagglecmr.engine.infer import predict_proba
 from kagglecmr.engine.rundir import RUN_JSON, check_same_folds, run_info, sha256_file
 from kagglecmr.models.checkpoint import check_select, load_best, model_file, selected_model_file
@@ -105,31 +107,62 @@ def _fold_names(run_dir: Path) -> list[str]:
     return [d.name for d in dirs]
 
 
+def _model_probs(path: Path, images: np.ndarray, device, passes, batch_size: int) -> np.ndarray:
+    """Softmax of one teacher checkpoint over ``images`` (with its own context channels and TTA)."""
+    sd, meta = load_best(path)
+    cfg = Config.model_validate(meta["config"])
+    model = build_model(cfg, weights="none", check_size=False)
+    model.load_state_dict(sd)
+    model = model.to(device).to(memory_format=torch.channels_last).eval()
+    return predict_proba(model, add_context(images, cfg.data.context), device, tta=passes, batch_size=batch_size,
+                         amp=amp_dtype(cfg.train.amp, device))
+
+
+def _teacher_dir(run: Path, name: str) -> Path:
+    d = Path(run) / name
+    if not (d / "summary.json").is_file():
+        raise KaggleCMRError(f"{run}: {name} is missing or unfinished (train it before pseudo-labelling)")
+    return d
+
+
 def teacher_probs(run_dirs: list[Path], fold, images: np.ndarray, device, passes, batch_size: int,
                   select: str | None = None):
     """Mean softmax of the teachers' models for ``fold`` (one per run: its ``fold<k>`` model; ``"all"``:
     every fold model and the full fit of every run), and the checkpoint files read.  ``select`` (best, last,
     swa) picks that checkpoint of every fold instead of the one its ``train.select`` kept."""
-    import torch
-
     total, files = None, []
     for run in run_dirs:
         names = [f"fold{int(fold)}"] if fold != "all" else _fold_names(run) + (["full"] if (run / "full").is_dir() else [])
         for name in names:
-            d = Path(run) / name
-            if not (d / "summary.json").is_file():
-                raise KaggleCMRError(f"{run}: {name} is missing or unfinished (train it before pseudo-labelling)")
-            path = selected_model_file(d, select, run)
-            sd, meta = load_best(path)
-            cfg = Config.model_validate(meta["config"])
-            model = build_model(cfg, weights="none", check_size=False)
-            model.load_state_dict(sd)
-            model = model.to(device).to(memory_format=torch.channels_last).eval()
-            p = predict_proba(model, add_context(images, cfg.data.context), device, tta=passes, batch_size=batch_size,
-                              amp=amp_dtype(cfg.train.amp, device))
+            path = selected_model_file(_teacher_dir(run, name), select, run)
+            p = _model_probs(path, images, device, passes, batch_size)
             total = p if total is None else total + p
             files.append(path)
     return total / len(files), files
+
+
+def all_teacher_probs(run_dirs: list[Path], n_folds: int, images: np.ndarray, device, passes, batch_size: int,
+                      select: str | None = None):
+    """``[(fold, mean softmax, checkpoint files)]`` for every fold ``0..n_folds-1`` and then ``"all"``, each
+    teacher model predicted once: fold k's models make fold k's labels and join the running sum of ``"all"``
+    (with the full fits), so only one fold's probabilities and the sum are held at a time (a generator)."""
+    all_sum, all_files = None, []
+    for k in range(n_folds):
+        fold_sum, files = None, []
+        for run in run_dirs:
+            path = selected_model_file(_teacher_dir(run, f"fold{k}"), select, run)
+            p = _model_probs(path, images, device, passes, batch_size)
+            fold_sum = p if fold_sum is None else fold_sum + p
+            files.append(path)
+        all_sum = fold_sum.copy() if all_sum is None else all_sum + fold_sum
+        all_files += files
+        yield k, fold_sum / len(files), files
+    for run in run_dirs:
+        if (Path(run) / "full").is_dir():
+            path = selected_model_file(_teacher_dir(run, "full"), select, run)
+            all_sum += _model_probs(path, images, device, passes, batch_size)
+            all_files.append(path)
+    yield "all", all_sum / len(all_files), all_files
 
 
 def _holdout(fold_dir: Path) -> list[str] | None:
@@ -146,6 +179,32 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         if not cv2.imwrite(str(tmp), arr):
             raise KaggleCMRError(f"{path}: cannot write PNG")
+
+
+def _png_channels(img: np.ndarray) -> np.ndarray:
+    """An RGB(-order) model input as the array cv2 writes to PNG: BGR; two channels as (R, G, 0), which
+    :func:`~kagglecmr.data.loader.read_image` reads back as the same two."""
+    if img.shape[2] == 2:
+        img = np.concatenate([img, np.zeros_like(img[:, :, :1])], axis=2)
+    return np.ascontiguousarray(img[:, :, ::-1]) if img.shape[2] == 3 else img
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move the complete folder ``new`` to ``out``; an old ``out`` (``--force``) is renamed aside first and
+    deleted only once the new one is in place (a crash in between leaves one of the two whole)."""
+    aside = None
+    if out.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        aside.rmdir()
+        out.rename(aside)
+    try:
+        new.rename(out)
+    except OSError:
+        if aside is not None:
+            aside.rename(out)  # put the old one back
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out: Path | None = None,
@@ -178,9 +237,10 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
     dev = resolve_device(device)
     setup_threads(0)
     _, meta = load_best(model_file(runs[0] / "fold0"))
-    cfg = Config.model_validate(meta["config"])
-    spec = cfg.data.spec()
-    data = load_split(data_root, split, spec, labelled=False)
+    ds = load_dataset(data_root)  # a folder or a dataset file, read like training read it
+    cfg = apply_dataset(Config.model_validate(meta["config"]), ds)  # the teachers' size, channels and classes
+    data = ds.load(split, labelled=False)
+    copy_ok = ds.channels == list(range(len(ds.channels)))  # the file reads back as the same channels
     passes = list(cfg.infer.tta) if tta else ["none"]
     bsz = batch_size or cfg.infer.batch_size_for(dev.type)
     print(f"pseudo-labelling {len(data)} '{split}' images with {', '.join(r.name for r in runs)} | "
@@ -190,8 +250,7 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         per_fold = {}
-        for fold in [*range(n_folds), "all"]:
-            probs, files = teacher_probs(runs, fold, data.images, dev, passes, bsz, select)
+        for fold, probs, files in all_teacher_probs(runs, n_folds, data.images, dev, passes, bsz, select):
             conf = probs.max(1)
             labels = probs.argmax(1).astype(np.uint8)
             labels[conf < confidence] = IGNORE
@@ -206,10 +265,10 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
                 kept += 1
                 dst = root / "train" / "image" / f"{i}.png"
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                if Path(ip).suffix.lower() == ".png" and png_size(ip) == img.shape[:2]:
+                if copy_ok and Path(ip).suffix.lower() == ".png" and png_size(ip) == img.shape[:2]:
                     shutil.copyfile(ip, dst)
-                else:  # resized on reading: store what the model saw
-                    _write_png(dst, img[:, :, ::-1] if img.shape[2] == 3 else img)
+                else:  # resized or channels picked on reading: store what the model saw
+                    _write_png(dst, _png_channels(img))
                 _write_png(root / "train" / "mask" / f"{i}_mask.png", m)
             name = root.name
             per_fold[name] = {
@@ -229,9 +288,7 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
             "ignore_value": IGNORE, "per_fold": per_fold,
         }
         atomic_write_json(tmp / MANIFEST, manifest)
-        if out.exists():  # --force: the old folder goes only once the new one is complete
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
