@@ -233,7 +233,8 @@ def test_rgba_and_16bit_images(tmp_path):
         write_png(tmp_path / "b" / f"im{i}.png", rgb(i, dead_blue=False)[:, :, 0].astype(np.uint16) * 257)
         write_png(tmp_path / "b" / f"im{i}_m.png", blobs(i))
     a = load_dataset(write_dataset(tmp_path, {"splits": {"train": {"image": "a/{id}.png", "mask": "a/{id}_m.png"}}}))
-    assert (a.source_channels, a.channels) == (4, [0, 1])  # constant alpha and dead blue dropped
+    assert (a.source_channels, a.channels) == (3, [0, 1])  # constant alpha and dead blue dropped
+    assert any("dropping channel(s) B, A" in n for n in a.notes)
     np.testing.assert_array_equal(a.labelled().images[1], rgb(1)[:, :, :2])
     b = load_dataset(write_dataset(tmp_path, {"splits": {"train": {"image": "b/{id}.png", "mask": "b/{id}_m.png"}}},
                                    "b.yaml"))
@@ -482,3 +483,50 @@ def test_folder_with_grey_level_masks_maps_them(tmp_path):
     ds = load_dataset(tmp_path / "d")
     assert ds.num_classes == 2 and ds.mask_values == {0: 0, 255: 1}
     np.testing.assert_array_equal(ds.labelled().masks[0], (blobs(0) == 255).astype(np.uint8))
+
+
+def _folder_with_labels(root: Path, n: int = 4, stray: int | None = None) -> Path:
+    """A folder-form dataset (train/image/cmrN.png + train/mask/cmrN_mask.png) with labels 0..3, and in
+    ``cmr2_mask.png`` one region of value ``stray`` (a corrupt mask)."""
+    for i in range(n):
+        write_png(root / "train" / "image" / f"cmr{i}.png", rgb(i)[:, :, 0])
+        m = blobs(i, levels=(0, 1, 2, 3))
+        if stray is not None and i == 2:
+            m[-4:, -4:] = stray
+        write_png(root / "train" / "mask" / f"cmr{i}_mask.png", m)
+    return root
+
+
+def test_folder_labels_are_0_to_k_minus_1_or_an_error_naming_the_mask(tmp_path, main_cli, assert_cli_error):
+    """A stray value 7 among labels 0..3 is a one-line error naming the mask (it used to make an 8-class task)."""
+    assert load_dataset(_folder_with_labels(tmp_path / "ok")).num_classes == 4
+    root = _folder_with_labels(tmp_path / "d", stray=7)
+    out = tmp_path / "folds" / "folds.csv"
+    line = assert_cli_error(main_cli("make-folds", "--data", root, "--out", out), "cmr2_mask.png: mask value 7",
+                            "0..3", "4, 5, 6 never appear", "data.num_classes (8 or more)")
+    assert str(root / "train" / "mask" / "cmr2_mask.png") in line
+    assert not out.exists() and not out.parent.exists()
+    assert_cli_error(main_cli("make-folds", "--data", root, "--out", out, "--config", "demo"), "mask value 7")
+    assert not out.parent.exists()
+    ds = load_dataset(root)
+    assert ds.num_classes == 4
+    for pin in ("data.num_classes=4", "data.num_classes=7"):  # a pin must hold every value found
+        with pytest.raises(DataError, match="cmr2_mask.png: mask value 7"):
+            apply_dataset(load_config("demo", [pin]), load_dataset(root))
+    cfg = apply_dataset(load_config("demo", ["data.num_classes=8"]), ds)  # a pinned count says the values are classes
+    assert cfg.data.num_classes == 8 and ds.num_classes == 8
+    assert ds.labelled().masks.max() == 7
+
+
+@pytest.mark.parametrize("values, k, odd", [
+    ({0: "a", 1: "a", 3: "b"}, 2, "b: mask value 3"),  # class 2 never appears
+    ({0: "a", 2: "b", 5: "b", 1: "c", 9: "c"}, 3, "b: mask value 5"),  # the first file past the gap
+    ({0: "a", 1: "a", 255: "b"}, 2, "b: mask value 255"),
+])
+def test_folder_label_gaps(values, k, odd):
+    from kagglecmr.data.mask_values import LabelGapError, folder_labels
+
+    with pytest.raises(LabelGapError, match=odd) as err:
+        folder_labels(values)
+    assert err.value.k == k and err.value.top == max(values) and "\n" not in str(err.value)
+    assert folder_labels({0: "a"}) == 2 and folder_labels({1: "a", 2: "a"}) == 3 and folder_labels({0: 1, 1: 1, 2: 1}) == 3

@@ -31,10 +31,12 @@ from typing import Any
 import numpy as np
 
 from kagglecmr.data import loader as D
+from kagglecmr.data.channels import channel_rule, resolve_channels, to_channels  # noqa: F401 (re-exported)
 from kagglecmr.data.dataset_file import DatasetFile, SplitPatterns, file_items, read_dataset_file
 from kagglecmr.data.labels_csv import CsvMask
 from kagglecmr.data.loader import Split
 from kagglecmr.data.mask_values import (  # noqa: F401 (auto_mask_map, class_to_raw: re-exported)
+    LabelGapError,
     auto_mask_map,
     binary_mask,
     class_to_raw,
@@ -60,8 +62,8 @@ class Dataset:
     root: Path
     classes: list[str]
     mask_values: dict[int, int]
-    channels: list[int]  # kept channels of the decoded RGB(A) images
-    source_channels: int
+    channels: list[int]  # kept channels of the source space (kagglecmr.data.channels)
+    source_channels: int  # the space every image is brought into: grey 1, grey+alpha 2, RGB 3, RGBA 4
     size: tuple[int, int]
     submission: Any = None  # kagglecmr.formats.submission.SubmissionFormat (the CMR format by default)
     group: str | None = None
@@ -71,6 +73,8 @@ class Dataset:
     size_error: str | None = None  # images differ in size and nothing says which to use (yet)
     mask_rule: str | None = None  # nonzero | threshold: binary masks by a rule instead of the value map
     colour: bool = False  # colour-coded masks: mask_values keys are 0xRRGGBB colours
+    label_error: str | None = None  # folder form: mask values not 0..K-1 (a pinned data.num_classes may allow them)
+    _label_top: int = field(default=0, repr=False)  # the largest mask value found, with label_error
     notes: list[str] = field(default_factory=list)
     _items: dict[str, list] = field(default_factory=dict, repr=False)
     _masked: dict[str, bool] = field(default_factory=dict, repr=False)
@@ -96,12 +100,7 @@ class Dataset:
 
     # ---------------------------------------------------------------------------- decoding
     def read_image(self, path: Path, *, resize: bool = True) -> np.ndarray:
-        img = D.decode_image(path)
-        if img.shape[2] == 1 and self.source_channels > 1:
-            img = np.repeat(img, self.source_channels, axis=2)
-        if img.shape[2] != self.source_channels:
-            raise DataError(f"{path}: has {img.shape[2]} channels, the training images have {self.source_channels}")
-        img = np.ascontiguousarray(img[:, :, self.channels])
+        img = to_channels(D.decode_image(path), self.channels, self.source_channels, str(path))
         return D.resize_to(img, self.size, nearest=False) if resize else img
 
     def read_mask(self, path: Path, *, resize: bool = True) -> np.ndarray:
@@ -133,6 +132,8 @@ class Dataset:
         use_masks = self.has_masks(split) if labelled is None else labelled
         if use_masks and not self.has_masks(split):
             raise DataError(f"{self.path}: split '{split}' has no masks")
+        if use_masks and self.label_error:
+            raise DataError(self.label_error)
         ids, images, masks, sizes = [], [], [], []
         for i, ip, mp in items:
             img = self.read_image(ip, resize=False)
@@ -189,30 +190,6 @@ def _folder_items(root: Path) -> tuple[dict, dict]:
     return items, masked
 
 
-def _channels(path: Path, train_images: list[tuple[Path, np.ndarray]], setting) -> tuple[int, list[int], list[str]]:
-    counts = {img.shape[2] for _, img in train_images}
-    c = max(counts)
-    if len(counts - {1}) > 1:
-        (p1, a), (p2, b) = [next(x for x in train_images if x[1].shape[2] == n) for n in sorted(counts)[-2:]]
-        raise DataError(f"{p2}: has {b.shape[2]} channels, {p1} has {a.shape[2]}; training images must agree")
-    if setting != "auto":
-        if max(setting) >= c:
-            raise DataError(f"{path}: channels: index {max(setting)} but the images have {c} channel(s)")
-        return c, list(setting), []
-    if c == 1:
-        return 1, [0], []
-    full = [img if img.shape[2] == c else np.repeat(img, c, 2) for _, img in train_images]
-    if all((img == img[:, :, :1]).all() for img in full):
-        return c, [0], [f"note: {path}: the {c} image channels are equal in every training image; using one (grey)"]
-    const = [all(img[:, :, k].min() == img[:, :, k].max() for img in full) for k in range(c)]
-    keep = [k for k in range(c) if not const[k]] or list(range(c))
-    names = "RGBA" if c <= 4 else None
-    dropped = [k for k in range(c) if k not in keep]
-    notes = [f"note: {path}: dropping channel(s) {', '.join(names[k] if names else str(k) for k in dropped)}: "
-             f"constant in every training image (set channels: to keep them)"] if dropped else []
-    return c, keep, notes
-
-
 def _size(path: Path, items: dict, train_images, setting) -> tuple[tuple[int, int], bool]:
     if setting != "auto":
         return ((setting, setting) if isinstance(setting, int) else tuple(setting)), True
@@ -262,7 +239,7 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
     labelled = [ip for s in ("train", "val") if masked.get(s) for _, ip, _ in items[s]] or \
         [ip for _, ip, _ in items["train"]]
     train_images = [(p, D.decode_image(p)) for p in labelled]
-    source, channels, notes = _channels(path, train_images, spec.channels)
+    source, channels, notes = resolve_channels(path, train_images, spec.channels)
     try:
         size, resized, size_error = *_size(path, items, train_images, spec.size), None
     except DataError as exc:  # the folder form may still be resized by a config (data.size + data.resize)
@@ -270,12 +247,17 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
             raise
         size, resized, size_error = None, False, str(exc).replace("set size:", "set data.size and data.resize: true")
     k = len(spec.classes) if spec.classes else None
-    mapping, k, rule, colour = resolve_mask_map(path, items, masked, spec.mask_values, k, folder)
+    label_error, top = None, 0
+    try:
+        mapping, k, rule, colour = resolve_mask_map(path, items, masked, spec.mask_values, k, folder)
+    except LabelGapError as exc:  # raised by load() and apply_dataset() unless data.num_classes allows the values
+        mapping, k, rule, colour, label_error, top = {v: v for v in range(exc.k)}, exc.k, None, False, str(exc), exc.top
     names = list(spec.classes) if spec.classes else ["background"] + [f"class{c}" for c in range(1, k)]
     ds = Dataset(name=spec.name or (path.name if folder else path.stem), path=path, root=root, classes=names,
                  mask_values=mapping, channels=channels, source_channels=source, size=size,
                  group=spec.group, recipe=spec.recipe, folder=folder, resized=resized, size_error=size_error, notes=notes,
-                 mask_rule=rule, colour=colour, _items=items, _masked=masked)
+                 mask_rule=rule, colour=colour, label_error=label_error, _label_top=top, _items=items,
+                 _masked=masked)
     ds.submission = _submission_format(spec.submission, k, names, str(path))
     return ds
 
@@ -283,7 +265,8 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
 # ------------------------------------------------------------------------- config and recipe
 def apply_dataset(cfg, ds: Dataset):
     """``cfg`` with ``data.size / in_channels / num_classes`` filled from ``ds``; a pinned value that
-    conflicts is a one-line ConfigError.  (The folder form takes a larger pinned class count, and
+    conflicts is a one-line ConfigError.  (The folder form takes a larger pinned class count, which also
+    accepts mask values with a gap below it, and
     ``data.resize: true`` with a pinned size resizes to it.)"""
     d = cfg.data
     where = f"config {cfg.name or '<defaults>'}"
@@ -294,6 +277,10 @@ def apply_dataset(cfg, ds: Dataset):
         ds.classes = ds.classes + [f"class{c}" for c in range(ds.num_classes, d.num_classes)]
         ds.mask_values = {v: v for v in range(d.num_classes)}
         ds.submission = _submission_format(None, d.num_classes, ds.classes, str(ds.path))
+    if ds.label_error:
+        if d.num_classes is None or d.num_classes <= ds._label_top:
+            raise DataError(ds.label_error)
+        ds.label_error = None  # the pinned class count takes the values found
     if d.in_channels is not None and d.in_channels != ds.in_channels:
         raise ConfigError(f"{where}: data.in_channels={d.in_channels} conflicts with {ds.path} "
                           f"({ds.in_channels} channel(s) {ds.channels})")

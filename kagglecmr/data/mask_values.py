@@ -148,6 +148,35 @@ def auto_mask_map(values, num_classes: int | None, where: str, *, colour: bool =
                     f"binary task mask_values: threshold (noisy 0/255, e.g. JPEG) or nonzero (instance ids)")
 
 
+# ------------------------------------------------------------------ the folder form's labels
+class LabelGapError(DataError):
+    """Folder-form mask values that are not the class labels 0..K-1: classes ``0..k-1`` are all seen, ``top`` is
+    the largest value found (a pinned ``data.num_classes`` above it accepts the values)."""
+
+    def __init__(self, message: str, k: int, top: int):
+        super().__init__(message)
+        self.k, self.top = k, top
+
+
+def folder_labels(values: dict[int, Path]) -> int:
+    """Number of classes of a folder's label masks (``values``: each value found -> the first mask file holding
+    it, in reading order): 0..K-1 with every class 1..K-1 present (at least 2 classes).  Anything else is a
+    :class:`LabelGapError` naming the first file holding a value past the gap."""
+    k = 1
+    while k in values:
+        k += 1
+    odd = [v for v in values if v >= k]  # reading order: the first is in the first file with an odd value
+    if not odd:
+        return max(2, k)
+    missing = [c for c in range(k, max(odd)) if c not in values]
+    gap = ", ".join(map(str, missing[:4])) + (f", ..., {missing[-1]}" if len(missing) > 4 else "")
+    shown = ", ".join(map(str, sorted(values)[:12])) + (", ..." if len(values) > 12 else "")
+    raise LabelGapError(f"{values[odd[0]]}: mask value {odd[0]} is not a class label 0..{max(2, k) - 1} (the training "
+                        f"masks hold {shown}; class{'es' if len(missing) > 1 else ''} {gap} never appear"
+                        f"{'s' if len(missing) == 1 else ''}): fix the mask, or pin data.num_classes "
+                        f"({max(odd) + 1} or more) if every value is a class", max(2, k), max(odd))
+
+
 # ------------------------------------------------------------------ a dataset's mask files
 @dataclass(frozen=True)
 class MaskUnion:
@@ -208,8 +237,15 @@ def resolve_mask_map(path: Path, items, masked, spec_map, k: int | None,
         if not values:  # every mask comes from a labels CSV: its values are the classes
             return {v: v for v in range(k)}, k, None, False
     if folder and max(values, default=0) < MAX_LABEL_CLASSES:  # labels 0..K-1, as before dataset files
-        k = max(2, max(values, default=0) + 1)
+        k = folder_labels(values)
         return {v: v for v in range(k)}, k, None, False
+    if folder:  # grey levels (0/255, 0/85/170/255) map as auto does; anything else is a labels error
+        try:
+            mapping = auto_mask_map(values, None, str(path))
+        except DataError:
+            folder_labels(values)
+            raise
+        return mapping, max(mapping.values()) + 1, None, False
     if spec_map in MASK_RULES and not folder:
         if k not in (None, 2):
             raise DataError(f"{path}: mask_values: {spec_map} makes a binary task, but classes has {k} names")
