@@ -164,3 +164,21 @@ def test_to_channels_brings_any_image_into_the_space():
 ])
 def test_channel_rule_of_a_run(info, expected):
     assert channel_rule(info) == expected
+
+
+def test_predict_side_converts_images_like_training():
+    """prepare_image with the run's channel space (dataset.json source_channels) applies the training rule: an
+    RGBA image with constant alpha, its RGB twin and a grey image stored as RGB all give the training array."""
+    from kagglecmr.engine.predictor import prepare_image
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((12, 10, 1), 255, np.uint8)], axis=2)
+    a = prepare_image(rgba, 3, (12, 10), keep=[0, 1, 2], source=3)
+    b = prepare_image(rgb, 3, (12, 10), keep=[0, 1, 2], source=3)
+    assert np.array_equal(a, b) and np.array_equal(a, to_channels(rgb, [0, 1, 2], 3))
+    grey = rng.integers(0, 256, (12, 10), dtype=np.uint8)
+    assert np.array_equal(prepare_image(grey, 3, (12, 10), keep=[0, 1, 2], source=3), np.repeat(grey[:, :, None], 3, 2))
+    # a grey-space run given a colour image: its luminance, as training turned colour into grey
+    lum = prepare_image(rgb, 1, (12, 10), keep=[0], source=1)
+    assert np.array_equal(lum, to_channels(rgb, [0], 1))

@@ -178,6 +178,7 @@ class ExportPredictor(Predictor):
         try:
             _, c, h, w = info["input"]["shape"]
             dataset = {"in_channels": int(c), "size": [int(h), int(w)], "channels": info["input"].get("channels"),
+                       "source_channels": info["input"].get("source_channels"),
                        "mask_values": dict(info["mask_values"]), "classes": list(info["classes"])}
             passes = list(info["tta"])
         except (KeyError, TypeError, ValueError):
@@ -262,6 +263,7 @@ def export_ensemble(pred: Predictor, out: Path, fmt: str, *, data=None, force: b
     info = {
         "format": fmt, "file": out.name,
         "input": {"name": "image", "dtype": "uint8", "shape": ["N", c, h, w], "channels": pred.dataset["channels"],
+                  "source_channels": pred.dataset.get("source_channels"),
                   "note": "values 0..255 as read from the PNG (RGB order for colour); resize to H x W first"},
         "output": {"name": "probs", "dtype": "float32", "shape": ["N", k, h, w], "note": "softmax, sums to 1"},
         "classes": pred.classes, "mask_values": pred.dataset["mask_values"],

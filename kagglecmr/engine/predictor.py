@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 
+from kagglecmr.data.channels import channel_rule, to_channels
 from kagglecmr.data.loader import imread
 from kagglecmr.data.mask_values import labels_to_raw
 from kagglecmr.engine.ensembler import Run, _weights, check_compatible, latest_run, load_run, predict_images, tta_passes
@@ -52,8 +53,8 @@ def run_dataset(run: Run) -> dict:
             raise KaggleCMRError(f"{f}: not readable JSON") from None
         if not isinstance(saved, dict):
             raise KaggleCMRError(f"{f}: expected a JSON object")
-        info.update({k: saved[k] for k in ("in_channels", "channels", "size", "mask_values", "classes")
-                     if saved.get(k) is not None})
+        info.update({k: saved[k] for k in ("in_channels", "channels", "source_channels", "size", "mask_values",
+                                           "classes") if saved.get(k) is not None})
         break
     if info["size"] is None:
         raise KaggleCMRError(f"{run.path}: neither the config nor dataset.json gives the trained input size")
@@ -70,17 +71,23 @@ def to_uint8(img: np.ndarray, where: str) -> np.ndarray:
 
 
 def prepare_image(img: np.ndarray, in_channels: int, size: tuple[int, int], where: str = "image",
-                  keep: list[int] | None = None) -> np.ndarray:
+                  keep: list[int] | None = None, source: int | None = None) -> np.ndarray:
     """One image (``[H, W]`` or ``[H, W, C]``, grey or RGB in RGB order, uint8/uint16) -> uint8
     ``[h, w, in_channels]`` at the trained ``size``, converted as :func:`kagglecmr.data.loader.read_image` does.
     ``keep``: the source channels the dataset kept (``dataset.json`` ``channels``, RGB order), e.g. ``[0, 1]``
-    when a dead blue channel was dropped."""
+    when a dead blue channel was dropped; ``source``: the dataset's channel space (``source_channels``), with
+    which any image is converted exactly as training converted its images
+    (:func:`kagglecmr.data.channels.to_channels`; an image that already has ``in_channels`` channels is taken
+    as converted)."""
     img = to_uint8(np.asarray(img), where)
     if img.ndim == 2:
         img = img[:, :, None]
     if img.ndim != 3 or img.shape[2] not in (1, 2, 3, 4) or min(img.shape[:2]) < 1:
         raise DataError(f"{where}: shape {img.shape}, expected [H, W] or [H, W, C] with C in 1..4")
-    if keep and len(keep) == in_channels and img.shape[2] > max(keep) and img.shape[2] != in_channels:
+    if source is not None and keep and len(keep) == in_channels and not (
+            img.shape[2] == in_channels != source):
+        img = to_channels(img, keep, source, where)
+    elif keep and len(keep) == in_channels and img.shape[2] > max(keep) and img.shape[2] != in_channels:
         img = img[:, :, list(keep)]
     if img.shape[2] == 4:  # drop alpha
         img = img[:, :, :3]
@@ -144,6 +151,11 @@ class Predictor:
         return [int(c) for c in ch] if isinstance(ch, list) and all(isinstance(c, int) for c in ch) else None
 
     @property
+    def source(self) -> int | None:
+        """The dataset's channel space (``source_channels``) when ``dataset.json`` gives the kept channels."""
+        return channel_rule(self.dataset)[1] if self.keep is not None else None
+
+    @property
     def size(self) -> tuple[int, int]:
         return _size_hw(self.dataset["size"])
 
@@ -166,7 +178,8 @@ class Predictor:
         sizes = [im.shape[:2] for im in items]
         out: list[np.ndarray] = []
         for start in range(0, len(items), CHUNK):
-            batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep)
+            batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep,
+                                            self.source)
                               for i, im in enumerate(items[start:start + CHUNK])])
             probs = self._probs(batch)
             out += [_resize_probs(p, hw) for p, hw in zip(probs, sizes[start:start + CHUNK])]
