@@ -100,12 +100,16 @@ def demo_data(out: str | Path, *, n_train: int = 60, n_val: int = 12, n_test: in
 
 
 def make_folds(data: str | Path = "data", *, n_folds: int = 5, seed: int = 42, out: str | Path = "folds/folds.csv",
-               groups: bool = True, force: bool = False, config: str | Path | Config | None = None) -> FoldsResult:
-    """Stratified, grouped, deterministic folds over train+val (``kagglecmr make-folds``)."""
+               groups: bool = True, force: bool = False, config: str | Path | Config | None = None,
+               allow_unbalanced: bool = False) -> FoldsResult:
+    """Stratified, grouped, deterministic folds over train+val (``kagglecmr make-folds``).  Unbalanced folds
+    (a size off the mean by more than 25 %, a missing class, a group larger than a fold may hold) raise
+    ``KaggleCMRError`` and write nothing, unless ``allow_unbalanced`` (then a warning is printed)."""
     from kagglecmr.data.folds import run_make_folds
 
     cfg = _load_config(config) if config is not None else None
-    df = run_make_folds(Path(data), n_folds=n_folds, seed=seed, out=Path(out), groups=groups, force=force, config=cfg)
+    df = run_make_folds(Path(data), n_folds=n_folds, seed=seed, out=Path(out), groups=groups, force=force, config=cfg,
+                        allow_unbalanced=allow_unbalanced)
     return FoldsResult(Path(out), df)
 
 

@@ -50,9 +50,13 @@ def make_folds(
                                    "the near-duplicate guard)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing folds file."),
     config: str | None = typer.Option(None, "--config", help="Config (for image size / classes)."),
+    allow_unbalanced: bool = typer.Option(False, "--allow-unbalanced", help="Write the folds (with a warning) even "
+                                          "when a fold's size is off the mean by more than 25%, a fold misses a "
+                                          "class, or a group is larger than a fold may hold."),
 ) -> None:
-    """Stratified, grouped, deterministic k folds over train+val."""
-    api.make_folds(data, n_folds=n_folds, seed=seed, out=out, groups=not no_groups, force=force, config=config)
+    """Stratified, grouped, deterministic k folds over train+val; refuses unbalanced folds."""
+    api.make_folds(data, n_folds=n_folds, seed=seed, out=out, groups=not no_groups, force=force, config=config,
+                   allow_unbalanced=allow_unbalanced)
 
 
 @app.command("score")

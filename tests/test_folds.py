@@ -12,20 +12,27 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
+from kagglecmr import api
 from kagglecmr.data import loader as data
+from kagglecmr.data.dataset import load_dataset
 from kagglecmr.data.demo import make_demo_dataset
 from kagglecmr.data.folds import (
+    SIMILARITY_THRESHOLD,
     fold_features,
+    fold_problems,
     fold_table,
     image_similarity,
     make_folds,
     merge_rare_strata,
     read_folds,
     run_make_folds,
+    similarity_cap,
     similarity_groups,
     write_folds,
 )
+from kagglecmr.data.similarity import cut_complete_linkage
 from kagglecmr.utils.errors import DataError, KaggleCMRError
 from kagglecmr.utils.naming import natural_sorted
 
@@ -364,3 +371,161 @@ def test_real_deterministic(real_folds, tmp_path):
     _, first = real_folds
     run_make_folds(REAL, out=tmp_path / "again.csv")
     assert (tmp_path / "again.csv").read_bytes() == first.read_bytes()
+
+
+# --------------------------------------------------------------------------- alike textures, balance (issue 23)
+
+
+def make_texture_dataset(root: Path, n: int = 200, *, jitter: int = 4, unique: int = 0, group_every: int = 0,
+                         seed: int = 0) -> Path:
+    """Grey surface photos (40, 48 or 56 px square; ``size: 48``) all cut from one noise texture at an
+    offset of up to ``jitter`` px, each its own brightness and noise, except the last ``unique`` images
+    (each its own texture); a dark crack (class 1) in most, a bright pit (class 2) in every 7th.
+    ``group_every``: ids ``p<i // group_every>_<i>`` and a ``group`` regex naming ``p<k>``."""
+    rng = np.random.default_rng(seed)
+    bases = [cv2.GaussianBlur(rng.normal(0, 120, (160, 160)), (0, 0), 1.5) + 128 for _ in range(1 + unique)]
+    (root / "img").mkdir(parents=True)
+    (root / "mask").mkdir()
+    for i in range(n):
+        s = (40, 48, 56)[i % 3]
+        y, x = rng.integers(0, jitter + 1, 2) + 30
+        base = bases[max(0, i - (n - unique) + 1)]
+        img = cv2.resize(base[y:y + 96, x:x + 96], (s, s), interpolation=cv2.INTER_AREA)
+        img = img * rng.uniform(0.8, 1.2) + rng.normal(0, 4, (s, s))
+        mask = np.zeros((s, s), np.uint8)
+        if i % 5:
+            cv2.line(mask, tuple(int(v) for v in rng.integers(0, s, 2)), tuple(int(v) for v in rng.integers(0, s, 2)),
+                     1, 2)
+        if i % 7 == 3:
+            cv2.circle(mask, tuple(int(v) for v in rng.integers(8, s - 8, 2)), 3, 2, -1)
+        img[mask == 1] *= 0.5
+        img[mask == 2] = 250
+        name = f"p{i // group_every}_{i}" if group_every else f"{i}"
+        cv2.imwrite(str(root / "img" / f"tile{name}.png"), np.clip(img, 0, 255).astype(np.uint8))
+        cv2.imwrite(str(root / "mask" / f"tile{name}.png"), mask)
+    spec = {"name": "tiles", "root": ".", "classes": ["background", "crack", "pit"], "size": 48,
+            "splits": {"train": {"image": "img/tile{id}.png", "mask": "mask/tile{id}.png"}}}
+    if group_every:
+        spec["group"] = r"^(p\d+)_"
+    (root / "tiles.yaml").write_text(yaml.safe_dump(spec))
+    return root / "tiles.yaml"
+
+
+def _chain_images(n: int = 40, step: float = 1.5) -> np.ndarray:
+    """Windows of one texture sliding by ``step`` px: each alike only to its neighbours (~0.6; two apart ~0)."""
+    rng = np.random.default_rng(0)
+    base = cv2.GaussianBlur(rng.normal(0, 120, (200, 400)), (0, 0), 1.5) + 128
+    out = []
+    for i in range(n):
+        win = cv2.warpAffine(base, np.float32([[1, 0, -step * i], [0, 1, -20]]), (96, 96))
+        out.append(cv2.resize(win, (48, 48), interpolation=cv2.INTER_AREA) + rng.normal(0, 4, (48, 48)))
+    return np.clip(np.stack(out), 0, 255).astype(np.uint8)
+
+
+def _within_tolerance(df: pd.DataFrame, n_folds: int = 5) -> bool:
+    sizes = df["fold"].value_counts().reindex(range(n_folds), fill_value=0)
+    mean = len(df) / n_folds
+    return bool((abs(sizes - mean) <= 0.25 * mean).all())
+
+
+def test_a_chain_of_neighbours_is_not_one_group():
+    images = _chain_images()
+    sim = image_similarity(images)
+    assert all(sim[i, i + 1] >= SIMILARITY_THRESHOLD for i in range(len(images) - 1))  # the chain is linked
+    groups = similarity_groups(images)
+    sizes = np.bincount(groups)
+    assert sizes.max() <= 2 and len(sizes) >= 20
+    for g in range(len(sizes)):  # complete linkage: every pair within a group is alike
+        idx = np.flatnonzero(groups == g)
+        assert sim[np.ix_(idx, idx)].min() >= SIMILARITY_THRESHOLD
+
+
+def test_cut_complete_linkage_threshold_and_cap():
+    sim = np.eye(9)
+    for i in range(3):  # a chain 0~1~2~3 (neighbours 0.6, else 0)
+        sim[i, i + 1] = sim[i + 1, i] = 0.6
+    sim[4:9, 4:9] = np.where(np.eye(5, dtype=bool), 1.0, 0.8)  # a clique of five alike items
+    groups, cut = cut_complete_linkage(sim, 0.4)
+    assert np.bincount(groups).tolist() == [2, 2, 5] and cut == []
+    assert groups[0] == groups[1] and groups[2] == groups[3]
+    groups, cut = cut_complete_linkage(sim, 0.4, max_size=3)
+    assert np.bincount(groups).max() <= 3 and cut == [5]
+    groups, cut = cut_complete_linkage(sim[:1, :1], 0.4, max_size=1)
+    assert groups.tolist() == [0] and cut == []
+
+
+def test_similarity_cap():
+    assert similarity_cap(1344, 5) == 67 and similarity_cap(100, 5) == 5 and similarity_cap(20, 5) == 2
+
+
+@pytest.mark.parametrize("jitter", [4, 0])
+def test_alike_textures_give_balanced_folds(tmp_path, capsys, jitter):
+    """190 photos of one texture (+10 others): once one group of 190 and folds of 190/3/3/2/2; now within ±25 %."""
+    ds = make_texture_dataset(tmp_path / "tiles", 200, jitter=jitter, unique=10)
+    df = run_make_folds(ds, out=tmp_path / "a.csv")
+    out = capsys.readouterr().out
+    assert _within_tolerance(df), df["fold"].value_counts()
+    assert df["group"].value_counts().max() <= similarity_cap(200, 5)
+    assert df.groupby("group")["fold"].nunique().max() == 1
+    assert (df.groupby("fold")["has_2"].sum() > 0).all()  # the pit class is in every fold
+    assert "!" not in out and "warning" not in out
+    if jitter == 0:  # one set of 190 identical backgrounds: cut, and said so
+        assert "1 set(s) of alike images (190 images) were cut into groups of at most 10" in out
+    sim = image_similarity(load_dataset(ds).labelled().subset(df["id"].tolist()).images)
+    for _, idx in df.groupby("group").indices.items():
+        assert sim[np.ix_(idx, idx)].min() >= SIMILARITY_THRESHOLD
+    run_make_folds(ds, out=tmp_path / "b.csv")
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+
+
+def test_fold_problems_size_and_missing_class():
+    df = pd.DataFrame({"fold": np.repeat(np.arange(5), 8), "has_1": 1, "has_2": 0})
+    df.loc[:4, "has_2"] = 1  # a class in 5 images, all in fold 0
+    problems = fold_problems(df, ["background", "crack", "pit"])
+    assert list(problems) == [1, 2, 3, 4] and problems[1] == ["no pit image (5 overall)"]
+    df.loc[4, "has_2"] = 0  # in 4 images only: too rare to ask for
+    assert fold_problems(df) == {}
+    sized = pd.DataFrame({"fold": [0] * 10 + [1] * 6, "has_1": 1})  # mean 8: 10 is +25 % (allowed), 6 is -25 %
+    assert fold_problems(sized) == {}
+    sized = pd.DataFrame({"fold": [0] * 11 + [1] * 5, "has_1": 1})
+    problems = fold_problems(sized)
+    assert problems[0] == ["11 images, 38% above the mean 8.0 (±25% allowed)"] and "below" in problems[1][0]
+    table = fold_table(sized.assign(group=range(16)))
+    assert [ln.split()[0] for ln in table.splitlines()[1:4]] == ["0!", "1!", "all"]
+    assert table.splitlines()[-2].startswith("! fold 0: 11 images")
+
+
+def test_cli_refuses_unbalanced_folds_unless_allowed(tmp_path):
+    """Three regex groups of 11 cannot make two balanced folds (22 / 11): exit 2, one line, nothing written."""
+    ds = make_texture_dataset(tmp_path / "tiles", 33, jitter=8, group_every=11)
+    out = tmp_path / "folds" / "f.csv"
+    res = _cli("make-folds", "--data", str(ds), "--n-folds", "2", "--out", str(out))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error:")
+    msg = res.stderr
+    assert str(ds) in msg and "unbalanced" in msg and "fold " in msg and "above the mean" in msg
+    assert "--allow-unbalanced" in msg and "--no-groups" in msg and "Traceback" not in msg
+    assert "!" in res.stdout  # the table printed before the refusal flags the folds
+    assert not out.exists() and not out.parent.exists()
+    res = _cli("make-folds", "--data", str(ds), "--n-folds", "2", "--out", str(out), "--allow-unbalanced")
+    assert res.returncode == 0, res.stderr
+    assert "warning: unbalanced folds" in res.stdout and "! fold" in res.stdout
+    assert sorted(read_folds(out)["fold"].value_counts().tolist()) == [11, 22]
+
+
+def test_regex_group_larger_than_a_fold_is_an_error(tmp_path, capsys):
+    """Two folds of 20 on average, at most 25 each: a group of 30 fits in none."""
+    ds = make_texture_dataset(tmp_path / "tiles", 40, jitter=8, group_every=30)  # p0: 30 images, p1: 10
+    out = tmp_path / "f.csv"
+    with pytest.raises(KaggleCMRError) as exc:
+        run_make_folds(ds, out=out, n_folds=2)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(ds) in msg and "p1" not in msg
+    assert "group 'p0' has 30 images, more than a fold may hold (25 = mean fold 20.0 + 25%)" in msg
+    assert "--allow-unbalanced" in msg and "--no-groups" in msg
+    assert not out.exists()
+    res = api.make_folds(ds, out=out, n_folds=2, allow_unbalanced=True)
+    assert "warning: unbalanced folds" in capsys.readouterr().out
+    assert res.folds.groupby("group")["fold"].nunique().max() == 1 and out.exists()
+    df = run_make_folds(ds, out=tmp_path / "g.csv", groups=False)  # --no-groups: no such group
+    assert _within_tolerance(df)

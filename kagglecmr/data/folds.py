@@ -4,30 +4,23 @@
   and a quantile bin of its heart size (LV + myocardium area; small apical vs large basal
   slices).  Strata with fewer members than folds are merged into coarser ones.
 * **Groups (leakage guard)**: near-duplicate images, e.g. the end-diastole / end-systole frames
-  of one slice, must land in the same fold, or the out-of-fold score is optimistic.  Images
-  are compared by the correlation of their fine texture away from the centre (where the heart
-  moves between frames); pairs above a threshold are linked and connected components form
-  the groups.
+  of one slice, must land in the same fold, or the out-of-fold score is optimistic.  The dataset
+  file's ``group`` regex names the groups; without one, :mod:`kagglecmr.data.similarity` groups
+  images whose texture is alike (complete linkage: every pair in a group is similar), a group at
+  most :func:`similarity_cap` images.
+* **Balance**: :func:`fold_problems` flags a fold whose size is off the mean by more than
+  ``BALANCE_TOLERANCE`` (25 %) or that misses a class at least ``MIN_CLASS_IMAGES`` images have;
+  ``make-folds`` then refuses to write (exit 2) unless ``--allow-unbalanced``, and so it does for a
+  regex group that no fold can hold (more than the mean fold + 25 %).
 * **Determinism**: rows are in natural id order, folds come from
   ``StratifiedGroupKFold(shuffle=True, random_state=seed)``; the same data and seed give a
   byte-identical CSV.
-
-Similarity threshold, measured with :func:`image_similarity` on the real data (``train/``
-cmr1..cmr100, and ``test/`` cmr121..cmr200 as a check): every train image's nearest neighbour
-is its ED/ES partner (cmr1-cmr2, cmr3-cmr4, ...).  Nearest-neighbour similarities run
-0.58..0.94 (median 0.84); the second-nearest (an unrelated image) at most 0.25 (0.28 over
-train+test, where one extra group cmr171/172/175/176 scores 0.78..0.89).  Every threshold
-from 0.30 to 0.55 yields exactly the 50 train pairs; ``SIMILARITY_THRESHOLD = 0.40`` sits in
-that plateau, a little below the middle because a missed duplicate (leakage) costs more than a
-needlessly merged group.  Plain 24x24 correlation of the raw pixels separates far worse
-(partners down to 0.74, unrelated images up to 0.77).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
@@ -35,15 +28,19 @@ from sklearn.model_selection import StratifiedGroupKFold
 from kagglecmr.cfg.config import Config, DataConfig, DataSpec
 from kagglecmr.data.dataset import apply_dataset, load_dataset
 from kagglecmr.data.loader import Split
+from kagglecmr.data.similarity import (  # noqa: F401 (image_similarity, similarity_groups: re-exported)
+    SIMILARITY_THRESHOLD,
+    image_similarity,
+    similarity_clusters,
+    similarity_groups,
+)
 from kagglecmr.utils.errors import DataError, KaggleCMRError
 from kagglecmr.utils.io import atomic_write_text
 from kagglecmr.utils.naming import natural_key
 
-SIMILARITY_THRESHOLD = 0.40
-SIMILARITY_SIDE = 48  # images are compared at this resolution (INTER_AREA)
-SIMILARITY_SIGMA = 1.0  # high-pass: subtract a Gaussian blur of this sigma (pixels at SIMILARITY_SIDE)
-SIMILARITY_CENTRE = 0.3  # ignore a central disc of this radius (fraction of the side): the beating heart
 SIZE_BINS = 3
+BALANCE_TOLERANCE = 0.25  # a fold's size may be off the mean (images / folds) by this share
+MIN_CLASS_IMAGES = 5  # a class in at least this many images (and at least one per fold) must be in every fold
 CMR_CLASS_NAMES = {1: "RV", 2: "Myo", 3: "LV"}
 REQUIRED_COLUMNS = ("id", "fold")
 
@@ -109,74 +106,6 @@ def fold_features(masks: np.ndarray, num_classes: int = 4, *, n_folds: int = 5, 
     return df
 
 
-# --------------------------------------------------------------------------- similarity groups
-
-
-def _texture_features(images: np.ndarray, side: int, sigma: float, centre: float) -> np.ndarray:
-    """Unit-norm, zero-mean vectors of each image's fine texture outside the central disc."""
-    imgs = np.asarray(images)
-    if imgs.ndim == 4:
-        imgs = imgs.mean(axis=3)
-    yy, xx = np.mgrid[:side, :side]
-    keep = np.hypot(yy - (side - 1) / 2, xx - (side - 1) / 2) > centre * side
-    rows = []
-    for img in imgs:
-        small = cv2.resize(np.sqrt(img.astype(np.float32)), (side, side), interpolation=cv2.INTER_AREA)
-        rows.append((small - cv2.GaussianBlur(small, (0, 0), sigma))[keep])
-    x = np.stack(rows).astype(np.float64)
-    x -= x.mean(axis=1, keepdims=True)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 1e-9)
-
-
-def image_similarity(images: np.ndarray, *, side: int = SIMILARITY_SIDE, sigma: float = SIMILARITY_SIGMA,
-                     centre: float = SIMILARITY_CENTRE) -> np.ndarray:
-    """``[N, N]`` correlation of the images' high-pass texture (diagonal 1; flat images 0).
-
-    Images ``[N, H, W]`` or ``[N, H, W, C]`` are square-rooted (compresses bright spots),
-    resized to ``side`` x ``side`` (INTER_AREA), high-passed (minus a Gaussian blur of
-    ``sigma``), cut to the area outside a central disc of radius ``centre * side`` and
-    z-normalised.  Memory is ``N * N * 8`` bytes: meant for datasets of up to a few thousand.
-    """
-    x = _texture_features(images, side, sigma, centre)
-    sim = x @ x.T
-    np.fill_diagonal(sim, 1.0)
-    return sim
-
-
-def _components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Union-find over ``pairs`` (``[M, 2]``); component ids numbered by first member."""
-    parent = list(range(n))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in pairs:
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    roots = [find(a) for a in range(n)]
-    ids: dict[int, int] = {}
-    return np.array([ids.setdefault(r, len(ids)) for r in roots], dtype=np.int64)
-
-
-def similarity_groups(images: np.ndarray, threshold: float = SIMILARITY_THRESHOLD, **kwargs) -> np.ndarray:
-    """Group near-duplicate images: ``int`` group id per image, numbered by first member.
-
-    Images whose :func:`image_similarity` is ``>= threshold`` are linked; groups are the
-    connected components.  ``kwargs`` go to :func:`image_similarity`.
-    """
-    n = len(images)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    sim = image_similarity(images, **kwargs)
-    pairs = np.argwhere(np.triu(sim >= threshold, k=1))
-    return _components(n, pairs)
-
-
 # --------------------------------------------------------------------------- folds
 
 
@@ -185,13 +114,24 @@ def _natural_order(split: Split) -> Split:
     return split.subset([split.ids[k] for k in order])
 
 
+def similarity_cap(n_images: int, n_folds: int) -> int:
+    """The most images one similarity group may hold: ``BALANCE_TOLERANCE`` of a mean fold, at least 2.
+
+    A fold can then take or leave any one group and stay within the balance tolerance.  Near-duplicates
+    come in pairs or small sets (the ED/ES frames of a slice); a larger set of alike images is cut.
+    """
+    return max(2, int(BALANCE_TOLERANCE * n_images / n_folds))
+
+
 def make_folds(split: Split, n_folds: int = 5, seed: int = 42, groups: bool = True, num_classes: int = 4,
                group_of=None) -> pd.DataFrame:
     """Assign every labelled image of ``split`` to one of ``n_folds`` folds.
 
     Returns one row per image in natural id order with ``id, split, fold, group, stratum``
     and the :func:`fold_features` columns.  ``groups=False`` makes every image its own group;
-    ``group_of`` (ids -> group names, e.g. a dataset's ``group`` regex) replaces the similarity guard.
+    ``group_of`` (ids -> group names, e.g. a dataset's ``group`` regex) replaces the similarity guard,
+    whose groups hold at most :func:`similarity_cap` images; ``attrs["similarity_cut"]`` lists the sizes
+    of the sets of alike images that cap cut.
     """
     if split.masks is None:
         raise DataError("make_folds needs labelled images (masks)")
@@ -199,10 +139,13 @@ def make_folds(split: Split, n_folds: int = 5, seed: int = 42, groups: bool = Tr
         raise KaggleCMRError(f"--n-folds must be at least 2 (got {n_folds})")
     split = _natural_order(split)
     n = len(split)
+    cut: list[int] = []
     if groups and group_of is not None:
         group = pd.factorize(pd.Series(group_of(split.ids)), sort=False)[0].astype(np.int64)
+    elif groups:
+        group, cut = similarity_clusters(split.images, max_size=similarity_cap(n, n_folds))
     else:
-        group = similarity_groups(split.images) if groups else np.arange(n, dtype=np.int64)
+        group = np.arange(n, dtype=np.int64)
     n_groups = int(group.max()) + 1 if n else 0
     if n_folds > n_groups:
         what = ("groups" if group_of is not None else "groups of near-duplicate images") if groups else "images"
@@ -218,17 +161,49 @@ def make_folds(split: Split, n_folds: int = 5, seed: int = 42, groups: bool = Tr
         "fold": fold,
         "group": group,
     })
-    return pd.concat([head, feats[["stratum", "size_bin"] + [c for c in feats if c not in ("stratum", "size_bin")]]],
-                     axis=1)
+    df = pd.concat([head, feats[["stratum", "size_bin"] + [c for c in feats if c not in ("stratum", "size_bin")]]],
+                   axis=1)
+    df.attrs["similarity_cut"] = cut
+    return df
 
 
-def fold_table(df: pd.DataFrame, class_names: list[str] | None = None) -> str:
-    """Human-readable per-fold summary: images, groups, val images, class presence, mean size."""
+def _class_columns(df: pd.DataFrame, class_names: list[str] | None) -> dict[str, str]:
+    """``has_k`` column -> class name (CMR names for 3 foreground classes, else ``classK``, or ``class_names``)."""
     has_cols = [c for c in df.columns if c.startswith("has_")]
     names = {c: CMR_CLASS_NAMES.get(int(c[4:]), f"class{c[4:]}") if len(has_cols) == 3 else f"class{c[4:]}"
              for c in has_cols}
     if class_names is not None and class_names[1:] != [f"class{k}" for k in range(1, len(class_names))]:
         names = {c: class_names[int(c[4:])] if int(c[4:]) < len(class_names) else names[c] for c in has_cols}
+    return names
+
+
+def fold_problems(df: pd.DataFrame, class_names: list[str] | None = None) -> dict[int, list[str]]:
+    """What is off per fold (only folds with a problem): a size off the mean by more than
+    ``BALANCE_TOLERANCE``, or a missing class that at least ``max(MIN_CLASS_IMAGES, folds)`` images have."""
+    k = int(df["fold"].max()) + 1
+    mean = len(df) / k
+    sizes = df["fold"].value_counts().reindex(range(k), fill_value=0)
+    out: dict[int, list[str]] = {}
+    for f, size in sizes.items():
+        if abs(size - mean) > BALANCE_TOLERANCE * mean + 1e-9:
+            side = "above" if size > mean else "below"
+            out.setdefault(int(f), []).append(f"{size} images, {abs(size / mean - 1):.0%} {side} the mean {mean:.1f} "
+                                              f"(±{BALANCE_TOLERANCE:.0%} allowed)")
+    for col, name in _class_columns(df, class_names).items():
+        total = int(df[col].sum())
+        if total >= max(MIN_CLASS_IMAGES, k):
+            per_fold = df[col].groupby(df["fold"]).sum().reindex(range(k), fill_value=0)
+            for f in per_fold.index[per_fold == 0]:
+                out.setdefault(int(f), []).append(f"no {name} image ({total} overall)")
+    return dict(sorted(out.items()))
+
+
+def fold_table(df: pd.DataFrame, class_names: list[str] | None = None) -> str:
+    """Human-readable per-fold summary: images, groups, val images, class presence, mean size; a fold
+    with a :func:`fold_problems` problem is marked ``!`` and explained below the table."""
+    names = _class_columns(df, class_names)
+    has_cols = list(names)
+    problems = fold_problems(df, class_names)
     size_col = next((c for c in ("lv_myo_area", "fg_area") if c in df.columns), None)
     show_val = "split" in df.columns and (df["split"] != "train").any()
     header = ["fold", "images"] + (["groups"] if "group" in df.columns else []) + (["val"] if show_val else [])
@@ -247,9 +222,11 @@ def fold_table(df: pd.DataFrame, class_names: list[str] | None = None) -> str:
             cells.append(f"{part[size_col].mean():.0f}")
         return cells
 
-    rows = [header] + [row(str(f), part) for f, part in df.groupby("fold", sort=True)] + [row("all", df)]
+    rows = [header] + [row(f"{f}!" if f in problems else str(f), part) for f, part in df.groupby("fold", sort=True)]
+    rows.append(row("all", df))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines + [f"! fold {f}: {'; '.join(why)}" for f, why in problems.items()])
 
 
 def write_folds(df: pd.DataFrame, path, force: bool = False) -> Path:
@@ -324,10 +301,31 @@ def read_folds(path, ids=None) -> pd.DataFrame:
     return df
 
 
+def _too_big_groups(names: list[str], n_folds: int) -> list[str]:
+    """Regex groups no fold can hold (more than the mean fold + ``BALANCE_TOLERANCE``), largest first."""
+    limit = (1 + BALANCE_TOLERANCE) * len(names) / n_folds
+    sizes = pd.Series(names).value_counts()
+    return [f"group {g!r} has {c} images, more than a fold may hold ({limit:.0f} = mean fold "
+            f"{len(names) / n_folds:.1f} + {BALANCE_TOLERANCE:.0%})" for g, c in sizes[sizes > limit].items()]
+
+
+def _what_to_do(by_regex: bool, groups: bool) -> str:
+    if by_regex:
+        fix = "make the dataset file's group regex name smaller groups, use --no-groups"
+    elif groups:
+        fix = "name the true groups with a group: regex in a dataset file, use --no-groups"
+    else:
+        fix = "use fewer --n-folds"
+    return f"{fix}, or --allow-unbalanced to write them anyway"
+
+
 def run_make_folds(data, n_folds: int = 5, seed: int = 42, out=Path("folds/folds.csv"), groups: bool = True,
-                   force: bool = False, spec: DataSpec | None = None, config=None) -> pd.DataFrame:
-    """Load the labelled images of ``data`` (a folder or a dataset file), make folds, write ``out`` and
-    print a per-fold table.  Groups: the dataset's ``group`` regex, else the similarity guard.
+                   force: bool = False, spec: DataSpec | None = None, config=None,
+                   allow_unbalanced: bool = False) -> pd.DataFrame:
+    """Load the labelled images of ``data`` (a folder or a dataset file), make folds, print a per-fold
+    table and write ``out``.  Groups: the dataset's ``group`` regex, else the similarity guard.
+    Unbalanced folds (:func:`fold_problems`) or a regex group larger than a fold may hold are a one-line
+    error and nothing is written, unless ``allow_unbalanced`` (then a warning).
     ``config`` (or the legacy ``spec``) pins size/channels/classes as ``train`` would."""
 
     out = Path(out)
@@ -345,9 +343,12 @@ def run_make_folds(data, n_folds: int = 5, seed: int = 42, out=Path("folds/folds
         print(note, flush=True)
     split = ds.labelled()
     by_regex = groups and ds.group is not None
+    too_big = _too_big_groups(ds.groups(split.ids), n_folds) if by_regex else []
+    if too_big and not allow_unbalanced:
+        more = "; ..." if len(too_big) > 2 else ""
+        raise KaggleCMRError(f"{ds.path}: {'; '.join(too_big[:2])}{more}; {_what_to_do(True, True)}")
     df = make_folds(split, n_folds=n_folds, seed=seed, groups=groups, num_classes=ds.num_classes,
                     group_of=ds.groups if by_regex else None)
-    write_folds(df, out, force=force)
     sizes = df["group"].value_counts()
     per_split = ", ".join(f"{s} {n}" for s, n in df["split"].value_counts(sort=False).items())
     if by_regex:
@@ -358,6 +359,20 @@ def run_make_folds(data, n_folds: int = 5, seed: int = 42, out=Path("folds/folds
     else:
         grouping = "groups: none, no grouping (--no-groups)"
     print(f"make-folds: {len(df)} labelled images ({per_split}) -> {n_folds} folds, seed {seed}; {grouping}")
+    cut = df.attrs.get("similarity_cut", [])
+    if cut:
+        shown = ", ".join(map(str, cut[:3])) + (", ..." if len(cut) > 3 else "")
+        print(f"note: {len(cut)} set(s) of alike images ({shown} images) were cut into groups of at most "
+              f"{similarity_cap(len(df), n_folds)} ({BALANCE_TOLERANCE:.0%} of a fold); their parts may leak across "
+              "folds: if they share a source (a part, a patient, a video), name it with a group: regex")
     print(fold_table(df, ds.classes))
+    problems = [f"fold {f}: {', '.join(why)}" for f, why in fold_problems(df, ds.classes).items()]
+    if problems or too_big:
+        what = "; ".join(too_big[:2] + problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        if not allow_unbalanced:
+            biggest = f" (largest group {sizes.max()} images)" if groups else ""
+            raise KaggleCMRError(f"{ds.path}: unbalanced folds{biggest}: {what}; {_what_to_do(by_regex, groups)}")
+        print(f"warning: unbalanced folds, written anyway (--allow-unbalanced): {what}")
+    write_folds(df, out, force=force)
     print(f"wrote {out}")
     return df
