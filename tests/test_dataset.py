@@ -323,14 +323,14 @@ def test_shipped_cmr_file_matches_the_folder(tmp_path):
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
 
     # the same submission scores the same through both (a CSV of the true masks, some rows wrong)
-    from kagglecmr.engine.evaluator import run_score, run_score_dataset
+    from kagglecmr.engine.evaluator import run_score_dataset
     from kagglecmr.formats.submission_csv import write_submission
 
     rows = [(rid, "" if n % 7 == 0 else enc) for n, (i, m) in enumerate(zip(sa.ids, sa.masks))
             for rid, enc in b.submission.rows(i, m, 4)]
     write_submission(rows, tmp_path / "sub.csv", shape=(96, 96))
-    folder, file = run_score(tmp_path / "sub.csv", data=REAL_CMR), run_score_dataset(tmp_path / "sub.csv",
-                                                                                        data=SHIPPED_DATASETS / "cmr.yaml")
+    folder = run_score_dataset(tmp_path / "sub.csv", data=REAL_CMR)
+    file = run_score_dataset(tmp_path / "sub.csv", data=SHIPPED_DATASETS / "cmr.yaml")
     assert folder.to_dict() == file.to_dict() and folder.score < 1.0
 
 
