@@ -28,7 +28,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 
 from kagglecmr.cfg.config import load_config  # noqa: E402
-from kagglecmr.data.loader import load_labelled  # noqa: E402
+from kagglecmr.data.dataset import prepare  # noqa: E402
 from kagglecmr.engine.ensembler import load_run, predict_oof  # noqa: E402
 from kagglecmr.engine.postprocess import apply_plan, describe_plan, tune_plan  # noqa: E402
 from kagglecmr.formats.metric import dice_table  # noqa: E402
@@ -68,7 +68,7 @@ def evaluate(name: str, args) -> str:
     run_dir = Path(args.runs_dir) / name
     dev = resolve_device(args.device)
     run = load_run(run_dir, dev)
-    data = load_labelled(args.data, run.cfg.data.spec())
+    data = prepare(run.cfg, args.data, quiet=True)[2]  # at the run's size and channels
     k = run.cfg.data.num_classes
     w = np.ones(1)
     plain = predict_oof([run], data, dev, ["none"], w, 64).argmax(1)

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kagglecmr.cfg.config import load_config  # noqa: E402
-from kagglecmr.data.loader import load_split  # noqa: E402
+from kagglecmr.data.dataset import apply_dataset, load_dataset  # noqa: E402
 from kagglecmr.engine.ensembler import Run, predict_images  # noqa: E402
 from kagglecmr.models.factory import build_model  # noqa: E402
 from kagglecmr.utils.runtime import resolve_device, setup_threads  # noqa: E402
@@ -43,12 +43,13 @@ def main() -> None:
 
         args.data = Path(tempfile.mkdtemp()) / "demo"
         make_demo_dataset(args.data, n_train=1, n_val=0, n_test=80)
+    ds = load_dataset(args.data)
     results = {}
     print("| precision | models | TTA passes | images | seconds | images×passes×models / s |")
     print("|---|---|---|---|---|---|")
     for amp in ("none", "bf16"):
-        cfg = load_config(args.config, [*args.set, f"train.amp={amp}", "model.weights=none"])
-        images = load_split(args.data, "test", cfg.data.spec(), labelled=False).images
+        cfg = apply_dataset(load_config(args.config, [*args.set, f"train.amp={amp}", "model.weights=none"]), ds)
+        images = ds.load("test", labelled=False).images
         models = {k: build_model(cfg, check_size=False).to(dev).to(memory_format=torch.channels_last).eval()
                   for k in range(args.folds)}
         run = Run("bench", Path("."), cfg, models)

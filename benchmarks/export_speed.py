@@ -47,7 +47,7 @@ def main() -> None:
     import torch
 
     import kagglecmr as kc
-    from kagglecmr.data.loader import load_split
+    from kagglecmr.data.dataset import apply_dataset, load_dataset
 
     flips = args.tta_flips.split(",")
     res = kc.export(args.runs, out=args.out, format="onnx", tta_flips=flips, data=args.data, force=True)
@@ -55,7 +55,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = model.runs[0].cfg
-    images = load_split(args.data, args.split, cfg.data.spec(), labelled=False).images  # [N, H, W, C]
+    ds = load_dataset(args.data)
+    apply_dataset(cfg, ds)  # the run's size (and resize) on the dataset
+    images = ds.load(args.split, labelled=False).images  # [N, H, W, C]
     nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
     opts = ort.SessionOptions()

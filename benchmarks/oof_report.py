@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kagglecmr.data.loader import load_labelled
+from kagglecmr.data.dataset import load_dataset
 from kagglecmr.engine.rundir import read_oof_labels
 from kagglecmr.formats.metric import dice_table
 
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data/cmr"))
     ap.add_argument("--worst", type=int, default=12)
     args = ap.parse_args()
-    data = load_labelled(args.data)
+    data = load_dataset(args.data).labelled()
     files = sorted(args.run.glob("fold*/oof.npz"))
     ids, preds = read_oof_labels(files)
     folds = [f.parent.name for f, p in zip(files, preds) for _ in range(len(p))]

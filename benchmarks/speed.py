@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 from kagglecmr.cfg.config import load_config  # noqa: E402
 from kagglecmr.data.augment import build_albumentations  # noqa: E402
-from kagglecmr.data.loader import discover, load_labelled  # noqa: E402
+from kagglecmr.data.dataset import apply_dataset, load_dataset, prepare  # noqa: E402
+from kagglecmr.data.loader import discover  # noqa: E402
 from kagglecmr.engine.trainer import train_fold  # noqa: E402
 from kagglecmr.models.factory import build_model  # noqa: E402
 from kagglecmr.models.losses import build_loss  # noqa: E402
@@ -93,7 +94,7 @@ def reference(cfg, data_root: Path, device: torch.device, steps: int, workers: i
 
 
 def kagglecmr_trainer(cfg, data_root: Path, device: torch.device, epochs: int) -> dict:
-    data = load_labelled(data_root, cfg.data.spec())
+    data = prepare(cfg, data_root, quiet=True)[2]
     folds = pd.DataFrame({"id": data.ids, "fold": np.arange(len(data)) % 5})
     cfg = cfg.model_copy(deep=True)
     cfg.train.epochs = epochs
@@ -131,8 +132,6 @@ def main() -> None:
         make_demo_dataset(args.data, n_train=80, n_val=20, n_test=0)
     setup_threads(0)
     dev = resolve_device(args.device)
-    from kagglecmr.data.dataset import apply_dataset, load_dataset
-
     cfg = apply_dataset(load_config(args.config, args.set), load_dataset(args.data))  # data keys from the dataset
     ref = reference(cfg, args.data, dev, args.steps, args.workers)
     ours = kagglecmr_trainer(cfg, args.data, dev, args.epochs)

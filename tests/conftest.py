@@ -161,10 +161,10 @@ def tiny_cfg(project):
 
 @pytest.fixture(scope="session")
 def labelled(project, tiny_cfg):
-    """Every labelled image of the demo dataset (train + val), decoded."""
-    from kagglecmr.data.loader import load_labelled
+    """Every labelled image of the demo dataset (train + val), decoded as training reads it."""
+    from kagglecmr.data.dataset import prepare
 
-    return load_labelled(project.data, tiny_cfg.data.spec())
+    return prepare(tiny_cfg, project.data, quiet=True)[2]
 
 
 @pytest.fixture(scope="module")

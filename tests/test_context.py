@@ -7,8 +7,8 @@ import torch
 
 from kagglecmr.cfg.config import load_config
 from kagglecmr.data.context import add_context, partners
+from kagglecmr.data.dataset import load_dataset
 from kagglecmr.data.folds import similarity_groups
-from kagglecmr.data.loader import load_split
 from kagglecmr.models.factory import build_model
 
 
@@ -20,7 +20,7 @@ def test_partners_are_similarity_group_mates_or_the_image_itself(project, labell
     assert p.tolist() == [10, 11, 12, 13, 14, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4]
     groups = similarity_groups(images)
     assert (groups[p] == groups).all()  # a partner is always in the image's group (so in its fold)
-    test = load_split(project.data, "test", labelled=False)
+    test = load_dataset(project.data).load("test", labelled=False)
     assert len(partners(test.images)) == len(test)  # found the same way on the test split
 
 

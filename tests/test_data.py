@@ -1,6 +1,9 @@
-"""Data layer: discovery, validated PNG decoding, resizing, channels, and one-line DataErrors.
+"""Data layer: folder discovery, validated PNG decoding, resizing, channels, and one-line DataErrors.
 
-Every dataset here is a handful of tiny PNGs written with cv2 into ``tmp_path``; nothing trains.
+Folder datasets are read through the dataset loader (``load_dataset(root).load/labelled``, and ``prepare``
+with a config that pins ``data.size``/``data.resize``); the decoding primitives of ``kagglecmr.data.loader``
+are tested directly.  Every dataset here is a handful of tiny PNGs written with cv2 into ``tmp_path``;
+nothing trains.
 """
 
 from __future__ import annotations
@@ -13,11 +16,23 @@ import pytest
 
 from kagglecmr.cfg.config import DataSpec, load_config
 from kagglecmr.data import loader as data
-from kagglecmr.utils.errors import DataError, KaggleCMRError
+from kagglecmr.data.dataset import load_dataset, prepare
+from kagglecmr.utils.errors import ConfigError, DataError, KaggleCMRError
 from kagglecmr.utils.naming import natural_key, natural_sorted
 
 S = 32  # image side used throughout (small files, quick decoding)
-SPEC = DataSpec(size=S, in_channels=1, num_classes=4)
+SPEC = DataSpec(size=S, in_channels=1, num_classes=4)  # what the primitives read_image/read_mask decode to
+
+
+def labelled(root: Path):
+    """Every labelled image of a folder dataset (train + val), as every command reads ``--data``."""
+    return load_dataset(root).labelled()
+
+
+def resized(root: Path, size: int = S, *sets: str):
+    """The labelled split and the dataset of a folder read with a config that pins ``data.size`` and resizes."""
+    _, ds, split = prepare(load_config(None, [f"data.size={size}", "data.resize=true", *sets]), root, quiet=True)
+    return split, ds
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -70,13 +85,13 @@ def make_root(root: Path, train=None, val=None, test=None) -> Path:
     return root
 
 
-def labelled_items(ids, size: int = S, seed: int = 0) -> dict:
-    return {i: (image(seed + k, size), mask(seed + k, size)) for k, i in enumerate(ids)}
+def labelled_items(ids, size: int = S, seed: int = 0, num_classes: int = 4) -> dict:
+    return {i: (image(seed + k, size), mask(seed + k, size, num_classes)) for k, i in enumerate(ids)}
 
 
-def one_line(exc: pytest.ExceptionInfo, *needles) -> str:
-    """The error is a DataError with a one-line message containing every needle."""
-    assert isinstance(exc.value, DataError) and isinstance(exc.value, KaggleCMRError)
+def one_line(exc: pytest.ExceptionInfo, *needles, kind: type = DataError) -> str:
+    """The error is a DataError (or ``kind``) with a one-line message containing every needle."""
+    assert isinstance(exc.value, kind) and isinstance(exc.value, KaggleCMRError)
     msg = str(exc.value)
     assert msg and "\n" not in msg and "\r" not in msg, msg
     for needle in needles:
@@ -112,10 +127,12 @@ def test_discover_ignores_non_png_files(tmp_path):
     assert [i for i, _, _ in data.discover(root, "train")] == ["cmr1", "cmr2"]
 
 
-def test_load_split_values_roundtrip(tmp_path):
+def test_load_values_roundtrip(tmp_path):
     items = labelled_items(["cmr2", "cmr1"])
     root = make_root(tmp_path / "d", train=items)
-    split = data.load_split(root, "train", SPEC)
+    ds = load_dataset(root)
+    assert (ds.size, ds.in_channels, ds.num_classes) == ((S, S), 1, 4)
+    split = ds.load("train")
     assert split.ids == ["cmr1", "cmr2"]
     assert split.images.dtype == np.uint8 and split.images.shape == (2, S, S, 1)
     assert split.masks.dtype == np.uint8 and split.masks.shape == (2, S, S)
@@ -124,13 +141,14 @@ def test_load_split_values_roundtrip(tmp_path):
         np.testing.assert_array_equal(split.masks[k], items[i][1])
     assert split.splits == ["train", "train"]
     assert split.image_paths == [root / "train" / "image" / f"{i}.png" for i in split.ids]
+    assert split.orig_sizes == [(S, S), (S, S)]
     assert len(split) == 2
 
 
-def test_load_labelled_includes_val_with_split_names(tmp_path):
+def test_labelled_includes_val_with_split_names(tmp_path):
     root = make_root(tmp_path / "d", train=labelled_items(["cmr10", "cmr3"]), val=labelled_items(["cmr2", "cmr11"], seed=5),
                      test={"cmr50": image(9)})
-    split = data.load_labelled(root, SPEC)
+    split = labelled(root)
     assert split.ids == ["cmr3", "cmr10", "cmr2", "cmr11"]
     assert split.splits == ["train", "train", "val", "val"]
     assert split.images.shape == (4, S, S, 1) and split.masks.shape == (4, S, S)
@@ -138,26 +156,30 @@ def test_load_labelled_includes_val_with_split_names(tmp_path):
     assert "cmr50" not in split.ids  # test/ is never labelled
 
 
-def test_load_labelled_without_val(tmp_path):
+def test_labelled_without_val(tmp_path):
     root = make_root(tmp_path / "d", train=labelled_items(["cmr1", "cmr2"]))
-    split = data.load_labelled(root, SPEC)
+    split = labelled(root)
     assert split.ids == ["cmr1", "cmr2"] and set(split.splits) == {"train"}
 
 
 def test_test_split_without_masks_loads_unlabelled(tmp_path):
     root = make_root(tmp_path / "d", train=labelled_items(["cmr1"]), test={"cmr12": image(1), "cmr9": image(2)})
-    for labelled in (None, False):
-        split = data.load_split(root, "test", SPEC, labelled=labelled)
+    ds = load_dataset(root)
+    for masks in (None, False):
+        split = ds.load("test", labelled=masks)
         assert split.ids == ["cmr9", "cmr12"]
         assert split.masks is None
         assert split.images.shape == (2, S, S, 1)
         assert split.splits == ["test", "test"]
         np.testing.assert_array_equal(split.images[0, :, :, 0], image(2))
+    with pytest.raises(DataError) as exc:  # asked for masks it does not have
+        ds.load("test", labelled=True)
+    one_line(exc, root, "test", "no masks")
 
 
 def test_labelled_split_loaded_as_unlabelled_ignores_masks(tmp_path):
     root = make_root(tmp_path / "d", train=labelled_items(["cmr1", "cmr2"]))
-    split = data.load_split(root, "train", SPEC, labelled=False)
+    split = load_dataset(root).load("train", labelled=False)
     assert split.masks is None and split.ids == ["cmr1", "cmr2"]
 
 
@@ -173,8 +195,7 @@ def test_available_splits(tmp_path):
 # ------------------------------------------------------------------------------------ failures
 def test_missing_root(tmp_path):
     missing = tmp_path / "nowhere"
-    for call in (data.load_labelled, data.available_splits, lambda r: data.load_split(r, "train"),
-                 lambda r: data.discover(r, "train"), data.labelled_mask_paths):
+    for call in (load_dataset, lambda r: prepare(None, r), data.available_splits, lambda r: data.discover(r, "train")):
         with pytest.raises(DataError) as exc:
             call(missing)
         one_line(exc, missing)
@@ -183,15 +204,15 @@ def test_missing_root(tmp_path):
 def test_root_without_labelled_split(tmp_path):
     root = make_root(tmp_path / "d", test={"cmr1": image()})
     with pytest.raises(DataError) as exc:
-        data.load_labelled(root, SPEC)
-    one_line(exc, root / "train" / "image")
+        labelled(root)
+    one_line(exc, root / "train" / "image", "no labelled split")
 
 
 def test_missing_split_folder(tmp_path):
     root = make_root(tmp_path / "d", train=labelled_items(["cmr1"]))
     with pytest.raises(DataError) as exc:
-        data.load_split(root, "test", SPEC)
-    one_line(exc, root / "test" / "image")
+        load_dataset(root).load("test")
+    one_line(exc, root, "no split 'test'", "has train")
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
@@ -200,13 +221,9 @@ def test_empty_split(tmp_path, split):
     kwargs[split] = {}
     root = make_root(tmp_path / "d", **kwargs)
     (root / split / "image" / "readme.txt").write_text("no pngs here")
-    with pytest.raises(DataError) as exc:
-        data.load_split(root, split, SPEC)
-    one_line(exc, root / split / "image", split)
-    if split != "test":
-        with pytest.raises(DataError) as exc:
-            data.load_labelled(root, SPEC)
-        one_line(exc, root / split / "image")
+    with pytest.raises(DataError) as exc:  # found when the dataset is read, whichever split is wanted
+        load_dataset(root)
+    one_line(exc, root / split / "image", f"split '{split}'", "no PNG")
 
 
 def test_image_without_mask(tmp_path):
@@ -214,7 +231,7 @@ def test_image_without_mask(tmp_path):
     items["cmr2"] = (items["cmr2"][0], None)
     root = make_root(tmp_path / "d", train=items)
     with pytest.raises(DataError) as exc:
-        data.load_labelled(root, SPEC)
+        labelled(root)
     one_line(exc, root / "train" / "image" / "cmr2.png", root / "train" / "mask" / "cmr2_mask.png")
 
 
@@ -223,22 +240,22 @@ def test_image_without_mask_in_val(tmp_path):
     val["cmr8"] = (val["cmr8"][0], None)
     root = make_root(tmp_path / "d", train=labelled_items(["cmr1"]), val=val)
     with pytest.raises(DataError) as exc:
-        data.load_labelled(root, SPEC)
-    one_line(exc, root / "val" / "image" / "cmr8.png")
+        labelled(root)
+    one_line(exc, root / "val" / "image" / "cmr8.png", "no mask")
 
 
 def test_labelled_split_without_mask_folder(tmp_path):
     root = make_root(tmp_path / "d", train={"cmr1": (image(), None)})
     with pytest.raises(DataError) as exc:
-        data.load_labelled(root, SPEC)
-    one_line(exc, root / "train" / "mask")
+        labelled(root)
+    one_line(exc, root, "no labelled split")
 
 
 def test_mask_without_image(tmp_path):
     root = make_root(tmp_path / "d", train=labelled_items(["cmr1", "cmr2"]))
     write_png(root / "train" / "mask" / "cmr3_mask.png", mask())
     with pytest.raises(DataError) as exc:
-        data.load_labelled(root, SPEC)
+        labelled(root)
     one_line(exc, root / "train" / "mask" / "cmr3_mask.png", root / "train" / "image" / "cmr3.png")
 
 
@@ -248,8 +265,8 @@ def test_image_and_mask_of_different_sizes(tmp_path, resize):
     items["cmr2"] = (image(2, S), mask(2, S + 16))
     root = make_root(tmp_path / "d", train=items)
     with pytest.raises(DataError) as exc:
-        data.load_labelled(root, DataSpec(size=S, resize=resize))
-    one_line(exc, root / "train" / "mask" / "cmr2_mask.png")
+        resized(root) if resize else labelled(root)
+    one_line(exc, root / "train" / "mask" / "cmr2_mask.png", f"{S + 16}x{S + 16}", f"{S}x{S}")
 
 
 def test_image_and_mask_of_different_sizes_resized(tmp_path):
@@ -257,7 +274,7 @@ def test_image_and_mask_of_different_sizes_resized(tmp_path):
     items = {"cmr1": (image(1, S + 16), mask(1, S))}
     root = make_root(tmp_path / "d", train=items)
     with pytest.raises(DataError) as exc:
-        data.load_labelled(root, DataSpec(size=S, resize=True))
+        resized(root)
     one_line(exc, root / "train" / "mask" / "cmr1_mask.png", f"{S}x{S}", f"{S + 16}x{S + 16}")
 
 
@@ -267,9 +284,10 @@ def test_mask_values_outside_classes(tmp_path):
     bad[3, 3], bad[4, 4] = 7, 200
     items["cmr2"] = (items["cmr2"][0], bad)
     root = make_root(tmp_path / "d", train=items)
-    with pytest.raises(DataError) as exc:
-        data.load_labelled(root, SPEC)
-    one_line(exc, root / "train" / "mask" / "cmr2_mask.png", "7", "200", "0..3")
+    for read in (labelled, lambda r: resized(r, S, "data.num_classes=4")):  # a pinned class count does not allow them
+        with pytest.raises(DataError) as exc:
+            read(root)
+        one_line(exc, root / "train" / "mask" / "cmr2_mask.png", "7", "200", "0..3")
 
 
 def test_colour_mask(tmp_path):
@@ -279,7 +297,7 @@ def test_colour_mask(tmp_path):
     items["cmr1"] = (items["cmr1"][0], colour)
     root = make_root(tmp_path / "d", train=items)
     with pytest.raises(DataError) as exc:
-        data.load_labelled(root, SPEC)
+        labelled(root)
     one_line(exc, root / "train" / "mask" / "cmr1_mask.png", "colour")
 
 
@@ -306,15 +324,16 @@ def test_image_of_other_size_without_resize(tmp_path):
     items["cmr2"] = (image(2, S + 8), mask(2, S + 8))
     root = make_root(tmp_path / "d", train=items)
     with pytest.raises(DataError) as exc:
-        data.load_labelled(root, SPEC)
-    one_line(exc, root / "train" / "image" / "cmr2.png", f"{S + 8}x{S + 8}", f"expected {S}x{S}", "resize")
+        labelled(root)
+    one_line(exc, root, "cmr2.png", f"{S + 8}x{S + 8}", "data.resize: true")
 
 
 def test_test_image_of_other_size_without_resize(tmp_path):
     root = make_root(tmp_path / "d", train=labelled_items(["cmr1"]), test={"cmr4": image(0, S), "cmr5": image(0, 20)})
-    with pytest.raises(DataError) as exc:
-        data.load_split(root, "test", SPEC)
-    one_line(exc, root / "test" / "image" / "cmr5.png")
+    for read in (lambda: load_dataset(root).load("test"), lambda: labelled(root)):  # the dataset's size is unknown
+        with pytest.raises(DataError) as exc:
+            read()
+        one_line(exc, root, "cmr5.png", "20x20", "data.resize: true")
 
 
 def _truncated(good: bytes) -> bytes:
@@ -351,7 +370,7 @@ def test_corrupt_png(tmp_path, capfd, kind, which):
     path.write_bytes(CORRUPTIONS[kind](path.read_bytes()))
     capfd.readouterr()
     with pytest.raises(DataError) as exc:
-        data.load_labelled(root, SPEC)
+        labelled(root)
     one_line(exc, path, "not a readable PNG")
     out, err = capfd.readouterr()
     assert out == "" and err == "", (out, err)  # no libpng complaints on the side
@@ -363,8 +382,8 @@ def test_corrupt_test_image(tmp_path, capfd):
     path.write_bytes(_truncated(path.read_bytes()))
     capfd.readouterr()
     with pytest.raises(DataError) as exc:
-        data.load_split(root, "test", SPEC)
-    one_line(exc, path)
+        load_dataset(root).load("test")
+    one_line(exc, path, "not a readable PNG")
     assert capfd.readouterr().err == ""
 
 
@@ -386,7 +405,7 @@ def test_read_missing_file(tmp_path):
 def test_same_id_in_train_and_val(tmp_path):
     root = make_root(tmp_path / "d", train=labelled_items(["cmr1", "cmr2"]), val=labelled_items(["cmr2", "cmr3"], seed=7))
     with pytest.raises(DataError) as exc:
-        data.load_labelled(root, SPEC)
+        labelled(root)
     one_line(exc, "cmr2", root / "val" / "image" / "cmr2.png", "train")
 
 
@@ -401,7 +420,7 @@ def test_resize_images_and_masks_nearest(tmp_path):
         "cmr3": (image(3, S), mask(3, S)),
     }
     root = make_root(tmp_path / "d", train=items, test={"cmr9": image(9, big)})
-    split = data.load_labelled(root, DataSpec(size=S, resize=True))
+    split, ds = resized(root)
     assert split.images.shape == (3, S, S, 1) and split.masks.shape == (3, S, S)
     assert split.images.dtype == np.uint8 and split.masks.dtype == np.uint8
     np.testing.assert_array_equal(split.images[0], 77)  # a flat image stays flat
@@ -410,8 +429,9 @@ def test_resize_images_and_masks_nearest(tmp_path):
     assert set(np.unique(split.masks[1])) == {0, 1, 3}  # no interpolated labels such as 2
     np.testing.assert_array_equal(split.images[2, :, :, 0], image(3, S))  # right size: untouched
     np.testing.assert_array_equal(split.masks[2], mask(3, S))
-    test = data.load_split(root, "test", DataSpec(size=S, resize=True))
-    assert test.images.shape == (1, S, S, 1)
+    assert split.orig_sizes == [(S + 16, S + 16), (small, small), (S, S)]
+    test = ds.load("test")
+    assert test.images.shape == (1, S, S, 1) and test.orig_sizes == [(big, big)]
 
 
 def test_resize_random_mask_adds_no_labels(tmp_path):
@@ -490,7 +510,7 @@ def test_16bit_colour_image(tmp_path):
 def test_16bit_dataset_loads(tmp_path):
     items = {"cmr1": (image(1).astype(np.uint16) * 257, mask(1))}
     root = make_root(tmp_path / "d", train=items)
-    split = data.load_labelled(root, SPEC)
+    split = labelled(root)
     assert split.images.dtype == np.uint8
     np.testing.assert_array_equal(split.images[0, :, :, 0], image(1))
 
@@ -505,7 +525,9 @@ def test_dataspec_from_config_binary_128(tmp_path):
 
     items = {f"cmr{k}": (image(k, 128), mask(k, 128, num_classes=2)) for k in (1, 2)}
     root = make_root(tmp_path / "ok", train=items)
-    split = data.load_labelled(root, spec)
+    cfg = load_config(cfg_path)
+    resolved, _, split = prepare(cfg, root, quiet=True)
+    assert resolved.data.spec() == spec
     assert split.images.shape == (2, 128, 128, 1)
     assert set(np.unique(split.masks)) == {0, 1}
 
@@ -513,13 +535,14 @@ def test_dataspec_from_config_binary_128(tmp_path):
     bad[10:12, 10:12] = 2
     items["cmr3"] = (image(3, 128), bad)
     root = make_root(tmp_path / "bad", train=items)
-    with pytest.raises(DataError) as exc:
-        data.load_labelled(root, spec)
-    one_line(exc, root / "train" / "mask" / "cmr3_mask.png", "2", "0..1")
+    with pytest.raises(ConfigError) as exc:  # the folder's labels 0..2 are three classes
+        prepare(cfg, root, quiet=True)
+    one_line(exc, root, "data.num_classes=2", "3 classes", kind=ConfigError)
 
-    with pytest.raises(DataError) as exc:  # default-size data against a 128 config
-        data.load_labelled(make_root(tmp_path / "small", train=labelled_items(["cmr1"], size=96)), spec)
-    one_line(exc, "96x96", "128x128")
+    small = make_root(tmp_path / "small", train=labelled_items(["cmr1"], size=96, num_classes=2))
+    with pytest.raises(ConfigError) as exc:  # default-size data against a 128 config
+        prepare(cfg, small, quiet=True)
+    one_line(exc, small, "96x96", "data.size=128", "data.resize: true", kind=ConfigError)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -540,7 +563,7 @@ def test_cli_make_folds_truncated_png(tmp_path, cli, assert_cli_error):
 # ------------------------------------------------------------------------------------ Split
 def test_split_subset_and_index_stay_aligned(tmp_path):
     root = make_root(tmp_path / "d", train=labelled_items(["cmr1", "cmr2", "cmr3"]), val=labelled_items(["cmr4", "cmr5"], seed=3))
-    full = data.load_labelled(root, SPEC)
+    full = labelled(root)
     pick = ["cmr5", "cmr1", "cmr3"]
     idx = full.index(pick)
     assert idx.dtype == np.int64 and idx.tolist() == [4, 0, 2]
@@ -561,7 +584,7 @@ def test_split_subset_and_index_stay_aligned(tmp_path):
 
 def test_split_subset_unlabelled(tmp_path):
     root = make_root(tmp_path / "d", train=labelled_items(["cmr1"]), test={"cmr3": image(3), "cmr1x": image(1), "cmr2": image(2)})
-    test = data.load_split(root, "test", SPEC)
+    test = load_dataset(root).load("test")
     assert test.ids == ["cmr1x", "cmr2", "cmr3"]
     sub = test.subset(["cmr3", "cmr1x"])
     assert sub.masks is None and sub.ids == ["cmr3", "cmr1x"] and sub.splits == ["test", "test"]
@@ -575,13 +598,3 @@ def test_split_subset_without_bookkeeping():
     sub = s.subset(["c", "a"])
     assert sub.splits == [] and sub.image_paths == []
     np.testing.assert_array_equal(sub.images, imgs[[2, 0]])
-
-
-def test_labelled_mask_paths(tmp_path):
-    root = make_root(tmp_path / "d", train=labelled_items(["cmr1"]), val=labelled_items(["cmr2"]))
-    paths = data.labelled_mask_paths(root)
-    assert paths == {"cmr1": root / "train" / "mask" / "cmr1_mask.png", "cmr2": root / "val" / "mask" / "cmr2_mask.png"}
-    empty = make_root(tmp_path / "e", test={"cmr1": image()})
-    with pytest.raises(DataError) as exc:
-        data.labelled_mask_paths(empty)
-    one_line(exc, empty)

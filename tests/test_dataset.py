@@ -295,12 +295,11 @@ def test_folder_form_and_equivalent_file_give_the_same_data_and_folds(tmp_path):
     assert (a.num_classes, a.in_channels, a.size) == (b.num_classes, b.in_channels, b.size) == (4, 1, (96, 96))
     sa, sb = a.labelled(), b.labelled()
     assert sa.ids == sb.ids and sa.splits == sb.splits
-    from kagglecmr.cfg.config import DataSpec
-    from kagglecmr.data.loader import load_labelled
-
-    legacy = load_labelled(demo, DataSpec())  # the folder reader before dataset files: the same arrays
-    np.testing.assert_array_equal(legacy.images, sa.images)
-    np.testing.assert_array_equal(legacy.masks, sa.masks)
+    # the files as they are on disk (grey PNGs, labels 0..3): the arrays the folder reader always gave
+    on_disk = [(cv2.imread(str(ip), cv2.IMREAD_UNCHANGED), cv2.imread(str(mp), cv2.IMREAD_UNCHANGED))
+               for s in ("train", "val") for _, ip, mp in a.items(s)]
+    np.testing.assert_array_equal(np.stack([img for img, _ in on_disk])[..., None], sa.images)
+    np.testing.assert_array_equal(np.stack([m for _, m in on_disk]), sa.masks)
     np.testing.assert_array_equal(sa.images, sb.images)
     np.testing.assert_array_equal(sa.masks, sb.masks)
     run_make_folds(demo, out=tmp_path / "a.csv")
@@ -323,14 +322,14 @@ def test_shipped_cmr_file_matches_the_folder(tmp_path):
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
 
     # the same submission scores the same through both (a CSV of the true masks, some rows wrong)
-    from kagglecmr.engine.evaluator import run_score, run_score_dataset
+    from kagglecmr.engine.evaluator import run_score_dataset
     from kagglecmr.formats.submission_csv import write_submission
 
     rows = [(rid, "" if n % 7 == 0 else enc) for n, (i, m) in enumerate(zip(sa.ids, sa.masks))
             for rid, enc in b.submission.rows(i, m, 4)]
     write_submission(rows, tmp_path / "sub.csv", shape=(96, 96))
-    folder, file = run_score(tmp_path / "sub.csv", data=REAL_CMR), run_score_dataset(tmp_path / "sub.csv",
-                                                                                        data=SHIPPED_DATASETS / "cmr.yaml")
+    folder = run_score_dataset(tmp_path / "sub.csv", data=REAL_CMR)
+    file = run_score_dataset(tmp_path / "sub.csv", data=SHIPPED_DATASETS / "cmr.yaml")
     assert folder.to_dict() == file.to_dict() and folder.score < 1.0
 
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import kagglecmr.data.demo as demo
-from kagglecmr.cfg.config import DataSpec
-from kagglecmr.data import loader as data
+from kagglecmr.data.dataset import load_dataset
 from kagglecmr.data.demo import make_demo_dataset
 from kagglecmr.utils.errors import KaggleCMRError
 from kagglecmr.utils.naming import natural_sorted
@@ -68,7 +67,7 @@ def test_pngs_are_uint8_grayscale_with_labels_0_to_3(default_demo):
 
 
 def test_some_slices_have_no_rv_but_all_have_lv_and_myo(default_demo):
-    split = data.load_labelled(default_demo)
+    split = load_dataset(default_demo).labelled()
     has = np.array([[(m == k).any() for k in (1, 2, 3)] for m in split.masks])
     no_rv = int((~has[:, 0]).sum())
     assert 2 <= no_rv <= 16  # ~10% of 72
@@ -76,7 +75,7 @@ def test_some_slices_have_no_rv_but_all_have_lv_and_myo(default_demo):
 
 
 def test_classes_differ_in_intensity_and_lv_is_not_just_bright(default_demo):
-    split = data.load_labelled(default_demo)
+    split = load_dataset(default_demo).labelled()
     img, m = split.images[..., 0].astype(float), split.masks
     mean = {k: img[m == k].mean() for k in range(4)}
     assert mean[3] > mean[1] > mean[2] + 30  # LV bright, RV mid-grey, myocardium dark
@@ -84,13 +83,13 @@ def test_classes_differ_in_intensity_and_lv_is_not_just_bright(default_demo):
     assert bright_background > 0.1 * (m == 3).sum()  # blobs as bright as the LV: not solvable by a threshold
 
 
-def test_load_labelled_reads_it(default_demo):
-    split = data.load_labelled(default_demo)
+def test_dataset_loader_reads_it(default_demo):
+    split = load_dataset(default_demo).labelled()
     assert len(split) == 72
     assert split.ids[0] == "cmr1" and split.ids[-1] == "cmr72"
     assert split.splits.count("val") == 12
     assert split.images.shape == (72, 96, 96, 1) and split.masks.shape == (72, 96, 96)
-    test = data.load_split(default_demo, "test")
+    test = load_dataset(default_demo).load("test")
     assert test.ids == [f"cmr{i}" for i in range(73, 97)] and test.masks is None
 
 
@@ -107,8 +106,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 def test_size_option(tmp_path):
     make_demo_dataset(tmp_path / "d", n_train=2, n_val=0, n_test=1, size=64)
-    split = data.load_labelled(tmp_path / "d", DataSpec(size=64))
-    assert split.images.shape == (2, 64, 64, 1)
+    ds = load_dataset(tmp_path / "d")
+    assert ds.size == (64, 64)
+    assert ds.labelled().images.shape == (2, 64, 64, 1)
 
 
 def test_fast(tmp_path):

@@ -19,7 +19,8 @@ import torch
 from conftest import N_FOLDS, N_TEST, copy_run, tree_snapshot, truth_masks
 
 from kagglecmr.cfg.config import Config
-from kagglecmr.data.loader import load_split, read_mask
+from kagglecmr.data.dataset import load_dataset
+from kagglecmr.data.loader import read_mask
 from kagglecmr.engine import ensembler as ensemble
 from kagglecmr.engine.infer import TTA_FLIPS, TTA_PASSES, predict_proba, tta_apply, tta_undo
 from kagglecmr.engine.postprocess import apply_plan, load_plan, tune_plan
@@ -94,7 +95,7 @@ def ens_args(project, *extra, run=None) -> list:
 
 
 def demo_test_images(project) -> np.ndarray:
-    return load_split(project.data, "test", labelled=False).images
+    return load_dataset(project.data).load("test", labelled=False).images
 
 
 # ------------------------------------------------------------------------------------ submission CSV

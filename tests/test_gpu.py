@@ -14,8 +14,8 @@ from torch import nn
 
 from kagglecmr.cfg.config import load_config
 from kagglecmr.data import augment as aug
+from kagglecmr.data.dataset import prepare
 from kagglecmr.data.demo import make_demo_dataset
-from kagglecmr.data.loader import load_labelled
 from kagglecmr.engine.cudagraph import GraphedStep
 from kagglecmr.engine.trainer import train_fold
 
@@ -81,7 +81,7 @@ def test_short_gpu_run_learns(tmp_path, graphs):
     root = tmp_path / "data"
     make_demo_dataset(root, n_train=40, n_val=10, n_test=0, seed=0)
     cfg = load_config("demo", ["train.epochs=6", f"train.cuda_graphs={str(graphs).lower()}", "train.amp=bf16"])
-    data = load_labelled(root, cfg.data.spec())
+    cfg, _, data = prepare(cfg, root, quiet=True)
     folds = pd.DataFrame({"id": data.ids, "fold": np.arange(len(data)) % 5})
     res = train_fold(cfg, data, folds, 0, tmp_path / "run" / "fold0", device=CUDA, quiet=True)
     m = pd.read_csv(tmp_path / "run" / "fold0" / "metrics.csv")

@@ -16,8 +16,8 @@ import yaml
 from conftest import N_FOLDS, N_TEST, copy_run, tree_snapshot
 
 from kagglecmr.cfg.config import load_config
+from kagglecmr.data.dataset import load_dataset
 from kagglecmr.data.folds import run_make_folds
-from kagglecmr.data.loader import load_split
 from kagglecmr.engine import pseudo as pl
 from kagglecmr.engine.orchestrate import run_train
 from kagglecmr.engine.rundir import sha256_file
@@ -59,7 +59,7 @@ def test_layout_and_manifest(project, labels_dir):
     assert manifest["confidence"] == 0.6 and manifest["tta"] == ["none"] and manifest["n_folds"] == N_FOLDS
     assert manifest["teachers"][0]["name"] == project.run.name
     assert set(manifest["per_fold"]) == {f"fold{k}" for k in range(N_FOLDS)} | {"full"}
-    test_ids = load_split(project.data, "test", labelled=False).ids
+    test_ids = load_dataset(project.data).load("test", labelled=False).ids
     for name, rec in manifest["per_fold"].items():
         assert set(rec["per_image"]) == set(test_ids)
         for t in rec["teachers"]:
@@ -82,7 +82,7 @@ def test_fold_masks_come_from_the_fold_k_teacher_only(project, labels_dir, k):
     rec = json.loads((labels_dir / "manifest.json").read_text())["per_fold"][f"fold{k}"]
     assert [Path(t["checkpoint"]) for t in rec["teachers"]] == [project.run / f"fold{k}" / "best.safetensors"]
     assert [t["holdout"] for t in rec["teachers"]] == [fold_ids(project.folds, k)]
-    test = load_split(project.data, "test", labelled=False)
+    test = load_dataset(project.data).load("test", labelled=False)
     probs = teacher_prediction(project.run, [f"fold{k}"], test.images)
     expect = probs.argmax(1).astype(np.uint8)
     expect[probs.max(1) < 0.6] = 255
@@ -95,7 +95,7 @@ def test_fold_masks_come_from_the_fold_k_teacher_only(project, labels_dir, k):
 
 
 def test_full_masks_come_from_every_fold_model(project, labels_dir):
-    test = load_split(project.data, "test", labelled=False)
+    test = load_dataset(project.data).load("test", labelled=False)
     probs = teacher_prediction(project.run, [f"fold{k}" for k in range(N_FOLDS)], test.images)
     expect = probs.argmax(1).astype(np.uint8)
     expect[probs.max(1) < 0.6] = 255
@@ -110,7 +110,7 @@ def test_teacher_probs_reads_no_other_folds_model(project, monkeypatch, one_torc
     read = []
     real = ckpt.load_best
     monkeypatch.setattr(pl, "load_best", lambda p: read.append(Path(p)) or real(p))  # the name pseudo calls
-    images = load_split(project.data, "test", labelled=False).images
+    images = load_dataset(project.data).load("test", labelled=False).images
     for k in range(N_FOLDS):
         read.clear()
         pl.teacher_probs([project.run], k, images, "cpu", ["none"], 8)
@@ -158,7 +158,7 @@ def test_select_last_labels_with_every_teachers_last_checkpoint(project, tmp_pat
     k = 2
     rec = manifest["per_fold"][f"fold{k}"]
     assert [Path(t["checkpoint"]) for t in rec["teachers"]] == [project.run / f"fold{k}" / "last.safetensors"]
-    test = load_split(project.data, "test", labelled=False)
+    test = load_dataset(project.data).load("test", labelled=False)
     probs = teacher_prediction(project.run, [f"fold{k}"], test.images, "last.safetensors")
     expect = probs.argmax(1).astype(np.uint8)
     expect[probs.max(1) < 0.6] = 255

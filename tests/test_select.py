@@ -12,7 +12,7 @@ import yaml
 from conftest import N_FOLDS
 
 from kagglecmr.cfg.config import load_config
-from kagglecmr.data.loader import load_labelled
+from kagglecmr.data.dataset import prepare
 from kagglecmr.engine.ensembler import load_run
 from kagglecmr.engine.infer import predict_proba
 from kagglecmr.engine.orchestrate import run_train, seed_runs
@@ -68,7 +68,7 @@ def test_swa_fold_keeps_the_average_with_recomputed_batchnorm(project, tmp_path,
     assert list(run.models) == [0]
     with np.load(d / "oof_swa.npz") as z:
         ids, probs = [str(i) for i in z["ids"]], z["probs"].astype(np.float32)
-    images = load_labelled(project.data, cfg.data.spec()).subset(ids).images
+    images = prepare(cfg, project.data, quiet=True)[2].subset(ids).images
     again = predict_proba(run.models[0], images, torch.device("cpu"), batch_size=16)
     np.testing.assert_allclose(again, probs, atol=2e-3)
 

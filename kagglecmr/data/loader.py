@@ -1,9 +1,13 @@
-"""Dataset discovery, validated PNG loading and in-memory arrays.
+"""Image and mask decoding primitives and folder discovery, the ground the dataset loader stands on.
 
-A dataset root holds ``train/``, optional ``val/`` and optional ``test/``; each split has
-``image/`` and, for labelled splits, ``mask/``.  The mask of ``image/cmrN.png`` is
-``mask/cmrN_mask.png``.  Everything is decoded once into uint8 arrays (images ``[N, H, W, C]``,
-masks ``[N, H, W]``) so training never touches the disk again.
+:mod:`kagglecmr.data.dataset` (``load_dataset``) reads every ``--data``; it builds on what is here:
+:func:`discover` / :func:`available_splits` list the competition folder layout (``train/``, optional
+``val/`` and ``test/``, each with ``image/`` and, when labelled, ``mask/``; the mask of ``image/cmrN.png``
+is ``mask/cmrN_mask.png``), :func:`decode_image` / :func:`decode_mask` / :func:`png_size` /
+:func:`image_size` / :func:`resize_to` decode and size files, :class:`Split` holds decoded uint8 arrays
+(images ``[N, H, W, C]``, masks ``[N, H, W]``) and :func:`concat` joins splits.  :func:`read_image` /
+:func:`read_mask` decode one file to a :class:`~kagglecmr.cfg.config.DataSpec` (pseudo-label and mask
+folders).
 
 Every problem is a :class:`~kagglecmr.utils.errors.DataError` whose one-line message names the file.
 """
@@ -22,7 +26,6 @@ from kagglecmr.utils.errors import DataError
 from kagglecmr.utils.naming import natural_sorted
 
 SPLITS = ("train", "val", "test")
-LABELLED_SPLITS = ("train", "val")
 IMAGE_SUFFIXES = (".png",)
 MASK_SUFFIX = "_mask"
 
@@ -71,7 +74,7 @@ def _pngs(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def check_root(root: str | Path) -> Path:
+def _folder(root: str | Path) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found (expected train/, val/, test/ inside)")
@@ -79,7 +82,7 @@ def check_root(root: str | Path) -> Path:
 
 
 def available_splits(root: str | Path) -> list[str]:
-    root = check_root(root)
+    root = _folder(root)
     return [s for s in SPLITS if (root / s / "image").is_dir()]
 
 
@@ -89,7 +92,7 @@ def discover(root: str | Path, split: str, *, labelled: bool | None = None) -> l
     ``labelled=None`` means: masks are used when the split has a ``mask/`` folder.  Images
     without masks and masks without images are errors in a labelled split.
     """
-    root = check_root(root)
+    root = _folder(root)
     image_dir = root / split / "image"
     mask_dir = root / split / "mask"
     if not image_dir.is_dir():
@@ -219,33 +222,6 @@ def read_mask(path: str | Path, spec: DataSpec = DataSpec()) -> np.ndarray:
     return np.ascontiguousarray(_check_size(path, m, spec, nearest=True))
 
 
-def load_split(root: str | Path, split: str, spec: DataSpec = DataSpec(), *, labelled: bool | None = None) -> Split:
-    """Decode one split into memory."""
-    items = discover(root, split, labelled=labelled)
-    ids, images, masks, paths = [], [], [], []
-    for i, ip, mp in items:
-        img = read_image(ip, spec)
-        if mp is not None:
-            m = read_mask(mp, spec)
-            # compare the sizes on disk: with resize on, both already have spec.size
-            (ih, iw), (mh, mw) = (png_size(ip), png_size(mp)) if spec.resize else (img.shape[:2], m.shape)
-            if (mh, mw) != (ih, iw):
-                raise DataError(f"{mp}: mask size {mw}x{mh} differs from its image {iw}x{ih}")
-            masks.append(m)
-        ids.append(i)
-        images.append(img)
-        paths.append(ip)
-    has_masks = bool(masks)
-    return Split(
-        ids=ids,
-        images=np.stack(images),
-        masks=np.stack(masks) if has_masks else None,
-        splits=[split] * len(ids),
-        image_paths=paths,
-        orig_sizes=[png_size(p) for p in paths],
-    )
-
-
 def concat(parts: list[Split]) -> Split:
     seen: dict[str, str] = {}
     for p in parts:
@@ -263,29 +239,6 @@ def concat(parts: list[Split]) -> Split:
         image_paths=[x for p in parts for x in p.image_paths],
         orig_sizes=[x for p in parts for x in p.sizes()],
     )
-
-
-def load_labelled(root: str | Path, spec: DataSpec = DataSpec()) -> Split:
-    """Every labelled image: ``train/`` plus ``val/`` when present."""
-    root = check_root(root)
-    parts = [load_split(root, s, spec, labelled=True) for s in LABELLED_SPLITS if (root / s / "image").is_dir()]
-    if not parts:
-        raise DataError(f"{root}: no labelled split (expected {root / 'train' / 'image'})")
-    return concat(parts)
-
-
-def labelled_mask_paths(root: str | Path) -> dict[str, Path]:
-    """``{id: mask_path}`` over train/ and val/ (for scoring submissions against local truth)."""
-    root = check_root(root)
-    out: dict[str, Path] = {}
-    for s in LABELLED_SPLITS:
-        mdir = root / s / "mask"
-        if mdir.is_dir():
-            for p in _pngs(mdir):
-                out[mask_id(p)] = p
-    if not out:
-        raise DataError(f"{root}: no masks found under train/mask or val/mask")
-    return out
 
 
 # ------------------------------------------------------------------- decoding for dataset files
