@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from kagglecmr import api
-from kagglecmr.data import loader as data
 from kagglecmr.data.dataset import load_dataset
 from kagglecmr.data.demo import make_demo_dataset
 from kagglecmr.data.folds import (
@@ -132,7 +131,7 @@ def test_similarity_groups_link_near_duplicates_numbered_by_first_member():
 
 
 def test_demo_phantoms_are_not_near_duplicates(demo):
-    split = data.load_labelled(demo)
+    split = load_dataset(demo).labelled()
     groups = similarity_groups(split.images)
     assert len(set(groups.tolist())) == len(split)
 
@@ -142,7 +141,7 @@ def test_demo_phantoms_are_not_near_duplicates(demo):
 
 def test_every_labelled_image_exactly_once_including_val(demo, tmp_path, capsys):
     df = _run(demo, tmp_path / "f.csv")
-    ids = data.load_labelled(demo).ids
+    ids = load_dataset(demo).labelled().ids
     assert df["id"].tolist() == natural_sorted(ids)
     assert df["id"].is_unique and len(df) == 72
     assert set(df["fold"]) == set(range(5))
@@ -153,7 +152,7 @@ def test_every_labelled_image_exactly_once_including_val(demo, tmp_path, capsys)
 
 
 def test_folds_are_balanced(demo):
-    df = make_folds(data.load_labelled(demo), n_folds=5)
+    df = make_folds(load_dataset(demo).labelled(), n_folds=5)
     sizes = df["fold"].value_counts()
     assert sizes.max() - sizes.min() <= 2
     no_rv = (df["has_1"] == 0).groupby(df["fold"]).sum()
@@ -164,7 +163,7 @@ def test_folds_are_balanced(demo):
 
 
 def test_no_sklearn_warnings(demo):
-    split = data.load_labelled(demo)
+    split = load_dataset(demo).labelled()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_folds(split, n_folds=5)
@@ -183,7 +182,7 @@ def test_deterministic_bytes_and_seed_matters(demo, tmp_path):
 
 
 def test_input_order_does_not_matter(demo):
-    split = data.load_labelled(demo)
+    split = load_dataset(demo).labelled()
     shuffled = split.subset(list(reversed(split.ids)))
     pd.testing.assert_frame_equal(make_folds(split), make_folds(shuffled))
 
@@ -205,7 +204,7 @@ def test_group_ids_numbered_by_first_member(dups, tmp_path):
 
 
 def test_groups_hold_across_seeds(dups):
-    split = data.load_labelled(dups)
+    split = load_dataset(dups).labelled()
     for seed in range(5):
         df = make_folds(split, seed=seed)
         assert df.groupby("group")["fold"].nunique().max() == 1
@@ -244,7 +243,7 @@ def test_n_folds_errors(demo, tmp_path):
 
 
 def test_fold_table(demo):
-    df = make_folds(data.load_labelled(demo))
+    df = make_folds(load_dataset(demo).labelled())
     table = fold_table(df)
     lines = table.splitlines()
     assert lines[0].split()[:4] == ["fold", "images", "groups", "val"]
@@ -257,7 +256,7 @@ def test_fold_table(demo):
 
 def test_read_folds_roundtrip(demo, tmp_path):
     df = _run(demo, tmp_path / "f.csv")
-    back = read_folds(tmp_path / "f.csv", ids=data.load_labelled(demo).ids)
+    back = read_folds(tmp_path / "f.csv", ids=load_dataset(demo).labelled().ids)
     pd.testing.assert_frame_equal(back, df, check_dtype=False)
 
 
