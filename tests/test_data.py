@@ -598,3 +598,12 @@ def test_split_subset_without_bookkeeping():
     sub = s.subset(["c", "a"])
     assert sub.splits == [] and sub.image_paths == []
     np.testing.assert_array_equal(sub.images, imgs[[2, 0]])
+
+
+def test_train_images_without_masks_name_the_mask_folder(tmp_path):
+    root = make_root(tmp_path / "d", test={"cmr1": image()})
+    (root / "train" / "image").mkdir(parents=True)
+    cv2.imwrite(str(root / "train" / "image" / "cmr2.png"), image())
+    with pytest.raises(DataError) as exc:
+        labelled(root)
+    one_line(exc, root / "train" / "mask", "no masks")

@@ -152,7 +152,7 @@ class Dataset:
     def labelled(self) -> Split:
         parts = [self.load(s, labelled=True) for s in ("train", "val") if self.has_masks(s)]
         if not parts:
-            raise DataError(f"{self.root}: no labelled split (expected {self.root / 'train' / 'image'})"
+            raise DataError(_no_labels(self.root)
                             if self.folder else f"{self.path}: no labelled split (train needs a mask pattern)")
         return D.concat(parts)
 
@@ -214,6 +214,13 @@ def _submission_format(d: dict | None, num_classes: int, names: list[str], sourc
         raise DataError(str(exc)) from None
 
 
+def _no_labels(root: Path) -> str:
+    """The folder form without labelled images: say which folder is missing."""
+    if (root / "train" / "image").is_dir():
+        return f"{root}: no labelled split (train/image has no masks beside it in {root / 'train' / 'mask'})"
+    return f"{root}: no labelled split (expected {root / 'train' / 'image'})"
+
+
 def load_dataset(data: str | Path) -> Dataset:
     """A folder in today's layout (or with a ``dataset.yaml`` inside) or a ``.yaml/.yml`` dataset file."""
     path = Path(data)
@@ -235,7 +242,7 @@ def load_dataset(data: str | Path) -> Dataset:
 def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Dataset:
     items, masked = _folder_items(root) if folder else file_items(path, root, spec)
     if folder and not any(masked.get(s) for s in ("train", "val")):
-        raise DataError(f"{root}: no labelled split (expected {root / 'train' / 'image'})")
+        raise DataError(_no_labels(root))
     labelled = [ip for s in ("train", "val") if masked.get(s) for _, ip, _ in items[s]] or \
         [ip for _, ip, _ in items["train"]]
     train_images = [(p, D.decode_image(p)) for p in labelled]
