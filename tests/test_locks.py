@@ -4,6 +4,7 @@ under ``--jobs``; children stopped with the parent)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -226,3 +227,53 @@ def test_locked_fold_exits_2_alone_and_is_skipped_with_jobs(project, tmp_path, c
         assert (runs / RUN_NAME / "fold0" / "summary.json").is_file()
         assert tree_snapshot(runs / RUN_NAME / "fold1") == before  # untouched, our lock still there
         assert "out-of-fold Dice" not in proc.stdout  # fold 1 has no summary: no OOF over an unfinished fold
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return state != "Z"
+
+
+def test_sigterm_to_train_jobs_stops_its_children_and_frees_their_locks(project, tmp_path):
+    runs = tmp_path / "runs"
+    folds = [runs / RUN_NAME / f"fold{k}" for k in (0, 1)]
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        parent = subprocess.Popen([sys.executable, "-m", "kagglecmr", *map(str, train_args(
+            project, runs, "0..1", "--jobs", "2", "--epochs", "500"))], stdout=out, stderr=err)
+    children = {}
+    try:
+        deadline = time.time() + 240
+        while len(children) < 2 and parent.poll() is None and time.time() < deadline:  # both children training
+            for fold in folds:
+                with contextlib.suppress(OSError, ValueError):
+                    children[fold] = json.loads((fold / LOCK_NAME).read_text())["pid"]
+            time.sleep(0.05)
+        assert len(children) == 2 and parent.pid not in children.values(), (tmp_path / "err.txt").read_text()
+        assert all(_running(pid) for pid in children.values())
+        t0 = time.monotonic()
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=60)
+        stopped_s = time.monotonic() - t0
+        while any(_running(pid) for pid in children.values()) and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert not any(_running(pid) for pid in children.values())
+    finally:
+        for pid in children.values():  # never leave a trainer behind
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    print(f"--jobs 2 stopped {stopped_s:.2f} s after SIGTERM")
+    assert stopped_s < 15
+    assert parent.returncode == 130  # stopped like Ctrl-C (Typer exits 130), not killed by the signal
+    for fold in folds:
+        assert not (fold / LOCK_NAME).exists()  # released by the children themselves
+        with FoldLock(fold):  # and free
+            pass
+        assert (fold / "last.pt").is_file() or not (fold / "metrics.csv").exists()  # resumable where it trained
