@@ -15,7 +15,7 @@ import torch
 from conftest import RUN_NAME
 
 from kagglecmr.cfg.config import load_config
-from kagglecmr.engine import executors
+from kagglecmr.engine import executors, orchestrate
 from kagglecmr.engine.executors import assign_devices, task_resources
 from kagglecmr.engine.orchestrate import run_train
 from kagglecmr.engine.trainer import TIME_COLUMNS
@@ -96,16 +96,76 @@ def test_jobs_child_failing_midway_names_only_the_folds_it_did_not_finish(projec
                               "same child finished; rerun the command to resume them")
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, orchestrate.Terminated])
+def test_stopped_parent_stops_its_jobs_children(project, tmp_path, monkeypatch, capsys, stop):
+    """Ctrl-C or SIGTERM in the parent: its children get SIGTERM, are waited for (SIGKILL after the grace
+    period), then the interruption goes on."""
+    children = []
+
+    class FakeChild:
+        def __init__(self, cmd, env):
+            self.signals, self.returncode, self.stubborn = [], None, not children
+            children.append(self)
+
+        def poll(self):
+            return self.returncode
+
+        def terminate(self):
+            self.signals.append("TERM")
+            if not self.stubborn:
+                self.returncode = -15
+
+        def kill(self):
+            self.signals.append("KILL")
+            self.returncode = -9
+
+        def wait(self, timeout=None):
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired("train", timeout)
+            return self.returncode
+
+    def sleep(_):
+        raise stop
+
+    monkeypatch.setattr(subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(orchestrate.time, "sleep", sleep)
+    monkeypatch.setattr(orchestrate, "STOP_GRACE_S", 0.1)
+    with pytest.raises(stop):
+        orchestrate._train_parallel(load_config(project.config), [0, 1, 2], 2, data_root=project.data,
+                                    folds_path=project.folds, run_dir=tmp_path / RUN_NAME, device="cpu", force=False)
+    assert [c.signals for c in children] == [["TERM", "KILL"], ["TERM"]]
+    assert "stopping 2 training process(es)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("device", "folds", "jobs", "cpus", "gpus", "expected"), [
-    ("cpu", 2, 1, 2, 0, {"num_gpus": 0, "num_cpus": 1, "threads": 1}),
-    ("cpu", 5, 1, 16, 0, {"num_gpus": 0, "num_cpus": 3, "threads": 3}),
-    ("cpu", 5, 2, 16, 0, {"num_gpus": 0, "num_cpus": 8, "threads": 8}),
-    ("cpu", 1, 1, 8, 0, {"num_gpus": 0, "num_cpus": 8, "threads": 8}),
-    ("cuda", 5, 1, 16, 4, {"num_gpus": 1.0, "num_cpus": 1, "threads": 4}),
-    ("cuda", 5, 5, 16, 1, {"num_gpus": 0.2, "num_cpus": 1, "threads": 3}),
+    ("cpu", 2, 1, 2, 0, {"num_gpus": 0, "num_cpus": 1, "threads": 1, "at_once": 2}),
+    ("cpu", 5, 1, 16, 0, {"num_gpus": 0, "num_cpus": 3, "threads": 3, "at_once": 5}),
+    ("cpu", 5, 2, 16, 0, {"num_gpus": 0, "num_cpus": 8, "threads": 8, "at_once": 2}),
+    ("cpu", 1, 1, 8, 0, {"num_gpus": 0, "num_cpus": 8, "threads": 8, "at_once": 1}),
+    ("cuda", 5, 1, 16, 4, {"num_gpus": 1.0, "num_cpus": 1, "threads": 4, "at_once": 4}),
+    ("cuda", 5, 5, 16, 1, {"num_gpus": 0.2, "num_cpus": 1, "threads": 3, "at_once": 5}),
+    # 3 jobs on 2 GPUs: 2/3 of a GPU fits once per GPU (2 at once, not 3); half a GPU fits twice
+    ("cuda", 5, 3, 16, 2, {"num_gpus": 0.5, "num_cpus": 1, "threads": 4, "at_once": 4}),
+    ("cuda", 2, 3, 16, 2, {"num_gpus": 0.5, "num_cpus": 1, "threads": 8, "at_once": 2}),
+    ("cuda", 5, 4, 12, 3, {"num_gpus": 0.5, "num_cpus": 1, "threads": 2, "at_once": 5}),
 ])
 def test_task_resources(device, folds, jobs, cpus, gpus, expected):
     assert task_resources(device, folds, jobs, cpus, gpus) == expected
+
+
+def _fits(share: float, gpus: int) -> int:
+    """How many tasks asking ``share`` of a GPU Ray places on ``gpus`` whole GPUs (it counts in 1e-4)."""
+    return gpus * (10_000 // round(share * 10_000))
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 3, 4])
+@pytest.mark.parametrize("jobs", [1, 2, 3, 5, 7, 8])
+def test_gpu_share_packs_and_threads_fit_what_runs_at_once(jobs, gpus):
+    folds, cpus = 10, 32
+    r = task_resources("cuda", folds, jobs, cpus, gpus)
+    assert r["at_once"] == min(folds, _fits(r["num_gpus"], gpus))  # what the placement really runs at once
+    assert r["at_once"] >= min(folds, max(jobs, gpus))  # at least --jobs (or one per GPU) at once
+    assert r["threads"] * r["at_once"] <= cpus
 
 
 # ------------------------------------------------------------------------------------ Ray
@@ -162,6 +222,8 @@ def test_ray_executor_equals_local_is_resumable_and_skips_locked_folds(project, 
         with np.load(a / f"fold{k}" / "oof.npz") as za, np.load(b / f"fold{k}" / "oof.npz") as zb:
             assert np.array_equal(za["labels"], zb["labels"]) and list(za["ids"]) == list(zb["ids"])
         assert not (a / f"fold{k}" / "train.lock").exists()
+        env_a, env_b = (json.loads((d / f"fold{k}" / "env.json").read_text()) for d in (a, b))
+        assert env_a["folds_sha256"] == env_b["folds_sha256"] and env_a["folds"] == env_b["folds"] == str(folds2)
     assert json.loads((a / "oof.json").read_text()) == json.loads((b / "oof.json").read_text())
     assert sorted(p.name for p in (a / "fold0").iterdir()) == sorted(p.name for p in (b / "fold0").iterdir())
 
@@ -184,3 +246,12 @@ def test_ray_executor_equals_local_is_resumable_and_skips_locked_folds(project, 
         assert ray.is_initialized()  # not ours to stop
     finally:
         ray.shutdown()
+
+
+def test_pseudo_with_ray_is_refused_before_anything_is_written(project, tmp_path):
+    pytest.importorskip("ray")
+    cfg = load_config(project.config, [f"train.pseudo.dir={tmp_path / 'pseudo'}"])
+    with pytest.raises(KaggleCMRError, match="not supported with --executor ray"):
+        run_train(cfg, fold_spec="0", data_root=project.data, folds_path=project.folds, name=None,
+                  runs_dir=tmp_path / "runs", device="cpu", force=False, quiet=True, executor="ray")
+    assert not (tmp_path / "runs").exists()  # no run.json

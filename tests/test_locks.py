@@ -1,10 +1,13 @@
-"""The fold lock: atomic creation, refusal with the holder named, stale take-over, release, and what
-``train`` does with a locked fold (exit 2 alone; skip under ``--jobs``)."""
+"""The fold lock: a kernel lock (flock) with the holder named in the file, refusal naming it, files left by
+dead holders (kill -9) taken over, pickling, and what ``train`` does with a locked fold (exit 2 alone; skip
+under ``--jobs``; children stopped with the parent)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -16,7 +19,7 @@ import pytest
 from conftest import RUN_NAME, copy_run, tree_snapshot
 
 from kagglecmr.utils.errors import KaggleCMRError
-from kagglecmr.utils.locks import LOCK_NAME, FoldLock, FoldLocked, _proc_start, pid_alive
+from kagglecmr.utils.locks import LOCK_NAME, FoldLock, FoldLocked
 
 HOST = socket.gethostname()
 
@@ -30,7 +33,7 @@ def dead_pid() -> int:
 
 def write_lock(folder: Path, **fields) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"pid": 1, "host": HOST, "started": "2026-01-01T00:00:00+00:00", "proc_start": None} | fields
+    record = {"pid": 1, "host": HOST, "started": "2026-01-01T00:00:00+00:00"} | fields
     (folder / LOCK_NAME).write_text(json.dumps(record))
     return folder / LOCK_NAME
 
@@ -59,9 +62,14 @@ def test_lock_is_exclusive_names_the_holder_and_is_released(tmp_path):
 def test_release_never_removes_another_process_lock(tmp_path):
     folder = tmp_path / "fold0"
     lock = FoldLock(folder).acquire()
-    other = write_lock(folder, pid=os.getppid(), started="2026-01-01T00:00:00+00:00")  # replaced behind our back
+    (folder / LOCK_NAME).unlink()  # removed behind our back (by hand) and taken by another trainer
+    other = FoldLock(folder).acquire()
     lock.release()
-    assert other.is_file() and json.loads(other.read_text())["pid"] == os.getppid()
+    assert json.loads((folder / LOCK_NAME).read_text())["started"] == other.record["started"]
+    with pytest.raises(FoldLocked):  # still held by the other one
+        FoldLock(folder).acquire()
+    other.release()
+    assert not (folder / LOCK_NAME).exists()
 
 
 def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path, capsys):
@@ -74,18 +82,72 @@ def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path, capsys):
     assert sorted(p.name for p in folder.iterdir()) == []  # nothing left aside
 
 
-def test_reused_pid_is_stale_but_a_live_one_is_not(tmp_path):
-    me = _proc_start(os.getpid())
-    if me is None:
-        pytest.skip("no /proc on this system")
-    assert pid_alive(os.getpid(), me) and not pid_alive(os.getpid(), str(int(me) + 1)) and not pid_alive(dead_pid())
+def test_a_live_pid_without_the_kernel_lock_does_not_hold_the_fold(tmp_path, capsys):
+    """No pid guessing: a record naming a running process (pid reused, a file copied from elsewhere)
+    holds nothing unless that process holds the kernel lock."""
     folder = tmp_path / "fold0"
-    write_lock(folder, pid=os.getppid(), proc_start=str(int(_proc_start(os.getppid())) + 1))  # pid reused since
+    write_lock(folder, pid=os.getppid())
     with FoldLock(folder):
-        pass
-    write_lock(folder, pid=os.getppid(), proc_start=_proc_start(os.getppid()))  # the live holder itself
-    with pytest.raises(FoldLocked, match=f"pid {os.getppid()}"):
-        FoldLock(folder).acquire()
+        assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert f"taking over the stale lock of pid {os.getppid()}" in capsys.readouterr().out
+
+
+def test_half_written_lock_file_is_taken_over_at_once(tmp_path, capsys):
+    """A holder killed between creating the file and writing its record left a file nobody holds."""
+    folder = tmp_path / "fold0"
+    folder.mkdir()
+    (folder / LOCK_NAME).write_text('{"pid": 12')
+    t0 = time.monotonic()
+    with FoldLock(folder):
+        assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert time.monotonic() - t0 < 0.5
+    assert "half-written lock file" in capsys.readouterr().out
+
+
+def test_holder_that_has_not_written_its_record_yet_is_refused(tmp_path):
+    import fcntl
+
+    folder = tmp_path / "fold0"
+    folder.mkdir()
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held, still empty
+        with pytest.raises(FoldLocked, match="another trainer is running this fold") as info:
+            FoldLock(folder).acquire()
+        assert "not recorded yet" in str(info.value) and info.value.holder == {}
+    finally:
+        os.close(fd)
+
+
+def test_fold_locked_pickles_with_its_holder():
+    holder = {"pid": 7, "host": "node-1", "started": "2026-01-01T00:00:00+00:00"}
+    exc = pickle.loads(pickle.dumps(FoldLocked("runs/x/fold0: locked", holder)))
+    assert isinstance(exc, FoldLocked) and str(exc) == "runs/x/fold0: locked" and exc.holder == holder
+
+
+HOLD = ("import sys, time; from kagglecmr.utils.locks import FoldLock\n"
+        "lock = FoldLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)\n")
+
+
+def test_kill9_holder_does_not_block_the_next_trainer(tmp_path, capsys):
+    folder = tmp_path / "fold0"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(FoldLocked, match=f"pid {proc.pid} on host {HOST}"):  # held by another process
+            FoldLock(folder).acquire()
+    finally:
+        proc.kill()  # SIGKILL: no exit handler runs
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    assert json.loads((folder / LOCK_NAME).read_text())["pid"] == proc.pid  # its file is left behind
+    t0 = time.monotonic()
+    with FoldLock(folder):
+        assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert time.monotonic() - t0 < 0.5
+    assert f"taking over the stale lock of pid {proc.pid}" in capsys.readouterr().out
+    assert not (folder / LOCK_NAME).exists()
 
 
 def test_lock_from_another_host_is_respected(tmp_path):
@@ -165,3 +227,53 @@ def test_locked_fold_exits_2_alone_and_is_skipped_with_jobs(project, tmp_path, c
         assert (runs / RUN_NAME / "fold0" / "summary.json").is_file()
         assert tree_snapshot(runs / RUN_NAME / "fold1") == before  # untouched, our lock still there
         assert "out-of-fold Dice" not in proc.stdout  # fold 1 has no summary: no OOF over an unfinished fold
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return state != "Z"
+
+
+def test_sigterm_to_train_jobs_stops_its_children_and_frees_their_locks(project, tmp_path):
+    runs = tmp_path / "runs"
+    folds = [runs / RUN_NAME / f"fold{k}" for k in (0, 1)]
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        parent = subprocess.Popen([sys.executable, "-m", "kagglecmr", *map(str, train_args(
+            project, runs, "0..1", "--jobs", "2", "--epochs", "500"))], stdout=out, stderr=err)
+    children = {}
+    try:
+        deadline = time.time() + 240
+        while len(children) < 2 and parent.poll() is None and time.time() < deadline:  # both children training
+            for fold in folds:
+                with contextlib.suppress(OSError, ValueError):
+                    children[fold] = json.loads((fold / LOCK_NAME).read_text())["pid"]
+            time.sleep(0.05)
+        assert len(children) == 2 and parent.pid not in children.values(), (tmp_path / "err.txt").read_text()
+        assert all(_running(pid) for pid in children.values())
+        t0 = time.monotonic()
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=60)
+        stopped_s = time.monotonic() - t0
+        while any(_running(pid) for pid in children.values()) and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert not any(_running(pid) for pid in children.values())
+    finally:
+        for pid in children.values():  # never leave a trainer behind
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    print(f"--jobs 2 stopped {stopped_s:.2f} s after SIGTERM")
+    assert stopped_s < 15
+    assert parent.returncode == 130  # stopped like Ctrl-C (Typer exits 130), not killed by the signal
+    for fold in folds:
+        assert not (fold / LOCK_NAME).exists()  # released by the children themselves
+        with FoldLock(fold):  # and free
+            pass
+        assert (fold / "last.pt").is_file() or not (fold / "metrics.csv").exists()  # resumable where it trained

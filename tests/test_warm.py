@@ -3,7 +3,9 @@ training step in place, and what they train is exactly what a fresh build per fo
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -67,8 +69,7 @@ def test_resumed_fold_after_a_warm_one_equals_an_uninterrupted_run(project, tmp_
         train_lib(project, runs, fold="1", overrides=OVERRIDES)
     monkeypatch.undo()
     assert not (_fold(runs, 1) / "summary.json").exists() and (_fold(runs, 1) / "last.pt").is_file()
-    train_lib(project, runs, fold="0", overrides=OVERRIDES)  # the kept state now trains fold 0
-    train_lib(project, runs, fold="1", overrides=OVERRIDES)  # and resumes fold 1 after epoch 1
+    train_lib(project, runs, fold="0..1", overrides=OVERRIDES)  # fold 0 first, then its kept state resumes fold 1
     a, b = _fold(tmp_path / "ref", 1), _fold(runs, 1)
     assert json.loads((b / "env.json").read_text())["warm_start"] is True
     assert without_time(read_metrics(a / "metrics.csv")) == without_time(read_metrics(b / "metrics.csv"))
@@ -108,3 +109,66 @@ def test_state_is_kept_per_key(project):
 ])
 def test_jobs_give_each_process_a_share_of_the_folds(folds, jobs, expected):
     assert chunk_folds(folds, jobs) == expected
+
+
+# ------------------------------------------------------------------------------------ freed when the run ends
+FAST = ["train.epochs=1", "train.threads=1"]
+
+
+@pytest.fixture
+def kept_states(monkeypatch):
+    """Weak references to every step state training builds or reuses, and whether it was reused."""
+    import kagglecmr.engine.trainer as train_module
+
+    seen, real = [], train_module.step_state
+
+    def spy(*args, **kwargs):
+        st, reused = real(*args, **kwargs)
+        seen.append((weakref.ref(st), weakref.ref(st.model), reused))
+        return st, reused
+
+    monkeypatch.setattr(train_module, "step_state", spy)
+    return seen
+
+
+def _all_dead(seen) -> bool:
+    gc.collect()
+    return all(ref() is None for st, model, _ in seen for ref in (st, model))
+
+
+def test_warm_state_is_reused_within_a_run_and_freed_when_it_returns(project, tmp_path, kept_states):
+    warm.clear()
+    train_lib(project, tmp_path / "runs", fold="0..1", overrides=FAST)
+    assert [reused for *_, reused in kept_states] == [False, True]  # one warm-up for the run's folds
+    assert not warm._CACHE and _all_dead(kept_states)  # no model left in memory after kc.train(...)
+
+
+def test_warm_state_is_kept_across_seeds_of_one_run(project, tmp_path, kept_states):
+    from kagglecmr.engine.orchestrate import run_train
+
+    warm.clear()
+    run_train(load_config(project.config, FAST), fold_spec="0", data_root=project.data, folds_path=project.folds,
+              name=None, runs_dir=tmp_path, device="cpu", force=False, quiet=True, seeds="1,2")
+    assert [reused for *_, reused in kept_states] == [False, True]
+    assert json.loads((tmp_path / f"{RUN_NAME}-s2" / "fold0" / "env.json").read_text())["warm_start"] is True
+    assert not warm._CACHE and _all_dead(kept_states)
+
+
+def test_warm_state_is_freed_when_the_run_raises(project, tmp_path, kept_states, monkeypatch):
+    """Even while the exception (and its traceback) is kept, as a notebook keeps the last error."""
+    import kagglecmr.engine.trainer as train_module
+
+    real = train_module.write_metrics
+
+    def fail_in_second_fold(path, history):
+        real(path, history)
+        if path.parent.name == "fold1":
+            raise Stop
+
+    monkeypatch.setattr(train_module, "write_metrics", fail_in_second_fold)
+    warm.clear()
+    with pytest.raises(Stop) as info:
+        train_lib(project, tmp_path / "runs", fold="0..1", overrides=FAST)
+    assert info.value.__traceback__ is not None
+    assert [reused for *_, reused in kept_states] == [False, True]
+    assert not warm._CACHE and _all_dead(kept_states)

@@ -18,6 +18,7 @@ CUDA context and cuDNN handles warm.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import traceback
 from pathlib import Path
@@ -30,6 +31,7 @@ from kagglecmr.utils.runtime import cpu_count, resolve_device, setup_threads
 
 RAY_INSTALL = "pip install 'kagglecmr[ray]'"
 OBJECT_STORE_MIN = 100 * 2**20  # bytes; Ray's own minimum is 75 MiB
+RAY_UNIT = 10_000  # Ray counts resources in fixed point, 1e-4 units
 
 
 def assign_devices(folds: list, device: str | None, n_gpus: int) -> list[str]:
@@ -54,28 +56,34 @@ def import_ray():
 
 
 def task_resources(device_type: str, n_folds: int, jobs: int, cpus: int, gpus: float) -> dict:
-    """Ray resources and torch threads of one fold task.
+    """Ray resources, torch threads and tasks at once (``at_once``) of fold tasks.
 
-    GPU: one GPU per task (``--jobs J`` on fewer GPUs shares them: ``gpus / J`` each), one CPU.
+    GPU: one GPU per task and one CPU; ``--jobs J`` on ``G < J`` GPUs puts ``ceil(J / G)`` tasks on a GPU
+    (``1 / ceil(J / G)`` of a GPU each: a share that packs whole, where ``G / J`` may fit fewer tasks on a
+    GPU than asked, e.g. 2/3 of a GPU fits once).  Threads = ``cpus // tasks that really run at once``.
     CPU: ``threads = cpus // tasks at once`` CPUs per task, tasks at once = ``--jobs`` or
     ``min(folds, cpus)``."""
     if device_type == "cuda":
-        share = min(1.0, gpus / jobs) if jobs > 1 and gpus > 0 else 1.0
-        at_once = max(1, min(n_folds, int(gpus / share + 1e-9) if gpus else 1))
-        return {"num_gpus": share, "num_cpus": 1, "threads": max(1, cpus // at_once)}
+        whole = int(gpus + 1e-9)
+        if whole < 1:  # a cluster offering part of a GPU: the tasks share that part
+            share, at_once = gpus / max(1, jobs), max(1, min(n_folds, jobs))
+        else:
+            per_gpu = math.ceil(jobs / whole) if jobs > whole else 1
+            share, at_once = 1 / per_gpu, max(1, min(n_folds, whole * per_gpu))
+        share = math.floor(share * RAY_UNIT + 1e-6) / RAY_UNIT  # Ray counts in 1e-4: 1/7 -> 0.1428, 7 fit
+        return {"num_gpus": share, "num_cpus": 1, "threads": max(1, cpus // at_once), "at_once": at_once}
     at_once = max(1, min(n_folds, jobs if jobs > 1 else cpus))
     threads = max(1, cpus // at_once)
-    return {"num_gpus": 0, "num_cpus": threads, "threads": threads}
+    return {"num_gpus": 0, "num_cpus": threads, "threads": threads, "at_once": max(1, min(n_folds, cpus // threads))}
 
 
 def _fold_task(cfg: Config, data, folds_df, fold, run_dir: str, device: str, force: bool, threads: int,
-               dataset: dict | None = None):
+               dataset: dict | None = None, env_extra: dict | None = None):
     """One fold in a Ray worker: ``(FoldResult, None)`` or ``(None, one-line error)``."""
-
     try:
         setup_threads(threads)
         res = train_locked(cfg, data, folds_df, fold, Path(run_dir), device=resolve_device(device), force=force,
-                           quiet=True, skip_locked=True, dataset=dataset)
+                           quiet=True, skip_locked=True, dataset=dataset, env_extra=env_extra)
         return res, None
     except KaggleCMRError as exc:
         return None, str(exc)
@@ -107,8 +115,10 @@ def _start_ray(ray, address: str | None, device_type: str, data_bytes: int) -> b
 
 
 def train_ray(fold_cfgs: list[tuple[object, Config]], *, data, folds_df, run_dir: Path, device, force: bool,
-              jobs: int = 1, address: str | None = None, dataset: dict | None = None) -> list[FoldResult]:
-    """Train ``(fold, config)`` pairs as Ray tasks; results in fold order, folds reported as they end."""
+              jobs: int = 1, address: str | None = None, dataset: dict | None = None,
+              env_extra: dict | None = None) -> list[FoldResult]:
+    """Train ``(fold, config)`` pairs as Ray tasks; results in fold order, folds reported as they end.
+    ``env_extra`` goes into each fold's ``env.json`` (the run's folds file and its sha256)."""
     ray = import_ray()
     run_dir.mkdir(parents=True, exist_ok=True)
     data_bytes = int(data.images.nbytes + data.masks.nbytes)
@@ -123,8 +133,9 @@ def train_ray(fold_cfgs: list[tuple[object, Config]], *, data, folds_df, run_dir
         data_ref, folds_ref = ray.put(data), ray.put(folds_df)
         dev = "cuda" if device.type == "cuda" else str(device)  # Ray sets CUDA_VISIBLE_DEVICES per task
         print(f"ray: {cpus} CPUs, {gpus:g} GPUs | per fold: {r['num_cpus']} CPU(s), {r['num_gpus']:g} GPU(s), "
-              f"{r['threads']} thread(s)", flush=True)
-        refs = {task.remote(fcfg, data_ref, folds_ref, fold, str(run_dir), dev, force, r["threads"], dataset): fold
+              f"{r['threads']} thread(s) | {r['at_once']} fold(s) at once", flush=True)
+        refs = {task.remote(fcfg, data_ref, folds_ref, fold, str(run_dir), dev, force, r["threads"], dataset,
+                            env_extra): fold
                 for fold, fcfg in fold_cfgs}
         results, errors, pending = {}, [], list(refs)
         while pending:

@@ -7,7 +7,8 @@ there are several), or as Ray tasks
 (``--executor ray``, :mod:`kagglecmr.engine.executors`); when every fold has out-of-fold predictions it writes
 the run's ``oof.json`` (best-epoch score,
 plus ``score_last``, the honest fixed-epoch rule, and ``score_swa`` with SWA).  Each fold is trained under its fold lock (:mod:`kagglecmr.utils.locks`): a second
-trainer of a fold is refused (exit 2), or, under ``--jobs`` and Ray, skips it.
+trainer of a fold is refused (exit 2), or, under ``--jobs`` and Ray, skips it.  SIGTERM stops a run like
+Ctrl-C (exit 130): locks released, ``--jobs`` children stopped with it, the warm state freed.
 
 Run directory ``runs/<name>/`` holds ``run.json`` (the folds file and its sha256; the pseudo labels'
 folder and manifest sha256 with ``train.pseudo.dir``) and ``fold<k>/`` (``full/`` for ``--fold all``)::
@@ -24,10 +25,15 @@ and beside the folds ``run.json`` (folds file, pseudo labels) and ``oof.json``; 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 from kagglecmr.cfg.config import Config
@@ -35,6 +41,7 @@ from kagglecmr.data.context import add_context
 from kagglecmr.data.dataset import prepare
 from kagglecmr.data.folds import read_folds
 from kagglecmr.engine import pseudo as pl
+from kagglecmr.engine import warm
 from kagglecmr.engine.executors import assign_devices, import_ray, train_ray
 from kagglecmr.engine.rundir import (
     FULL,
@@ -55,6 +62,43 @@ from kagglecmr.utils.runtime import cpu_count, resolve_device, setup_threads
 THREADS_ENV = "KAGGLECMR_THREADS"  # set for child processes of --jobs
 SKIP_LOCKED_ENV = "KAGGLECMR_SKIP_LOCKED"  # set for child processes of --jobs: a locked fold is skipped
 EXECUTORS = ("local", "ray")
+STOP_GRACE_S = 10.0  # how long stopped --jobs children get to end before they are killed
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a run, raised in the main thread like Ctrl-C, so that ``finally`` blocks run: fold
+    locks released, the warm state freed, ``--jobs`` children stopped."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into :class:`Terminated` for the block (main thread only: elsewhere nothing changes).
+    A second SIGTERM ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated(f"stopped by signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+
+
+def _clear_frames(exc: BaseException | None, seen: set | None = None) -> None:
+    """Drop the local variables of the frames of a failed run (and of the exceptions it chained): they
+    hold the model and optimiser, which an exception kept in a notebook would keep alive."""
+    seen = set() if seen is None else seen
+    if exc is None or id(exc) in seen:
+        return
+    seen.add(id(exc))
+    traceback.clear_frames(exc.__traceback__)
+    _clear_frames(exc.__cause__, seen)
+    _clear_frames(exc.__context__, seen)
 
 
 # ------------------------------------------------------------------------------------------ folds
@@ -114,20 +158,34 @@ def seed_runs(cfg: Config, seeds: str, name: str | None) -> list[tuple[Config, s
 def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name: str | None,
               runs_dir: Path, device: str | None, force: bool, quiet: bool, jobs: int = 1,
               executor: str = "local", ray_address: str | None = None, seeds: str | None = None) -> list[FoldResult]:
-    if seeds:
-        results = []
-        for scfg, sname in seed_runs(cfg, seeds, name):
-            results += run_train(scfg, fold_spec=fold_spec, data_root=data_root, folds_path=folds_path, name=sname,
-                                 runs_dir=runs_dir, device=device, force=force, quiet=quiet, jobs=jobs,
-                                 executor=executor, ray_address=ray_address)
-        return results
+    """Train the folds of ``fold_spec`` (each ``--seeds`` seed a run of its own).  The folds of the call
+    share one warm-up (:mod:`kagglecmr.engine.warm`), which is freed when it returns or raises; SIGTERM
+    stops it like Ctrl-C (locks released, ``--jobs`` children stopped)."""
+    kw = {"fold_spec": fold_spec, "data_root": data_root, "folds_path": folds_path, "runs_dir": runs_dir,
+          "device": device, "force": force, "quiet": quiet, "jobs": jobs, "executor": executor,
+          "ray_address": ray_address}
+    with _sigterm_raises():
+        try:
+            if not seeds:
+                return _run(cfg, name=name, **kw)
+            return [r for scfg, sname in seed_runs(cfg, seeds, name) for r in _run(scfg, name=sname, **kw)]
+        except BaseException as exc:
+            _clear_frames(exc)
+            raise
+        finally:
+            warm.clear()
 
+
+def _run(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name: str | None, runs_dir: Path,
+         device: str | None, force: bool, quiet: bool, jobs: int, executor: str,
+         ray_address: str | None) -> list[FoldResult]:
     if executor not in EXECUTORS:
         raise KaggleCMRError(f"--executor {executor}: expected local or ray")
     if ray_address and executor != "ray":
         raise KaggleCMRError(f"--ray-address {ray_address}: needs --executor ray")
     if executor == "ray":
-
+        if cfg.train.pseudo.dir:  # before anything is read or written
+            raise KaggleCMRError("--pseudo: not supported with --executor ray yet (use the local executor)")
         import_ray()  # before any data is read: a missing extra is a one-line error at once
     device_spec = device or cfg.train.device
     dev = resolve_device(device_spec)
@@ -154,13 +212,9 @@ def run_train(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path,
           f"device {dev} | folds {folds}" + (f" | {jobs} at a time" if jobs > 1 else "")
           + (" | executor ray" if executor == "ray" else ""), flush=True)
     if executor == "ray":
-
-        if pseudo_info:
-            raise KaggleCMRError("--pseudo: not supported with --executor ray yet (use the local executor)")
-
         results = train_ray(fold_configs(cfg, folds, run_dir), data=data, folds_df=folds_df, run_dir=run_dir,
                             device=dev, force=force, jobs=jobs, address=ray_address,
-                            dataset=ds.describe())
+                            dataset=ds.describe(), env_extra=env_extra)
     elif jobs > 1 and len(folds) > 1 and FULL not in folds:
         results = _train_parallel(cfg, folds, jobs, data_root=data_root, folds_path=folds_path, run_dir=run_dir,
                                   device=device_spec, force=force)
@@ -189,14 +243,33 @@ def chunk_folds(folds: list, jobs: int) -> list[list]:
     return [folds[i::jobs] for i in range(min(jobs, len(folds)))]
 
 
+def stop_children(procs: list, grace: float | None = None) -> None:
+    """SIGTERM the processes still running (they release their fold locks and end), wait up to ``grace``
+    seconds in all (:data:`STOP_GRACE_S`), then SIGKILL what is left (the kernel releases its locks)."""
+    grace = STOP_GRACE_S if grace is None else grace
+    alive = [p for p in procs if p.poll() is None]
+    if not alive:
+        return
+    print(f"stopping {len(alive)} training process(es)", flush=True)
+    for p in alive:
+        with contextlib.suppress(ProcessLookupError):
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in alive:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, folds_path: Path, run_dir: Path,
                     device: str, force: bool) -> list[FoldResult]:
     """Train folds in ``jobs`` child processes at once, each a share of the folds one after another
     (:func:`chunk_folds`): round-robin over the visible GPUs when the device is auto/cuda and there are
     several (:func:`assign_devices`), else the children share one device; CPU threads are split.  A fold
-    another trainer holds is skipped (the child says so)."""
-    import subprocess
-
+    another trainer holds is skipped (the child says so).  When this process is stopped (Ctrl-C, SIGTERM,
+    an error) the children are stopped too (SIGTERM, then SIGKILL after :data:`STOP_GRACE_S`)."""
     import torch
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,17 +285,22 @@ def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, fol
     base = [sys.executable, "-m", "kagglecmr", "train", "--config", str(cfg_path), "--data", str(data_root),
             "--folds", str(folds_path), "--name", run_dir.name, "--runs-dir", str(run_dir.parent),
             "--quiet"] + (["--force"] if force else [])
-    running, failed = [], []
-    for group, dev in zip(groups, devices):
-        spec = ",".join(map(str, group))
-        running.append((group, subprocess.Popen([*base, "--fold", spec, "--device", dev], env=env)))
-    while running:
-        time.sleep(0.2)
-        for item in list(running):
-            if item[1].poll() is not None:
-                running.remove(item)
-                if item[1].returncode != 0:
-                    failed.append(item[0])
+    children, failed = [], []
+    try:
+        for group, dev in zip(groups, devices):
+            spec = ",".join(map(str, group))
+            children.append((group, subprocess.Popen([*base, "--fold", spec, "--device", dev], env=env)))
+        running = list(children)
+        while running:
+            time.sleep(0.2)
+            for item in list(running):
+                if item[1].poll() is not None:
+                    running.remove(item)
+                    if item[1].returncode != 0:
+                        failed.append(item[0])
+    except BaseException:
+        stop_children([p for _, p in children])
+        raise
     if failed:  # a child stops at its first failing fold: name what did not finish, not the whole share
         unfinished = [k for g in failed for k in g if not (fold_dir(run_dir, k) / "summary.json").is_file()]
         done = [k for g in failed for k in g if k not in unfinished]

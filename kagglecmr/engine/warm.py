@@ -18,10 +18,14 @@ recompile, and what is trained is what a fresh build would train: on the CPU the
 are identical with and without reuse (tests).  ``KAGGLECMR_WARM=0`` turns reuse off (a fresh build
 for every fold, as before).  A fold that resumes from ``last.pt`` gets new optimiser state tensors
 from the checkpoint, so its step is captured again (:meth:`StepState.load_optimizer`).
+
+The state lives as long as a run: :func:`kagglecmr.engine.orchestrate.run_train` calls :func:`clear` when
+it returns or raises, so after ``kc.train(...)`` in a notebook its memory is free again.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -43,8 +47,15 @@ def warm_enabled() -> bool:
 
 
 def clear() -> None:
-    """Forget the kept step state (frees its device memory)."""
+    """Forget the kept step state and free its memory, the GPU's included (its captured step refers to
+    it in a reference cycle, hence the collection).  Called when a run ends (``run_train``) and before a
+    state with another key is built."""
+    if not _CACHE:
+        return
     _CACHE.clear()
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def state_key(cfg: Config, device: torch.device, dtype, graphs: bool, bs_lab: int, n_pseudo: int) -> str:
@@ -165,7 +176,7 @@ def step_state(cfg: Config, fresh: torch.nn.Module, device: torch.device, dtype,
         st = _CACHE[key]
         st.reset(fresh)
         return st, True
-    _CACHE.clear()  # one kept state per process: its device memory is freed before a new one is built
+    clear()  # one kept state per process: its device memory is freed before a new one is built
     st = StepState(cfg, fresh, device, dtype, graphs, bs_lab, n_pseudo)
     if warm_enabled():
         _CACHE[key] = st

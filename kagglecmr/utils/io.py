@@ -1,7 +1,9 @@
 """Atomic file writing: write to a temporary file in the same folder, then rename over the target.
 
 A crash (or kill -9) mid-write never leaves a truncated file behind, and a failed write never
-destroys the previous version of the file.
+destroys the previous version of the file.  The data is flushed to disk (``fsync``) before the rename
+and the folder after it, so a power cut neither leaves an empty file under the new name.  Files get
+the user's umask like any other new file (0644 under umask 022), not the 0600 of a private temp file.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,15 +30,41 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     if not overwrite and path.exists():
         raise KaggleCMRError(f"{path}: already exists (use --force to overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp(path)
     try:
         yield tmp_path
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent, best_effort=True)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _new_temp(path: Path) -> Path:
+    """An empty new file beside ``path`` (the temp name ends in ``path``'s suffix), created with mode
+    0666 so the kernel applies the umask (and a default ACL) as for any other file."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise KaggleCMRError(f"{path.parent}: cannot create a temporary file for {path.name}")
+
+
+def _fsync(path: Path, *, best_effort: bool = False) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not best_effort:
+            raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> Path:
