@@ -49,6 +49,11 @@ class DataConfig(_Section):
     resize: bool = False
     context: Literal["none", "partner"] = Field(
         "none", description="Extra input channels: partner = the near-duplicate frame of the same slice.")
+    patch: int | tuple[int, int] | None = Field(
+        None, description="Train on random crops of this side or [H, W] of the (resized or native) images; "
+                          "None: whole images.")
+    fg_oversample: float = Field(
+        0.33, ge=0, le=1, description="With patch: share of each batch's crops centred on a foreground pixel.")
 
     @property
     def model_channels(self) -> int:
@@ -61,6 +66,20 @@ class DataConfig(_Section):
         if v is not None and min((v, v) if isinstance(v, int) else v) < 8:
             raise ValueError("must be at least 8 pixels")
         return v
+
+    @field_validator("patch")
+    @classmethod
+    def _patch(cls, v):
+        if v is not None and min((v, v) if isinstance(v, int) else v) < 8:
+            raise ValueError("must be at least 8 pixels")
+        return v
+
+    @property
+    def patch_hw(self) -> tuple[int, int] | None:
+        """``(H, W)`` of ``patch`` (None: whole images)."""
+        if self.patch is None:
+            return None
+        return (self.patch, self.patch) if isinstance(self.patch, int) else tuple(self.patch)
 
     @property
     def hw(self) -> tuple[int, int] | None:
@@ -139,6 +158,8 @@ class PseudoConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(60, ge=1)
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop a fold after this many optimiser steps (benchmarks, smoke runs); None: no cap.")
     batch_size: int = Field(16, ge=2, description="At least 2 (BatchNorm).")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

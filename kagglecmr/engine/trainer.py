@@ -88,6 +88,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     model, optimizer, criterion, ema, swa = st.model, st.optimizer, st.criterion, st.ema, st.swa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     swa_start = cfg.train.epochs - cfg.train.swa_epochs  # epochs (0-based) from which SWA averages
+    max_steps = cfg.train.max_steps
 
     batches = BatchMaker(cfg, tr.images, tr.masks, device)
     pseudo_batches = BatchMaker(cfg, pseudo.images, pseudo.masks, device) if n_pseudo else None
@@ -137,7 +138,11 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                 pperm = np.concatenate([prng.permutation(len(pseudo)) for _ in range(reps)])
             model.train()
             data_s = model_s = loss_sum = 0.0
+            steps_run = 0
             for step in range(steps_per_epoch):
+                if max_steps is not None and epoch * steps_per_epoch + step >= max_steps:
+                    break  # train.max_steps: the cap on optimiser steps of the fold (benchmarks, smoke runs)
+                steps_run += 1
                 ta = time.perf_counter()
                 x, y = batches(perm[step * bs_lab:(step + 1) * bs_lab])
                 if n_pseudo:
@@ -155,7 +160,8 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
 
             # validate with the leaderboard metric (argmax masks, rows per image and class, empty/empty = 1)
             tv = time.time()
-            row = {"epoch": epoch + 1, "lr": float(optimizer.param_groups[0]["lr"]), "train_loss": loss_sum / steps_per_epoch,
+            row = {"epoch": epoch + 1, "lr": float(optimizer.param_groups[0]["lr"]),
+                   "train_loss": loss_sum / max(1, steps_run),
                    "val_loss": float("nan"), "val_dice": float("nan")}
             row |= {f"dice_{k}": float("nan") for k in range(1, k_fg + 1)}
             eval_model = ema.model if ema is not None else model
@@ -187,6 +193,8 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
             write_metrics(out_dir / "metrics.csv", history)
             tracker.epoch(row)
             reporter.epoch(row)
+            if max_steps is not None and (epoch + 1) * steps_per_epoch >= max_steps:
+                break
     finally:
         tracker.close()
         reporter.close()
