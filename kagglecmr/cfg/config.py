@@ -193,12 +193,33 @@ class TrainConfig(_Section):
         return self
 
 
+class TileConfig(_Section):
+    """Tiled inference (``kagglecmr.engine.tiles``): images larger than the tile are predicted by overlapping
+    windows whose softmax is weighted and normalised by the summed weights."""
+
+    size: int | tuple[int, int] = Field(..., description="Tile side or [H, W].")
+    overlap: float = Field(0.5, ge=0, lt=1, description="Fraction of a tile shared with the next one.")
+    weight: Literal["gaussian", "constant"] = Field(
+        "gaussian", description="Window weights: gaussian (sigma = tile/8, nnU-Net) or a plain average.")
+    batch: int = Field(8, ge=1, description="Windows per forward pass.")
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v):
+        if min((v, v) if isinstance(v, int) else v) < 8:
+            raise ValueError("must be at least 8 pixels")
+        return v
+
+
 class InferConfig(_Section):
     tta: list[Literal["none", "hflip", "vflip", "hvflip", "rot90", "rot270", "transpose", "antitranspose"]] = Field(
         default_factory=lambda: ["none", "hflip", "vflip", "hvflip"],
         description="TTA passes (kagglecmr.engine.infer): flips, and quarter turns / diagonal mirrors for rot90-trained models.")
     batch_size: int = Field(64, ge=1, description="Images per forward pass on a GPU.")
     cpu_batch_size: int = Field(8, ge=1, description="Images per forward pass on a CPU (small = cache-friendly).")
+    tile: TileConfig | None = Field(
+        None, description="Tiled inference {size, overlap, weight, batch}; None: tiles of data.patch when the run "
+                          "trained on patches, else whole images.")
 
     def batch_size_for(self, device_type: str) -> int:
         """Images per forward pass on a ``torch.device.type`` (``batch_size`` on a GPU, else ``cpu_batch_size``)."""
@@ -221,6 +242,13 @@ class Config(_Section):
         if cw is not None and self.data.num_classes is not None and len(cw) != self.data.num_classes:
             raise ValueError(f"loss.class_weights has {len(cw)} values, data.num_classes is {self.data.num_classes}")
         return self
+
+    @property
+    def tile(self) -> TileConfig | None:
+        """The tiles inference uses: ``infer.tile``, else ``data.patch``'s size when the run trains on patches."""
+        if self.infer.tile is not None:
+            return self.infer.tile
+        return TileConfig(size=self.data.patch) if self.data.patch is not None else None
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

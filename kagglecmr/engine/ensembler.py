@@ -31,10 +31,11 @@ from kagglecmr.data.dataset import apply_dataset, load_dataset
 from kagglecmr.data.loader import Split
 from kagglecmr.engine.blend import blend_table, fit_weights, nested_estimate
 from kagglecmr.engine.evaluator import truth_masks
-from kagglecmr.engine.infer import TTA_PASSES, TTA_TURNS, predict_proba
+from kagglecmr.engine.infer import TTA_PASSES, TTA_TURNS, predict_proba, predict_proba_tiled
 from kagglecmr.engine.outputs import contact_sheet_path, label_at_size, score_report, write_masks  # noqa: F401 (re-exported)
 from kagglecmr.engine.postprocess import apply_plan, describe_plan, load_plan, save_plan, tune_plan
 from kagglecmr.engine.rundir import check_same_folds, record_ensemble_oof
+from kagglecmr.engine.tiles import needs_tiles
 from kagglecmr.formats.metric import dice_table
 from kagglecmr.formats.submission_csv import write_submission
 from kagglecmr.models.checkpoint import load_best, model_file, selected_model_file
@@ -146,6 +147,11 @@ def predict_images(runs: list[Run], images: np.ndarray, device, passes, weights,
     total = None
     for r, w in zip(runs, weights):
         ctx = r.cfg.data.context
+        if r.cfg.tile is not None and needs_tiles(images.shape[1:3], r.cfg.tile.size):  # windows (numpy side)
+            p = predict_proba_tiled(list(r.models.values()), add_context(images, ctx), device, tile=r.cfg.tile,
+                                    tta=passes, amp=amp_dtype(r.cfg.train.amp, device))
+            total = p * w if total is None else total + p * w
+            continue
         if ctx not in xs:
             xs[ctx] = to_tensor(add_context(images, ctx), device)
         p = predict_proba(list(r.models.values()), xs[ctx], device, tta=passes, batch_size=batch_size,
@@ -166,8 +172,8 @@ def predict_oof(runs: list[Run], data: Split, device, passes, weights, batch_siz
             if not ids:
                 continue
             idx = np.array([pos[i] for i in ids])
-            out[idx] += w * predict_proba(model, images[idx], device, tta=passes, batch_size=batch_size,
-                                          amp=amp_dtype(r.cfg.train.amp, device))
+            out[idx] += w * predict_proba_tiled(model, images[idx], device, tile=r.cfg.tile, tta=passes,
+                                                batch_size=batch_size, amp=amp_dtype(r.cfg.train.amp, device))
             covered.update(ids)
         missing = [i for i in data.ids if i not in covered]
         if missing:

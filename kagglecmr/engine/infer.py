@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from kagglecmr.data.batches import to_tensor
+from kagglecmr.engine.tiles import needs_tiles, predict_tiled
 from kagglecmr.utils.runtime import autocast
 
 TTA_FLIPS = {"none": (), "hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}
@@ -67,3 +68,22 @@ def predict_proba(models, images: np.ndarray | torch.Tensor, device: torch.devic
                 acc = p if acc is None else acc + p
         out.append(acc.cpu())
     return torch.cat(out).numpy()
+
+
+def predict_proba_tiled(models, images: np.ndarray, device: torch.device, *, tile, tta=("none",),
+                        batch_size: int = 64, amp: torch.dtype | None = None, channels_last: bool = True,
+                        weights=None) -> np.ndarray:
+    """:func:`predict_proba` where images larger than ``tile`` (a ``TileConfig``; None: never) are predicted by
+    overlapping windows (:func:`kagglecmr.engine.tiles.predict_tiled`, TTA applied per window); the others as
+    whole images.  uint8 ``[N, H, W, C]`` -> float32 ``[N, K, H, W]``, one image's windows in memory at a time."""
+    kw = {"tta": tta, "amp": amp, "channels_last": channels_last, "weights": weights}
+    if tile is None or not needs_tiles(images.shape[1:3], tile.size):
+        return predict_proba(models, images, device, batch_size=batch_size, **kw)
+    out = None
+    for n, image in enumerate(images):
+        p = predict_tiled(lambda windows: predict_proba(models, windows, device, batch_size=tile.batch, **kw), image,
+                          tile.size, overlap=tile.overlap, weight=tile.weight, batch=tile.batch)
+        if out is None:
+            out = np.empty((len(images), *p.shape), np.float32)
+        out[n] = p
+    return out

@@ -31,7 +31,7 @@ from kagglecmr.cfg.config import Config
 from kagglecmr.data.context import add_context
 from kagglecmr.data.dataset import apply_dataset, load_dataset
 from kagglecmr.data.loader import Split, discover, png_size, read_image
-from kagglecmr.engine.infer import predict_proba
+from kagglecmr.engine.infer import predict_proba_tiled
 from kagglecmr.engine.rundir import RUN_JSON, check_same_folds, run_info, sha256_file
 from kagglecmr.models.checkpoint import check_select, load_best, model_file, selected_model_file
 from kagglecmr.models.factory import build_model
@@ -114,8 +114,8 @@ def _model_probs(path: Path, images: np.ndarray, device, passes, batch_size: int
     model = build_model(cfg, weights="none", check_size=False)
     model.load_state_dict(sd)
     model = model.to(device).to(memory_format=torch.channels_last).eval()
-    return predict_proba(model, add_context(images, cfg.data.context), device, tta=passes, batch_size=batch_size,
-                         amp=amp_dtype(cfg.train.amp, device))
+    return predict_proba_tiled(model, add_context(images, cfg.data.context), device, tile=cfg.tile, tta=passes,
+                               batch_size=batch_size, amp=amp_dtype(cfg.train.amp, device))
 
 
 def _teacher_dir(run: Path, name: str) -> Path:

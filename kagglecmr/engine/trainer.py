@@ -34,9 +34,10 @@ from kagglecmr.cfg.config import Config
 from kagglecmr.data.batches import BatchMaker, to_tensor
 from kagglecmr.data.loader import Split
 from kagglecmr.engine.cudagraph import use_cuda_graphs
-from kagglecmr.engine.infer import predict_proba
+from kagglecmr.engine.infer import predict_proba, predict_proba_tiled
 from kagglecmr.engine.optim import lr_lambda
 from kagglecmr.engine.rundir import FULL, FoldResult, fold_dir, prepare_dir
+from kagglecmr.engine.tiles import needs_tiles
 from kagglecmr.engine.warm import step_state
 from kagglecmr.formats.metric import dice_table
 from kagglecmr.models.checkpoint import MODEL_FILES, load_best, load_last, save_best, save_last
@@ -89,6 +90,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     swa_start = cfg.train.epochs - cfg.train.swa_epochs  # epochs (0-based) from which SWA averages
     max_steps = cfg.train.max_steps
+    tiled = va is not None and cfg.tile is not None and needs_tiles(va.images.shape[1:3], cfg.tile.size)
 
     batches = BatchMaker(cfg, tr.images, tr.masks, device)
     pseudo_batches = BatchMaker(cfg, pseudo.images, pseudo.masks, device) if n_pseudo else None
@@ -166,7 +168,11 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
             row |= {f"dice_{k}": float("nan") for k in range(1, k_fg + 1)}
             eval_model = ema.model if ema is not None else model
             if va is not None:
-                probs, vloss = _validate(eval_model, criterion, x_val, y_val, device, dtype, cfg.train.val_batch_size)
+                if tiled:  # images larger than the tile: windows (data.patch / infer.tile), no whole-image loss
+                    probs, vloss = _tiled_probs(eval_model, va, cfg, device, dtype), float("nan")
+                else:
+                    probs, vloss = _validate(eval_model, criterion, x_val, y_val, device, dtype,
+                                             cfg.train.val_batch_size)
                 table = dice_table(probs.argmax(1), va.masks, cfg.data.num_classes)
                 row |= {"val_loss": vloss, "val_dice": float(table.mean())}
                 row |= {f"dice_{k}": float(table[:, k - 1].mean()) for k in range(1, k_fg + 1)}
@@ -233,8 +239,15 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     return FoldResult(fold, out_dir, best_score, best_epoch)
 
 
+def _tiled_probs(model, va: Split, cfg: Config, device, dtype) -> np.ndarray:
+    return predict_proba_tiled(model, va.images, device, tile=cfg.tile, amp=dtype, channels_last=cfg.train.channels_last)
+
+
 def _save_oof(path: Path, model, x_val, va: Split, cfg: Config, device, dtype) -> None:
-    probs = predict_proba(model, x_val, device, batch_size=cfg.train.val_batch_size, amp=dtype)
+    if cfg.tile is not None and needs_tiles(va.images.shape[1:3], cfg.tile.size):
+        probs = _tiled_probs(model, va, cfg, device, dtype)
+    else:
+        probs = predict_proba(model, x_val, device, batch_size=cfg.train.val_batch_size, amp=dtype)
     labels = probs.argmax(1).astype(np.uint8)  # from float32: float16 rounding can flip near-ties
     table = dice_table(labels, va.masks, cfg.data.num_classes)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
