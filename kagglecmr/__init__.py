@@ -16,7 +16,7 @@ import importlib
 __version__ = "0.1.0"
 
 _API = ("demo_data", "make_folds", "score", "encode", "train", "ensemble", "load_ensemble", "predict", "export",
-        "load_export", "pseudo_label", "runs", "report")
+        "load_export", "pseudo_label", "runs", "report", "set_cache_dir")
 __all__ = [*_API, "KaggleCMRError", "__version__"]
 
 

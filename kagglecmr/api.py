@@ -320,6 +320,15 @@ def pseudo_label(runs: list[str | Path], *, data: str | Path = "data", split: st
                confidence=confidence, tta=tta, force=force, device=device, select=select)
 
 
+def set_cache_dir(path: str | Path | None) -> None:
+    """Where decoded splits are cached as memory-mapped arrays for the rest of this process (``--cache-dir``):
+    a folder, ``"off"`` (decode into memory every time), or None (``$KAGGLECMR_CACHE``, else
+    ``~/.cache/kagglecmr``); see :mod:`kagglecmr.data.cache`."""
+    from kagglecmr.data.cache import set_cache_dir as _set
+
+    _set(path)
+
+
 def runs(runs_dir: str | Path = "runs", *, as_json: bool = False) -> list[dict]:
     """The local leaderboard (``kagglecmr runs``): prints one row per run folder under ``runs_dir``, best OOF
     first (one JSON array with ``as_json``), and returns the rows as dicts."""
@@ -338,5 +347,5 @@ def report(run: str | Path, *, data: str | Path | None = None, worst: int = 12) 
 
 
 __all__ = ["demo_data", "make_folds", "score", "encode", "train", "ensemble", "load_ensemble", "predict", "export",
-           "load_export", "pseudo_label", "runs", "report", "DemoDataResult", "FoldsResult", "EncodeResult",
+           "load_export", "pseudo_label", "runs", "report", "set_cache_dir", "DemoDataResult", "FoldsResult", "EncodeResult",
            "TrainResult", "EnsembleResult", "PredictResult", "ExportResult"]

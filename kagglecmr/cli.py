@@ -22,8 +22,17 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="k-fold segmentation ensembles for Kaggle-style PNG competitions (cardiac MR first).",
+    help="k-fold segmentation ensembles for Kaggle-style 2D segmentation competitions.",
 )
+
+
+@app.callback()
+def _options(
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Where decoded splits are cached as memory-mapped "
+                                         "arrays (default $KAGGLECMR_CACHE, else ~/.cache/kagglecmr; off: no cache)."),
+) -> None:
+    """Options of every command (before the command's name)."""
+    api.set_cache_dir(cache_dir)
 
 
 @app.command("demo-data")

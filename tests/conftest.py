@@ -10,6 +10,10 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything can import huggingface_hub
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+if "KAGGLECMR_CACHE" not in os.environ:  # the decoded-array cache of this test session, not the user's
+    import tempfile
+
+    os.environ["KAGGLECMR_CACHE"] = tempfile.mkdtemp(prefix="kagglecmr-test-cache-")
 
 import contextlib
 import hashlib

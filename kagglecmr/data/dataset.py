@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from kagglecmr.data import loader as D
+from kagglecmr.data.cache import cache_root, load_split
 from kagglecmr.data.channels import channel_rule, resolve_channels, to_channels  # noqa: F401 (re-exported)
 from kagglecmr.data.dataset_file import DatasetFile, SplitPatterns, file_items, read_dataset_file
 from kagglecmr.data.labels_csv import CsvMask
@@ -134,20 +135,27 @@ class Dataset:
             raise DataError(f"{self.path}: split '{split}' has no masks")
         if use_masks and self.label_error:
             raise DataError(self.label_error)
+        if cache_root() is not None:  # decoded once into memory-mapped arrays on disk (kagglecmr.data.cache)
+            return load_split(self, split, use_masks, self._finish)
         ids, images, masks, sizes = [], [], [], []
         for i, ip, mp in items:
             img = self.read_image(ip, resize=False)
             sizes.append(tuple(img.shape[:2]))
-            if use_masks:
-                m = self.read_mask(mp, resize=False)
-                if m.shape != img.shape[:2]:
-                    raise DataError(f"{mp}: mask size {m.shape[1]}x{m.shape[0]} differs from its image "
-                                    f"{img.shape[1]}x{img.shape[0]}")
-                masks.append(D.resize_to(m, self.size, nearest=True))
+            im, m = self._finish(img, self.read_mask(mp, resize=False) if use_masks else None, ip, mp)
             ids.append(i)
-            images.append(D.resize_to(img, self.size, nearest=False))
+            images.append(im)
+            if use_masks:
+                masks.append(m)
         return Split(ids=ids, images=np.stack(images), masks=np.stack(masks) if use_masks else None,
                      splits=[split] * len(ids), image_paths=[ip for _, ip, _ in items], orig_sizes=sizes)
+
+    def _finish(self, img: np.ndarray, m: np.ndarray | None, ip, mp) -> tuple[np.ndarray, np.ndarray | None]:
+        """One decoded image (and mask) at its own size -> both at the model size."""
+        if m is not None and m.shape != img.shape[:2]:
+            raise DataError(f"{mp}: mask size {m.shape[1]}x{m.shape[0]} differs from its image "
+                            f"{img.shape[1]}x{img.shape[0]}")
+        return (D.resize_to(img, self.size, nearest=False),
+                None if m is None else D.resize_to(m, self.size, nearest=True))
 
     def labelled(self) -> Split:
         parts = [self.load(s, labelled=True) for s in ("train", "val") if self.has_masks(s)]
