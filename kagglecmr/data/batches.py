@@ -12,7 +12,10 @@ from kagglecmr.data import patches
 
 def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
     """uint8 ``[N,H,W,C]`` -> float ``[N,C,H,W]`` in [0, 1] on ``device``."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    arr = np.ascontiguousarray(images)
+    if not arr.flags.writeable:  # a memory-mapped cache entry: torch wants memory it may write
+        arr = arr.copy()
+    x = torch.from_numpy(arr).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
