@@ -35,6 +35,19 @@ class DataSpec:
     resize: bool = False  # resize other sizes to ``size`` (masks: nearest neighbour) instead of failing
 
 
+def hw_of(size) -> tuple[int, int] | None:
+    """A side (``256``) or ``[H, W]`` as ``(H, W)``; None stays None."""
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _at_least_8(v):
+    if v is not None and min(hw_of(v)) < 8:
+        raise ValueError("must be at least 8 pixels")
+    return v
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -60,33 +73,20 @@ class DataConfig(_Section):
         """Input channels of the model: the image's, twice with ``context: partner``."""
         return (self.in_channels or 1) * (2 if self.context == "partner" else 1)
 
-    @field_validator("size")
+    @field_validator("size", "patch")
     @classmethod
-    def _size(cls, v):
-        if v is not None and min((v, v) if isinstance(v, int) else v) < 8:
-            raise ValueError("must be at least 8 pixels")
-        return v
-
-    @field_validator("patch")
-    @classmethod
-    def _patch(cls, v):
-        if v is not None and min((v, v) if isinstance(v, int) else v) < 8:
-            raise ValueError("must be at least 8 pixels")
-        return v
+    def _side(cls, v):
+        return _at_least_8(v)
 
     @property
     def patch_hw(self) -> tuple[int, int] | None:
         """``(H, W)`` of ``patch`` (None: whole images)."""
-        if self.patch is None:
-            return None
-        return (self.patch, self.patch) if isinstance(self.patch, int) else tuple(self.patch)
+        return hw_of(self.patch)
 
     @property
     def hw(self) -> tuple[int, int] | None:
         """``(H, W)`` of ``size`` (None when unset)."""
-        if self.size is None:
-            return None
-        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        return hw_of(self.size)
 
     def spec(self) -> DataSpec:
         """The folder-layout loader's spec (CMR defaults for unset values; square sizes only)."""
@@ -206,9 +206,7 @@ class TileConfig(_Section):
     @field_validator("size")
     @classmethod
     def _size(cls, v):
-        if min((v, v) if isinstance(v, int) else v) < 8:
-            raise ValueError("must be at least 8 pixels")
-        return v
+        return _at_least_8(v)
 
 
 class InferConfig(_Section):

@@ -16,11 +16,6 @@ IGNORE = 255  # as kagglecmr.models.losses.IGNORE: padded mask pixels are left o
 MAX_LOCATIONS = 4096  # foreground pixel indices kept per image and class
 
 
-def as_hw(size) -> tuple[int, int]:
-    """``256`` or ``[H, W]`` -> ``(H, W)``."""
-    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
-
-
 def class_locations(masks: np.ndarray, seed: int = 0) -> list[dict[int, np.ndarray]]:
     """Per image, ``{class: flat pixel indices}`` of every foreground class present (at most
     :data:`MAX_LOCATIONS` each, a seeded subsample)."""

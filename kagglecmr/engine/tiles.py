@@ -24,6 +24,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from kagglecmr.cfg.config import hw_of
 from kagglecmr.utils.errors import ConfigError
 
 WEIGHTS = ("gaussian", "constant")
@@ -32,11 +33,11 @@ MIN_WEIGHT = 1e-3  # the gaussian's floor relative to its peak (no pixel of a wi
 
 
 def as_hw(size) -> tuple[int, int]:
-    """``256`` or ``[H, W]`` -> ``(H, W)``."""
-    h, w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-    if int(h) < 1 or int(w) < 1:
+    """``256`` or ``[H, W]`` -> ``(H, W)``, positive."""
+    h, w = hw_of(int(size) if isinstance(size, np.integer) else size)
+    if h < 1 or w < 1:
         raise ConfigError(f"tile size {size}: expected positive integers")
-    return int(h), int(w)
+    return h, w
 
 
 def window_starts(length: int, tile: int, overlap: float) -> list[int]:
