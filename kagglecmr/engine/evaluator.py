@@ -51,11 +51,7 @@ def run_score_dataset(submission: str | Path, *, data: str | Path, split: str | 
     fmt, k = ds.submission, ds.num_classes
     if truth is not None and Path(truth).is_file():  # a solution CSV in the dataset's format
         truth_rows = read_submission(truth, fmt=fmt)
-        shape = infer_shape(truth_rows, fmt)
-        result = score_rows(read_submission(submission, shape=shape, fmt=fmt), truth_rows, shape, name=submission,
-                            fmt=fmt)
-        print(json.dumps(result.to_dict()) if as_json else result.report())
-        return result
+        return _score_and_print(submission, truth_rows, infer_shape(truth_rows, fmt), fmt, as_json)
     if truth is not None:
         truth_paths = mask_folder_paths(truth)
         masks = {i: ds.read_mask(p, resize=False) for i, p in truth_paths.items()}
@@ -69,9 +65,14 @@ def run_score_dataset(submission: str | Path, *, data: str | Path, split: str | 
         except SubmissionError as exc:
             raise SubmissionError(f"{submission}: {exc}") from None
     truth_rows = {rid: enc for i, m in masks.items() for rid, enc in fmt.rows(i, m, k)}
-    shapes = {i: m.shape for i, m in masks.items()}
-    pred = read_submission(submission, shape=shapes, fmt=fmt)
-    result = score_rows(pred, truth_rows, shapes, name=submission, fmt=fmt)
+    return _score_and_print(submission, truth_rows, {i: m.shape for i, m in masks.items()}, fmt, as_json)
+
+
+def _score_and_print(submission: Path, truth_rows: dict[str, str], shape: Shape, fmt: SubmissionFormat,
+                     as_json: bool) -> ScoreResult:
+    """Read the submission against ``shape``, score it against the truth rows, print the report or JSON."""
+    pred = read_submission(submission, shape=shape, fmt=fmt)
+    result = score_rows(pred, truth_rows, shape, name=submission, fmt=fmt)
     print(json.dumps(result.to_dict()) if as_json else result.report())
     return result
 
@@ -111,10 +112,7 @@ def run_score(submission: str | Path, truth: str | Path, as_json: bool = False, 
     """
     submission = Path(submission)
     truth_rows, shape = _truth_from_path(Path(truth), num_classes, fmt)
-    pred = read_submission(submission, shape=shape, fmt=fmt)
-    result = score_rows(pred, truth_rows, shape, name=submission, fmt=fmt)
-    print(json.dumps(result.to_dict()) if as_json else result.report())
-    return result
+    return _score_and_print(submission, truth_rows, shape, fmt, as_json)
 
 
 def run_encode(mask_dir: str | Path, out: str | Path, force: bool = False, num_classes: int = 4, fmt=None) -> int:
