@@ -95,3 +95,17 @@ def test_patch_training_and_the_step_cap(project, tmp_path, main_cli):
     metrics = pd.read_csv(tmp_path / "cap" / "fold0" / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2]
     assert (tmp_path / "cap" / "fold0" / "oof.npz").is_file() and (tmp_path / "cap" / "fold0" / "summary.json").is_file()
+
+
+def test_patch_the_size_of_the_image_trains_exactly_as_whole_images(project, tmp_path, main_cli):
+    """Issue 24: data.patch equal to the image size changes nothing (same batches, same metrics)."""
+    args = ["train", "--fold", "0", "--config", project.config, "--data", project.data, "--folds", project.folds,
+            "--runs-dir", tmp_path, "--quiet", "--device", "cpu", "--set", "train.epochs=2", "--set", "train.threads=1"]
+    side = load_config(project.config).data.hw
+    assert main_cli(*args, "--name", "whole").returncode == 0
+    proc = main_cli(*args, "--name", "same", "--set", f"data.patch=[{side[0]}, {side[1]}]")
+    assert proc.returncode == 0, proc.stderr
+    cols = ["epoch", "train_loss", "val_loss", "val_dice"]
+    whole = pd.read_csv(tmp_path / "whole" / "fold0" / "metrics.csv")[cols]
+    same = pd.read_csv(tmp_path / "same" / "fold0" / "metrics.csv")[cols]
+    pd.testing.assert_frame_equal(whole, same)

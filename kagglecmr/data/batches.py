@@ -32,6 +32,8 @@ class BatchMaker:
         self.backend = aug.resolve_backend(cfg.augment, device)
         self.channels_last = cfg.train.channels_last
         self.patch = cfg.data.patch_hw  # random crops (data.patch) instead of whole images
+        if self.patch is not None and tuple(self.patch) == tuple(images.shape[1:3]):
+            self.patch = None  # a crop the size of the image is the image: whole-image batches, same draws
         if self.patch is not None:
             self.locations = patches.class_locations(masks, cfg.seed)
             self.rng = np.random.default_rng(cfg.seed)
