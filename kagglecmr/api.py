@@ -53,7 +53,7 @@ class TrainResult:
 
     @property
     def score(self) -> float | None:
-        """The run's out-of-fold Dice (None until every fold is trained)."""
+        """The run's out-of-fold score, the dataset's metric (None until every fold is trained)."""
         return None if self.oof is None else self.oof["score"]
 
 
@@ -68,7 +68,7 @@ class EnsembleResult:
     plan: dict | None  # postprocessing plan applied
     tta: list[str]
     runs: list[Path]
-    score: float | None = None  # Dice of ``labels`` when the split has masks (oof: the honest estimate)
+    score: float | None = None  # the dataset's metric (Dice by default) of ``labels`` when the split has masks (oof: honest)
     per_class: dict[str, float] = field(default_factory=dict)
 
 
@@ -232,11 +232,9 @@ def _ensemble_result(res: dict) -> EnsembleResult:
     result = EnsembleResult(Path(res["out"]), res["ids"], res["probs"], labels, res["rows"], res["empty"],
                             res["plan"], list(res["tta"]), [Path(r) for r in res["runs"]])
     if res["truth"] is not None and same and labels.shape == res["truth"].shape:
-        from kagglecmr.formats.metric import dice_table
-
-        table = dice_table(res["labels"], res["truth"], res["probs"].shape[1])
-        result.score = float(table.mean())
-        result.per_class = {str(k + 1): float(table[:, k].mean()) for k in range(table.shape[1])}
+        table = res["metric"].table_labels(labels, res["truth"], res["probs"].shape[1])  # the dataset's metric
+        result.score = table.score
+        result.per_class = {str(k): float(v) for k, v in zip(table.classes, table.per_class)}
     return result
 
 

@@ -47,8 +47,8 @@ def test_fit_weights_favours_the_accurate_run_and_beats_equal_weights(n):
     assert ("grid" in method) == (n <= 4) and ("Nelder-Mead" in method) == (n > 4)
     assert w.sum() == pytest.approx(1) and (w >= 0).all()
     assert w[0] == w.max() and w[0] > 1 / n
-    fitted = blend_table(runs, w, truth, 4).mean()
-    assert fitted >= blend_table(runs, np.full(n, 1 / n), truth, 4).mean()
+    fitted = blend_table(runs, w, truth, 4).score
+    assert fitted >= blend_table(runs, np.full(n, 1 / n), truth, 4).score
     # the fitted blend's score is the metric of its argmax masks
     total = sum(p * x for p, x in zip(runs, w))
     assert fitted == pytest.approx(dice_table(total.argmax(1), truth, 4).mean())
@@ -64,10 +64,10 @@ def test_nested_estimate_scores_each_fold_with_weights_fitted_elsewhere():
     truth, runs = _truth_and_runs(2)
     groups = np.arange(10) % 5
     table, per_fold = nested_estimate(runs, truth, 4, groups)
-    assert table.shape == (10, 3) and len(per_fold) == 5
+    assert table.rows.shape == (10, 3) and len(per_fold) == 5
     for g, w in enumerate(per_fold):
         sel = groups == g
-        assert np.allclose(table[sel], blend_table([p[sel] for p in runs], w, truth[sel], 4))
+        assert np.allclose(table.rows[2 * g:2 * g + 2], blend_table([p[sel] for p in runs], w, truth[sel], 4).rows)
         assert np.allclose(w, fit_weights([p[~sel] for p in runs], truth[~sel], 4)[0])
 
 

@@ -197,7 +197,7 @@ def test_tune_picks_min_area_for_small_spurious_blobs(dice_impl):
     assert after == pytest.approx(dice_impl(true, true).mean())  # = 1.0: the blobs were all the error
     chosen = [r for r in table if r["chosen"]]
     assert [r["class"] for r in chosen] == [1, 2, 3]
-    assert _row(table, 1, "largest")["mean_dice"] == pytest.approx(_row(table, 1, "min_area 10")["mean_dice"])
+    assert _row(table, 1, "largest")["score"] == pytest.approx(_row(table, 1, "min_area 10")["score"])
 
 
 def test_tune_picks_largest_when_spurious_blobs_are_big(dice_impl):
@@ -262,7 +262,7 @@ def test_tune_table_and_candidates(dice_impl):
     assert [rule for rule in candidate_rules((20, 5))] == [
         {"kind": "none"}, {"kind": "min_area", "area": 5}, {"kind": "min_area", "area": 20}, {"kind": "largest"}]
     assert len(table) == 3 * 4
-    assert set(table[0]) == {"class", "rule", "kind", "area", "mean_dice", "delta", "chosen"}
+    assert set(table[0]) == {"class", "rule", "kind", "area", "score", "delta", "chosen"}
     json.dumps(table)  # printable / serialisable
     json.dumps(plan)
     text = format_table(table)

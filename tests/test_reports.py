@@ -19,7 +19,7 @@ from kagglecmr.reports.leaderboard import config_diff, list_runs
 from kagglecmr.utils.errors import ConfigError
 from kagglecmr.utils.tracking import TB_DIR, Tracker
 
-ROW_KEYS = {"name", "path", "differs", "folds_done", "folds_total", "folds_missing", "folds_unfinished", "full_fit", "fold_scores",
+ROW_KEYS = {"name", "path", "differs", "folds_done", "folds_total", "folds_missing", "folds_unfinished", "metric", "full_fit", "fold_scores",
             "best_epochs", "fold_mean", "oof", "oof_last", "oof_tta", "oof_pp", "per_class", "parameters",
             "model_mb", "seconds_per_epoch", "train_minutes", "peak_memory_mb", "epochs", "device"}
 
@@ -60,6 +60,7 @@ def test_list_runs_reads_what_the_run_left(project, runs_dir):
     summaries = _summaries(project.run)
     env = _json(project.run / "fold0" / "env.json")
     assert r["oof"] == oof["score"] and r["per_class"] == oof["per_class"]
+    assert r["metric"] == "dice"  # the demo data's default metric, recorded in oof.json
     assert r["folds_done"] == list(range(N_FOLDS)) and r["folds_total"] == N_FOLDS and r["folds_missing"] == []
     assert r["fold_scores"] == {str(k): s["best_score"] for k, s in summaries.items()}
     assert r["seconds_per_epoch"] == pytest.approx(np.mean([s["seconds_per_epoch"] for s in summaries.values()]))

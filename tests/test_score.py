@@ -293,8 +293,9 @@ def test_score_result_summary():
     assert result.per_class_pixel_accuracy == pytest.approx({"1": 2.6 / 3, "2": 0.9})
     d = json.loads(json.dumps(result.to_dict()))
     assert d["score"] == result.score and d["rows"] == 6 and d["worst"][0] == {"id": "a_mask2", "dice": 0.0}
-    assert set(d) == {"score", "per_class", "rows", "images", "worst", "iou", "pixel_accuracy", "per_class_iou",
-                      "per_class_pixel_accuracy"}
+    assert set(d) == {"score", "per_class", "metric", "rows", "images", "worst", "dice", "per_class_dice", "iou",
+                      "pixel_accuracy", "per_class_iou", "per_class_pixel_accuracy"}
+    assert d["metric"] == {"name": "dice", "per": "row", "empty": 1} and d["dice"] == d["score"]
     assert d["per_class_iou"] == result.per_class_iou and d["pixel_accuracy"] == result.pixel_accuracy
     report = result.report()
     assert "0.650000" in report and "class 2" in report and "a_mask2" in report

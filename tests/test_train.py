@@ -30,7 +30,7 @@ from kagglecmr.engine.trainer import TIME_COLUMNS
 from kagglecmr.formats.metric import dice_table
 from kagglecmr.utils.errors import KaggleCMRError
 
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "dice_1", "dice_2", "dice_3", "best",
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "val_score", "dice_1", "dice_2", "dice_3", "best",
                   *TIME_COLUMNS]
 
 
@@ -98,6 +98,7 @@ def test_fold_artefacts(project, tiny_cfg, k):
         for col in ("lr", "train_loss", "val_loss", "val_dice", "dice_1", "dice_2", "dice_3", *TIME_COLUMNS):
             assert math.isfinite(float(r[col])), col
         assert 0 <= float(r["val_dice"]) <= 1
+        assert r["val_score"] == r["val_dice"]  # the default metric is Dice
     assert rows[0]["best"] == "True"  # the first epoch always improves on nothing
 
     state = torch.load(d / "last.pt", map_location="cpu", weights_only=True)

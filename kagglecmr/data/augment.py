@@ -8,7 +8,8 @@ Both draw, per sample: horizontal/vertical flips, a 90° rotation, an affine (ro
 centre, isotropic scale, translation), an elastic warp, brightness/contrast
 (``x * alpha + beta``), a per-channel colour jitter (``x_c * gain_c + shift_c``: stain and scanner
 variation in histology), gamma (``x ** g``) and gaussian noise, each with its own probability.
-Images are ``[0, 1]`` floats (torch) or uint8 (albumentations); masks use nearest neighbour.
+Images are ``[0, 1]`` floats (torch) or uint8 (albumentations); masks use nearest neighbour, and the pixels a
+warp brings in from outside the image get ``mask_fill`` (0; void for datasets with void labels).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 # ----------------------------------------------------------------------------------- albumentations
-def build_albumentations(cfg: AugmentConfig, seed: int | None = None, *, square: bool = True):
-    """The per-sample pipeline; ``square=False`` leaves out 90-degree rotations (they would swap H and W)."""
+def build_albumentations(cfg: AugmentConfig, seed: int | None = None, *, square: bool = True, mask_fill: int = 0):
+    """The per-sample pipeline; ``square=False`` leaves out 90-degree rotations (they would swap H and W);
+    ``mask_fill``: the mask value of pixels warped in from outside the image."""
     import albumentations as A
 
     t = [
@@ -39,10 +41,11 @@ def build_albumentations(cfg: AugmentConfig, seed: int | None = None, *, square:
             scale=cfg.scale, keep_ratio=True,  # isotropic, as TorchAugment
             translate_percent=(-cfg.translate, cfg.translate), rotate=(-cfg.rotate, cfg.rotate),
             interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
-            border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=cfg.affine,
+            border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=mask_fill, p=cfg.affine,
         ),
         A.ElasticTransform(alpha=cfg.elastic_alpha, sigma=cfg.elastic_sigma, interpolation=cv2.INTER_LINEAR,
-                           mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, p=cfg.elastic),
+                           mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, fill_mask=mask_fill,
+                           p=cfg.elastic),
         A.RandomBrightnessContrast(brightness_limit=cfg.brightness, contrast_limit=cfg.contrast, p=cfg.intensity),
         A.Sequential([  # per channel: gain, then shift (TorchAugment's x_c * gain_c + shift_c)
             A.MultiplicativeNoise(multiplier=(1 - cfg.color_gain, 1 + cfg.color_gain), per_channel=True,
@@ -107,13 +110,13 @@ def theta_from_pixel_matrices(m: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return (n @ full @ n_inv)[:, :2]
 
 
-def warp(x: torch.Tensor, y: torch.Tensor | None, grid: torch.Tensor):
-    """Sample images bilinearly and masks by nearest neighbour; outside pixels become 0."""
+def warp(x: torch.Tensor, y: torch.Tensor | None, grid: torch.Tensor, mask_fill: int = 0):
+    """Sample images bilinearly and masks by nearest neighbour; outside pixels become 0 (masks: ``mask_fill``)."""
     xo = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if y is None:
         return xo, None
-    yo = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return xo, yo[:, 0].round().to(y.dtype)
+    yo = F.grid_sample(y[:, None].float() - mask_fill, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return xo, (yo[:, 0] + mask_fill).round().to(y.dtype)
 
 
 def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
@@ -126,8 +129,8 @@ def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
 class TorchAugment:
     """Batched augmentation on tensors: ``x`` float ``[B,C,H,W]`` in [0,1], ``y`` long ``[B,H,W]``."""
 
-    def __init__(self, cfg: AugmentConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: AugmentConfig, *, mask_fill: int = 0):
+        self.cfg, self.mask_fill = cfg, mask_fill
 
     def _u(self, b: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
         return torch.rand(b, generator=g, device=device) * (hi - lo) + lo
@@ -173,7 +176,7 @@ class TorchAugment:
                 grid = F.affine_grid(torch.eye(2, 3, device=dev).expand(b, 2, 3), (b, 1, h, w), align_corners=False)
             grid = grid + torch.stack([disp[:, 0] * 2 / w, disp[:, 1] * 2 / h], dim=-1)
         if grid is not None:
-            x, y = warp(x, y, grid)
+            x, y = warp(x, y, grid, self.mask_fill)
         if c.intensity > 0:
             on = self._p(b, c.intensity, g, dev)
             alpha = torch.where(on, 1 + self._u(b, -c.contrast, c.contrast, g, dev), torch.ones(b, device=dev))

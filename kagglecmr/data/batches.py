@@ -27,7 +27,9 @@ class BatchMaker:
     ``torch``: the whole training set lives on the device and batches are augmented there.
     """
 
-    def __init__(self, cfg: Config, images: np.ndarray, masks: np.ndarray, device: torch.device):
+    def __init__(self, cfg: Config, images: np.ndarray, masks: np.ndarray, device: torch.device, *, mask_fill: int = 0):
+        """``mask_fill``: the mask value of pixels an affine or elastic warp brings in from outside the image
+        (0 = background; :data:`~kagglecmr.formats.competition_metric.VOID` for datasets with void labels)."""
         self.cfg, self.device = cfg, device
         self.backend = aug.resolve_backend(cfg.augment, device)
         self.channels_last = cfg.train.channels_last
@@ -42,11 +44,11 @@ class BatchMaker:
         if self.backend == "torch":
             self.x = to_tensor(images, device, channels_last=False)
             self.y = torch.from_numpy(masks).to(device).long()
-            self.torch_aug = aug.TorchAugment(cfg.augment)
+            self.torch_aug = aug.TorchAugment(cfg.augment, mask_fill=mask_fill)
             self.gen = torch.Generator(device=device)
         else:
             self.images, self.masks = images, masks
-            self.pipeline = aug.build_albumentations(cfg.augment, square=square)
+            self.pipeline = aug.build_albumentations(cfg.augment, square=square, mask_fill=mask_fill)
 
     def reseed(self, seed: int) -> None:
         if self.patch is not None:

@@ -70,7 +70,8 @@ def _fingerprint(path) -> list:
 
 def split_key(ds, split: str, masks: bool) -> str:
     """The cache key of ``ds``'s ``split`` (see the module docstring)."""
-    desc = {k: v for k, v in ds.describe().items() if k not in ("notes", "recipe", "name")}
+    desc = {k: v for k, v in ds.describe().items()  # the metric changes no array; no void: the keys of before
+            if k not in ("notes", "recipe", "name", "metric") and not (k == "ignore" and not v)}
     files = [[i, _fingerprint(ip), _fingerprint(mp) if masks else None] for i, ip, mp in ds.items(split)]
     blob = json.dumps([VERSION, desc, list(ds.size), split, masks, files], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

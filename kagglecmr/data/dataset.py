@@ -16,6 +16,8 @@
     submission: {id: "{id}_mask{class}", header: [id, encoding], order: column, start: 1, classes: [1, 2, 3]}
     recipe: null                         # experiment config `train` uses without --config
     labels: null                         # a split's mask may be a run-length CSV (kagglecmr.data.labels_csv)
+    ignore: null                         # or [11]: raw mask values meaning void (decoded as VOID = 255)
+    metric: null                         # or {name: iou, per: dataset} (kagglecmr.formats.competition_metric)
 
 :func:`load_dataset` lists every split's files, reads the training masks (value map, classes) and
 images (channels, sizes) and fails early with a one-line :class:`DataError` naming the file.
@@ -47,6 +49,7 @@ from kagglecmr.data.mask_values import (  # noqa: F401 (auto_mask_map, class_to_
     map_values,
     resolve_mask_map,
 )
+from kagglecmr.formats.competition_metric import VOID, Metric
 from kagglecmr.formats.submission import SubmissionFormat
 from kagglecmr.utils.errors import ConfigError, DataError
 
@@ -75,6 +78,8 @@ class Dataset:
     mask_rule: str | None = None  # nonzero | threshold: binary masks by a rule instead of the value map
     colour: bool = False  # colour-coded masks: mask_values keys are 0xRRGGBB colours
     label_error: str | None = None  # folder form: mask values not 0..K-1 (a pinned data.num_classes may allow them)
+    ignore: tuple[int, ...] = ()  # raw mask values meaning void: decoded as VOID, left out of losses and metrics
+    metric: Metric = field(default_factory=Metric)  # the competition's metric, bound to the submission's row classes
     _label_top: int = field(default=0, repr=False)  # the largest mask value found, with label_error
     notes: list[str] = field(default_factory=list)
     _items: dict[str, list] = field(default_factory=dict, repr=False)
@@ -114,8 +119,11 @@ class Dataset:
             return path.decode()
         raw = decode_raw(path, colour=self.colour, grey=self.mask_rule is not None)
         if self.mask_rule:
-            return binary_mask(raw, self.mask_rule)
-        return map_values(raw, self.mask_values, str(path), str(self.path))
+            m = binary_mask(raw, self.mask_rule)
+            if self.ignore:
+                m[np.isin(raw, self.ignore)] = VOID
+            return m
+        return map_values(raw, self.mask_values | dict.fromkeys(self.ignore, VOID), str(path), str(self.path))
 
     def to_raw(self, label_mask: np.ndarray) -> np.ndarray:
         """Class labels -> the dataset's own mask values (the first raw value of each class)."""
@@ -183,6 +191,7 @@ class Dataset:
             "dropped_channels": [c for c in range(self.source_channels) if c not in self.channels],
             "size": list(self.size) if self.size else None, "resized": self.resized,
             "mask_values": self.raw_values(), "mask_rule": self.mask_rule,
+            "ignore": [hex_colour(v) if self.colour else v for v in self.ignore], "metric": self.metric.to_dict(),
             "submission": self.submission.to_dict(), "group": self.group, "recipe": self.recipe, "notes": list(self.notes),
             "splits": {s: {"images": len(self._items[s]), "masks": self.has_masks(s)} for s in self.split_names()},
         }
@@ -264,17 +273,36 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
     k = len(spec.classes) if spec.classes else None
     label_error, top = None, 0
     try:
-        mapping, k, rule, colour = resolve_mask_map(path, items, masked, spec.mask_values, k, folder)
+        mapping, k, rule, colour, void = resolve_mask_map(path, items, masked, spec.mask_values, k, folder, spec.ignore)
     except LabelGapError as exc:  # raised by load() and apply_dataset() unless data.num_classes allows the values
-        mapping, k, rule, colour, label_error, top = {v: v for v in range(exc.k)}, exc.k, None, False, str(exc), exc.top
+        mapping, k, rule, colour, void = {v: v for v in range(exc.k)}, exc.k, None, False, ()
+        label_error, top = str(exc), exc.top
+    if void and k > VOID:
+        raise DataError(f"{path}: ignore: void pixels need fewer than {VOID} classes ({k} found)")
+    metric = Metric.from_dict(spec.metric, str(path))  # checked when the file was read
     names = list(spec.classes) if spec.classes else ["background"] + [f"class{c}" for c in range(1, k)]
     ds = Dataset(name=spec.name or (path.name if folder else path.stem), path=path, root=root, classes=names,
                  mask_values=mapping, channels=channels, source_channels=source, size=size,
                  group=spec.group, recipe=spec.recipe, folder=folder, resized=resized, size_error=size_error, notes=notes,
                  mask_rule=rule, colour=colour, label_error=label_error, _label_top=top, _items=items,
-                 _masked=masked)
+                 _masked=masked, ignore=void)
     ds.submission = _submission_format(spec.submission, k, names, str(path))
+    ds.metric = metric.for_classes(ds.submission.row_classes(k))
     return ds
+
+
+def described_metric(desc: dict | None) -> Metric:
+    """The metric of a run's recorded dataset (``dataset.json``, :meth:`Dataset.describe`) bound to its row
+    classes; runs recorded before ``metric`` existed (or without a description) score with Dice."""
+    if not desc:
+        return Metric()
+    metric = Metric.from_dict(desc.get("metric"), "dataset.json")
+    try:
+        k = int(desc["num_classes"])
+        fmt = SubmissionFormat.from_dict(desc.get("submission"), num_classes=k, class_names=desc.get("classes"))
+        return metric.for_classes(fmt.row_classes(k))
+    except (KeyError, TypeError, ValueError, ConfigError):
+        return metric
 
 
 # ------------------------------------------------------------------------- config and recipe

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kagglecmr.data.labels_csv import CsvLabels, CsvMask, is_csv_pattern
 from kagglecmr.data.mask_values import MaskUnion, parse_raw
-from kagglecmr.utils.errors import DataError
+from kagglecmr.formats.competition_metric import Metric
+from kagglecmr.utils.errors import ConfigError, DataError
 from kagglecmr.utils.naming import natural_sorted
 
 
@@ -37,13 +38,19 @@ class DatasetFile(BaseModel):
     root: str = "."
     classes: list[str] | None = Field(None, min_length=2)
     splits: dict[Literal["train", "val", "test"], SplitPatterns]
-    mask_values: Literal["auto", "nonzero", "threshold"] | dict[int | str, int] = "auto"
+    mask_values: Literal["auto", "nonzero", "threshold"] | dict[int | str, int | Literal["ignore"]] = "auto"
     channels: Literal["auto"] | list[int] = "auto"
     size: Literal["auto"] | int | tuple[int, int] = "auto"
     group: str | None = None
     submission: dict[str, Any] | None = None
     labels: dict[str, Any] | None = None  # how a split's labels CSV is read (kagglecmr.data.labels_csv)
     recipe: str | None = None
+    ignore: list[int | str] | None = Field(
+        None, description="Raw mask values meaning \"not labelled\" (void), e.g. `[11]` or `[\"#000000\"]`: left out of "
+                          "every loss, metric, fold statistic and tuning; see [Void labels](#void-labels).")
+    metric: dict[str, Any] | str | None = Field(
+        None, description="The competition's metric, e.g. `{name: iou, per: dataset}`; default `{name: dice, per: row, "
+                          "empty: 1}`; see [Metric](#metric).")
 
     @field_validator("splits")
     @classmethod
@@ -89,11 +96,29 @@ class DatasetFile(BaseModel):
     @classmethod
     def _map(cls, v):
         if isinstance(v, dict):
-            if not v or min(v.values()) < 0:
+            classes = [c for c in v.values() if c != "ignore"]
+            if not classes or min(classes) < 0:
                 raise ValueError("must be auto, nonzero, threshold or a map {raw value: class} of non-negative "
-                                 "integers (colours as '#rrggbb')")
+                                 "integers (colours as '#rrggbb'; 'ignore' for void values)")
             for key in v:
                 parse_raw(key)  # a ValueError names the key
+        return v
+
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v):
+        try:
+            Metric.from_dict(v, "")
+        except ConfigError as exc:  # ": metric.name: ..." -> "name: ..." (the key is named by the caller)
+            raise ValueError(str(exc).split(": metric", 1)[-1].lstrip(".: ")) from None
+        return v
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore(cls, v):
+        for key in v or []:
+            parse_raw(key)  # a ValueError names the value
         return v
 
 

@@ -206,13 +206,26 @@ def decode_raw(mask, *, colour: bool = False, grey: bool = False) -> np.ndarray:
     return mask.decode(decode) if isinstance(mask, MaskUnion) else decode(mask)
 
 
-def resolve_mask_map(path: Path, items, masked, spec_map, k: int | None,
-                     folder: bool) -> tuple[dict[int, int], int, str | None, bool]:
-    """``(value map, number of classes, binary rule or None, colour masks?)`` of a dataset's masks, from
-    every labelled split's mask files (labels CSVs hold classes already; the folder form keeps 0..K-1)."""
+def split_ignore(spec_map, ignore) -> tuple:
+    """``(mask_values without its 'ignore' entries, the void keys of both)`` of a dataset file's
+    ``mask_values`` and ``ignore`` (keys as written: grey levels or ``"#rrggbb"``)."""
+    keys = list(ignore or [])
+    if isinstance(spec_map, dict):
+        keys += [r for r, c in spec_map.items() if c == "ignore"]
+        spec_map = {r: c for r, c in spec_map.items() if c != "ignore"}
+    return spec_map, keys
+
+
+def resolve_mask_map(path: Path, items, masked, spec_map, k: int | None, folder: bool,
+                     ignore=()) -> tuple[dict[int, int], int, str | None, bool, tuple[int, ...]]:
+    """``(value map, number of classes, binary rule or None, colour masks?, void values)`` of a dataset's
+    masks, from every labelled split's mask files (labels CSVs hold classes already; the folder form keeps
+    0..K-1).  ``ignore``: raw keys of void values (``mask_values: auto`` maps the others as without them)."""
     csv_k = max((mp.table.num_classes for rows in items.values() for _, _, mp in rows if isinstance(mp, CsvMask)),
                 default=None)
-    colour = isinstance(spec_map, dict) and not folder and is_colour_map(spec_map)
+    spec_map, ignore = split_ignore(spec_map, ignore)
+    colour = not folder and ((isinstance(spec_map, dict) and is_colour_map(spec_map))
+                             or any(parse_raw(r)[1] for r in ignore))
 
     def collect(decode) -> dict[int, Path]:
         found: dict[int, Path] = {}
@@ -232,20 +245,22 @@ def resolve_mask_map(path: Path, items, masked, spec_map, k: int | None,
             colour = True
     if colour:
         values = collect(lambda mp: decode_raw(mp, colour=True))
+    void = tuple(sorted({v * (0x010101 if colour and not is_hex else 1) for v, is_hex in map(parse_raw, ignore)}))
+    values = {v: p for v, p in values.items() if v not in void}  # void values are no class
     if csv_k is not None:
         k = k or csv_k
         if not values:  # every mask comes from a labels CSV: its values are the classes
-            return {v: v for v in range(k)}, k, None, False
+            return {v: v for v in range(k)}, k, None, False, ()
     if folder and max(values, default=0) < MAX_LABEL_CLASSES:  # labels 0..K-1, as before dataset files
         k = folder_labels(values)
-        return {v: v for v in range(k)}, k, None, False
+        return {v: v for v in range(k)}, k, None, False, ()
     if folder:  # grey levels (0/255, 0/85/170/255) map as auto does; anything else is a labels error
         try:
             mapping = auto_mask_map(values, None, str(path))
         except DataError:
             folder_labels(values)
             raise
-        return mapping, max(mapping.values()) + 1, None, False
+        return mapping, max(mapping.values()) + 1, None, False, ()
     if spec_map in MASK_RULES and not folder:
         if k not in (None, 2):
             raise DataError(f"{path}: mask_values: {spec_map} makes a binary task, but classes has {k} names")
@@ -253,7 +268,7 @@ def resolve_mask_map(path: Path, items, masked, spec_map, k: int | None,
         if not rule.any():
             raise DataError(f"{path}: mask_values: {spec_map}: no mask has a foreground value "
                             f"(values found: {', '.join(map(str, sorted(values)[:12]))})")
-        return {0: 0, 255 if max(values) <= 255 else 65535: 1}, 2, spec_map, False
+        return {0: 0, 255 if max(values) <= 255 else 65535: 1}, 2, spec_map, False, void
     if isinstance(spec_map, dict) and not folder:
         parsed = [(parse_raw(r), c) for r, c in spec_map.items()]  # a grey key in a colour map is r = g = b
         spec_map = {v * (0x010101 if colour and not is_hex else 1): c for (v, is_hex), c in parsed}
@@ -263,6 +278,6 @@ def resolve_mask_map(path: Path, items, masked, spec_map, k: int | None,
         for v, mp in values.items():
             if v not in spec_map:
                 raise DataError(f"{mp}: mask value {hex_colour(v) if colour else v} is not in {path}'s mask_values")
-        return dict(spec_map), k, None, colour
+        return {v: c for v, c in spec_map.items() if v not in void}, k, None, colour, void
     mapping = auto_mask_map(values, k, str(path), colour=colour)
-    return mapping, k or max(mapping.values()) + 1, None, colour
+    return mapping, k or max(mapping.values()) + 1, None, colour, void

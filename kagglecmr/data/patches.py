@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE = 255  # as kagglecmr.models.losses.IGNORE: padded mask pixels are left out of every loss
+from kagglecmr.formats.competition_metric import VOID
+
+IGNORE = VOID  # padded mask pixels are void: left out of every loss (kagglecmr.models.losses.IGNORE)
 MAX_LOCATIONS = 4096  # foreground pixel indices kept per image and class
 
 

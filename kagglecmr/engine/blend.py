@@ -1,7 +1,8 @@
 """Blend weights fitted on out-of-fold probabilities: ``ensemble --runs A --runs B --weights auto``.
 
-The weights maximise the leaderboard metric (mean Dice over image x class rows of the argmax masks)
-of ``sum_r w_r * p_r`` over the runs' OOF softmax, under ``w >= 0, sum w = 1``:
+The weights maximise the dataset's metric (``metric``; by default mean Dice over image x class rows) of
+the argmax masks of ``sum_r w_r * p_r`` over the runs' OOF softmax, under ``w >= 0, sum w = 1``
+(void truth pixels left out):
 
 * up to :data:`GRID_MAX_RUNS` runs: every point of a simplex grid (step 0.05; 0.1 for 4 runs);
 * more runs: Nelder-Mead (``scipy.optimize``) on softmax-parametrised weights, from equal weights.
@@ -20,7 +21,7 @@ import itertools
 import numpy as np
 from scipy.optimize import minimize
 
-from kagglecmr.formats.metric import dice_table
+from kagglecmr.formats.competition_metric import Metric, MetricTable
 
 GRID_MAX_RUNS = 4
 
@@ -37,9 +38,10 @@ def blend_labels(probs: list[np.ndarray], weights) -> np.ndarray:
     return total.argmax(1).astype(np.uint8)
 
 
-def blend_table(probs: list[np.ndarray], weights, masks: np.ndarray, num_classes: int) -> np.ndarray:
-    """Dice rows ``[N, K-1]`` of the blend (the leaderboard metric is their mean)."""
-    return dice_table(blend_labels(probs, weights), masks, num_classes)
+def blend_table(probs: list[np.ndarray], weights, masks: np.ndarray, num_classes: int,
+                metric: Metric | None = None) -> MetricTable:
+    """The metric's table of the blend (``.score``; default metric: mean Dice over rows)."""
+    return (metric or Metric()).table_labels(blend_labels(probs, weights), masks, num_classes)
 
 
 def simplex_grid(n: int, step: float) -> np.ndarray:
@@ -49,15 +51,16 @@ def simplex_grid(n: int, step: float) -> np.ndarray:
     return np.array([[*c, m - sum(c)] for c in pts], dtype=np.float64) / m
 
 
-def fit_weights(probs: list[np.ndarray], masks: np.ndarray, num_classes: int) -> tuple[np.ndarray, str]:
-    """``(weights, method)`` maximising the metric of the blend on ``masks``."""
+def fit_weights(probs: list[np.ndarray], masks: np.ndarray, num_classes: int,
+                metric: Metric | None = None) -> tuple[np.ndarray, str]:
+    """``(weights, method)`` maximising ``metric`` (default: mean Dice over rows) of the blend on ``masks``."""
     n = len(probs)
     if n == 1:
         return np.ones(1), "single run"
     equal = np.full(n, 1 / n)
 
     def score(w) -> float:
-        return float(blend_table(probs, w, masks, num_classes).mean())
+        return blend_table(probs, w, masks, num_classes, metric).score
 
     if n <= GRID_MAX_RUNS:
         step = 0.05 if n <= 3 else 0.1
@@ -79,15 +82,14 @@ def fit_weights(probs: list[np.ndarray], masks: np.ndarray, num_classes: int) ->
     return w, f"Nelder-Mead on softmax weights ({res.nfev} evaluations)"
 
 
-def nested_estimate(probs: list[np.ndarray], masks: np.ndarray, num_classes: int,
-                    groups: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Honest Dice rows of fitted blending: for each fold (``groups``: fold per image), weights fitted on
-    the other folds' images score that fold's.  Returns ``(table [N, K-1], weights per fold)``."""
-    table = np.zeros((len(masks), num_classes - 1))
-    per_fold = []
+def nested_estimate(probs: list[np.ndarray], masks: np.ndarray, num_classes: int, groups: np.ndarray,
+                    metric: Metric | None = None) -> tuple[MetricTable, list[np.ndarray]]:
+    """Honest table of fitted blending: for each fold (``groups``: fold per image), weights fitted on the other
+    folds' images score that fold's.  Returns ``(the metric's table over all images, weights per fold)``."""
+    tables, per_fold = [], []
     for g in np.unique(groups):
         test = groups == g
-        w, _ = fit_weights([p[~test] for p in probs], masks[~test], num_classes)
-        table[test] = blend_table([p[test] for p in probs], w, masks[test], num_classes)
+        w, _ = fit_weights([p[~test] for p in probs], masks[~test], num_classes, metric)
+        tables.append(blend_table([p[test] for p in probs], w, masks[test], num_classes, metric))
         per_fold.append(w)
-    return table, per_fold
+    return MetricTable.concat(tables), per_fold

@@ -4,7 +4,8 @@ For every run (``runs/<name>``), the best checkpoint of each fold is loaded; a s
 predicted by every fold model and TTA pass, the **softmax probabilities** are averaged (over TTA,
 folds, then runs with optional weights) and the argmax is the mask.  ``--split oof`` predicts each
 labelled image only with the fold models that did not train on it: the honest estimate, and what the
-postprocessing is chosen on.  Several splits (``--split oof,test``) are predicted from one load of the
+postprocessing is chosen on.  Every OOF score, the postprocessing and ``--weights auto`` use the dataset's
+metric (``metric:`` in its dataset file; mean Dice over rows by default).  Several splits (``--split oof,test``) are predicted from one load of the
 models and one OOF pass; :func:`run_ensemble` also takes runs already loaded (``loaded=``).
 
 A fold's model is the checkpoint its ``train.select`` names (best epoch, last epoch or SWA).  Runs
@@ -36,7 +37,7 @@ from kagglecmr.engine.outputs import contact_sheet_path, label_at_size, score_re
 from kagglecmr.engine.postprocess import apply_plan, describe_plan, load_plan, save_plan, tune_plan
 from kagglecmr.engine.rundir import check_same_folds, record_ensemble_oof
 from kagglecmr.engine.tiles import needs_tiles
-from kagglecmr.formats.metric import dice_table
+from kagglecmr.formats.competition_metric import Metric, MetricTable
 from kagglecmr.formats.submission_csv import write_submission
 from kagglecmr.models.checkpoint import load_best, model_file, selected_model_file
 from kagglecmr.models.factory import build_model
@@ -182,63 +183,69 @@ def predict_oof(runs: list[Run], data: Split, device, passes, weights, batch_siz
     return out
 
 
-def _score_line(table: np.ndarray) -> str:
-    per = " ".join(f"{k + 1}:{table[:, k].mean():.4f}" for k in range(table.shape[1]))
-    return f"{table.mean():.4f} [{per}]"
+def _score_line(table: MetricTable) -> str:
+    per = " ".join(f"{k}:{v:.4f}" for k, v in zip(table.classes, table.per_class))
+    return f"{table.score:.4f} [{per}]"
 
 
-def report_oof(probs: np.ndarray, labelled: Split, passes, num_classes: int) -> np.ndarray:
-    """Print the OOF score and the number of empty truth rows; returns the argmax masks."""
+def report_oof(probs: np.ndarray, labelled: Split, passes, num_classes: int, metric: Metric | None = None) -> np.ndarray:
+    """Print the OOF score (the dataset's metric) and the number of empty truth rows; returns the argmax masks."""
+    metric = metric or Metric()
     pred = probs.argmax(1).astype(np.uint8)
-    table = dice_table(pred, labelled.masks, num_classes)
-    print(f"OOF Dice ({len(labelled)} images, TTA {'+'.join(passes)}): {_score_line(table)}", flush=True)
-    empty = (labelled.masks[:, None] == np.arange(1, num_classes)[None, :, None, None]).sum((2, 3)) == 0
+    table = metric.table_labels(pred, labelled.masks, num_classes)
+    print(f"OOF {metric.title} ({len(labelled)} images, TTA {'+'.join(passes)}): {_score_line(table)}", flush=True)
+    classes = np.array(metric.scored(num_classes))
+    empty = (labelled.masks[:, None] == classes[None, :, None, None]).sum((2, 3)) == 0
     print(f"OOF empty truth rows: {int(empty.sum())} of {empty.size}", flush=True)
     return pred
 
 
-def record_oof(run_dir: Path, passes, pred: np.ndarray, truth: np.ndarray, plan: dict | None, num_classes: int) -> None:
-    """Store the OOF Dice of this TTA set (and after ``plan``) in the run's ``ensemble_oof.json``."""
+def record_oof(run_dir: Path, passes, pred: np.ndarray, truth: np.ndarray, plan: dict | None, num_classes: int,
+               metric: Metric | None = None) -> None:
+    """Store the OOF score of this TTA set (and after ``plan``) in the run's ``ensemble_oof.json``."""
+    metric = metric or Metric()
+    pp = metric.table_labels(apply_plan(pred, plan, num_classes), truth, num_classes) if plan is not None else None
+    record_ensemble_oof(run_dir, list(passes), metric.table_labels(pred, truth, num_classes), pp, plan)
 
-    pp = dice_table(apply_plan(pred, plan, num_classes), truth, num_classes) if plan is not None else None
-    record_ensemble_oof(run_dir, list(passes), dice_table(pred, truth, num_classes), pp, plan)
 
-
-def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int) -> dict:
-    """Tune the per-class plan on OOF masks with the leaderboard metric and print the result."""
-
-    plan, _, _, _ = tune_plan(pred, labelled.masks, num_classes)
-    after = dice_table(apply_plan(pred, plan, num_classes), labelled.masks, num_classes)
-    print(f"postprocessing chosen on OOF: {describe_plan(plan)} -> OOF Dice {_score_line(after)}", flush=True)
+def choose_postprocessing(pred: np.ndarray, labelled: Split, num_classes: int, metric: Metric | None = None) -> dict:
+    """Tune the per-class plan on OOF masks with the dataset's metric and print the result."""
+    metric = metric or Metric()
+    plan, _, _, _ = tune_plan(pred, labelled.masks, num_classes, metric=metric)
+    after = metric.table_labels(apply_plan(pred, plan, num_classes), labelled.masks, num_classes)
+    print(f"postprocessing chosen on OOF: {describe_plan(plan)} -> OOF {metric.title} {_score_line(after)}", flush=True)
     return plan
 
 
-def fit_blend(loaded: list[Run], labelled: Split, dev, passes, batch_size) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``--weights auto``: per-run OOF probabilities, weights fitted on them (printed with each run's OOF,
-    the equal-weight blend and a nested honest estimate).  Returns ``(weights, blended OOF probs, record)``."""
+def fit_blend(loaded: list[Run], labelled: Split, dev, passes, batch_size,
+              metric: Metric | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``--weights auto``: per-run OOF probabilities, weights fitted on them with the dataset's metric (printed
+    with each run's OOF, the equal-weight blend and a nested honest estimate).  Returns ``(weights, blended OOF
+    probs, record)``."""
 
+    metric = metric or Metric()
     k = loaded[0].cfg.data.num_classes
     probs = [predict_oof([r], labelled, dev, passes, np.ones(1), batch_size) for r in loaded]
-    record = {"runs": [str(r.path) for r in loaded], "tta": list(passes), "oof": {}}
+    record = {"runs": [str(r.path) for r in loaded], "tta": list(passes), "metric": metric.to_dict(), "oof": {}}
     for r, p in zip(loaded, probs):
-        t = blend_table([p], [1.0], labelled.masks, k)
-        record["oof"][r.name] = float(t.mean())
+        t = blend_table([p], [1.0], labelled.masks, k, metric)
+        record["oof"][r.name] = t.score
         print(f"OOF {r.name}: {_score_line(t)}", flush=True)
     equal = np.full(len(loaded), 1 / len(loaded))
-    t_eq = blend_table(probs, equal, labelled.masks, k)
+    t_eq = blend_table(probs, equal, labelled.masks, k, metric)
     print(f"OOF equal-weight blend: {_score_line(t_eq)}", flush=True)
-    w, method = fit_weights(probs, labelled.masks, k)
-    t_fit = blend_table(probs, w, labelled.masks, k)
+    w, method = fit_weights(probs, labelled.masks, k, metric)
+    t_fit = blend_table(probs, w, labelled.masks, k, metric)
     shown = ", ".join(f"{r.name} {x:.2f}" for r, x in zip(loaded, w))
     print(f"OOF fitted blend ({shown}; {method}): {_score_line(t_fit)} -- optimistic: the weights were chosen "
           f"on this same OOF", flush=True)
     fold_of = {i: f for r in loaded[:1] for f, ids in r.holdout.items() for i in ids}
     groups = np.array([fold_of.get(i, -1) for i in labelled.ids])
-    t_nest, per_fold = nested_estimate(probs, labelled.masks, k, groups)
+    t_nest, per_fold = nested_estimate(probs, labelled.masks, k, groups, metric)
     print(f"OOF fitted blend, nested (weights fitted on the other folds, honest): {_score_line(t_nest)}", flush=True)
     record |= {"weights": {r.name: float(x) for r, x in zip(loaded, w)}, "method": method,
-               "oof_equal": float(t_eq.mean()), "oof_fitted": float(t_fit.mean()),
-               "oof_fitted_nested": float(t_nest.mean()), "nested_weights": [list(map(float, x)) for x in per_fold]}
+               "oof_equal": t_eq.score, "oof_fitted": t_fit.score,
+               "oof_fitted_nested": t_nest.score, "nested_weights": [list(map(float, x)) for x in per_fold]}
     total = sum(p * np.float32(x) for p, x in zip(probs, w))
     return w, total, record
 
@@ -300,25 +307,25 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     if weights == "auto":
         if labelled is None:
             raise KaggleCMRError(f"{data_root}: --weights auto fits on out-of-fold predictions and needs labelled images")
-        w, oof_probs, blend = fit_blend(loaded, labelled, dev, passes, batch_size)
+        w, oof_probs, blend = fit_blend(loaded, labelled, dev, passes, batch_size, ds.metric)
     if postprocess not in ("auto", "none"):
         plan = load_plan(postprocess, k)
         print(f"postprocessing from {postprocess}: {describe_plan(plan)}", flush=True)
     if labelled is not None and ("oof" in splits or postprocess == "auto"):
         if oof_probs is None:
             oof_probs = predict_oof(loaded, labelled, dev, passes, w, batch_size)
-        oof_pred = report_oof(oof_probs, labelled, passes, k)
+        oof_pred = report_oof(oof_probs, labelled, passes, k, ds.metric)
         if any(tuple(hw) != labelled.masks.shape[1:] for hw in labelled.sizes()):  # resized for the model
 
             own = {i: label_at_size(p, hw) for i, p, hw in zip(labelled.ids, oof_probs, labelled.sizes())}
             print(score_report("OOF at each image's own size (the leaderboard's way)", own,
                                truth_masks(ds, None, labelled.ids), ds), flush=True)
         if postprocess == "auto":
-            plan = choose_postprocessing(oof_pred, labelled, k)
+            plan = choose_postprocessing(oof_pred, labelled, k, ds.metric)
             if len(loaded) == 1 and select is None:  # the run's own models: its plan and record
                 save_plan(plan, loaded[0].path / "postprocess.json")
         if len(loaded) == 1 and select is None:  # for `kagglecmr runs` and `report`: OOF per TTA set, with postprocessing
-            record_oof(loaded[0].path, passes, oof_pred, labelled.masks, plan, cfg.data.num_classes)
+            record_oof(loaded[0].path, passes, oof_pred, labelled.masks, plan, cfg.data.num_classes, ds.metric)
     elif postprocess == "auto":
         print("note: no labelled images, so no out-of-fold postprocessing", flush=True)
 
@@ -373,7 +380,7 @@ def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_prob
             n += 1
             out = Path("submissions") / f"{base}-{n}.csv"
     write_submission(rows, out, shape={i: m.shape for i, m in zip(images.ids, labels)}, overwrite=False, fmt=fmt)
-    empty = {c: int(sum(1 for m in labels if not (m == c).any())) for c in range(1, k)}
+    empty = {c: int(sum(1 for m in labels if not (m == c).any())) for c in fmt.row_classes(k)}
     print(f"wrote {len(rows)} rows for {len(images)} images to {out} "
           f"(empty rows per class: {', '.join(f'{c}: {v}' for c, v in empty.items())}) in {time.time() - t0:.1f}s",
           flush=True)
@@ -381,4 +388,5 @@ def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_prob
         write_masks(save_masks, images.ids, labels, images.images, ds=ds,
                     preview=[apply_plan(p, plan, k) if plan is not None else p for p in probs.argmax(1).astype(np.uint8)])
     return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan, "ids": list(images.ids), "probs": probs,
-            "labels": labels, "truth": images.masks, "tta": passes, "runs": [str(r.path) for r in loaded]}
+            "labels": labels, "truth": images.masks, "tta": passes, "runs": [str(r.path) for r in loaded],
+            "metric": ds.metric}

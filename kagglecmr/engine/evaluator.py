@@ -4,8 +4,9 @@ Against a dataset (``--data DATASET.yaml``): its submission format, its mask val
 own size.
 
 ``score SUB.csv --data D [--split test]`` scores the CSV against the split's masks (default: the labelled
-train/val masks of the submission's images) with the competition metric (mean Dice over rows,
-empty/empty = 1), and also reports IoU and pixel accuracy.  ``encode MASKS --data D`` turns PNG masks in
+train/val masks of the submission's images) with the dataset's metric (``metric:``; by default mean Dice
+over rows, empty/empty = 1), void pixels (``ignore:``) left out, and also reports Dice, IoU and pixel
+accuracy.  ``encode MASKS --data D`` turns PNG masks in
 the dataset's own values (``<id>_mask.png`` or ``<id>.png``, e.g. from ``ensemble --save-masks``) into
 the dataset's submission CSV.  Without a dataset file (the folder form, ``--truth DIR`` or a solution CSV),
 :func:`run_score` and :func:`run_encode` read PNG label masks directly.  Pure numpy; no torch.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from kagglecmr.data.dataset import Dataset, load_dataset
 from kagglecmr.data.mask_folder import mask_folder_paths, masks_to_rows
+from kagglecmr.formats.competition_metric import VOID, Metric
 from kagglecmr.formats.metric import ScoreResult, score_rows
 from kagglecmr.formats.rle import Shape
 from kagglecmr.formats.submission import CMR, SubmissionFormat
@@ -51,7 +53,7 @@ def run_score_dataset(submission: str | Path, *, data: str | Path, split: str | 
     fmt, k = ds.submission, ds.num_classes
     if truth is not None and Path(truth).is_file():  # a solution CSV in the dataset's format
         truth_rows = read_submission(truth, fmt=fmt)
-        return _score_and_print(submission, truth_rows, infer_shape(truth_rows, fmt), fmt, as_json)
+        return _score_and_print(submission, truth_rows, infer_shape(truth_rows, fmt), fmt, as_json, ds.metric)
     if truth is not None:
         truth_paths = mask_folder_paths(truth)
         masks = {i: ds.read_mask(p, resize=False) for i, p in truth_paths.items()}
@@ -64,15 +66,18 @@ def run_score_dataset(submission: str | Path, *, data: str | Path, split: str | 
             masks = truth_masks(ds, split, ids)
         except SubmissionError as exc:
             raise SubmissionError(f"{submission}: {exc}") from None
-    truth_rows = {rid: enc for i, m in masks.items() for rid, enc in fmt.rows(i, m, k)}
-    return _score_and_print(submission, truth_rows, {i: m.shape for i, m in masks.items()}, fmt, as_json)
+    truth_rows = {rid: enc for i, m in masks.items() for rid, enc in fmt.rows(i, m, k)}  # void pixels in no row
+    void = {i: v for i, m in masks.items() if (v := m == VOID).any()} if ds.ignore else None
+    return _score_and_print(submission, truth_rows, {i: m.shape for i, m in masks.items()}, fmt, as_json,
+                            ds.metric, void)
 
 
 def _score_and_print(submission: Path, truth_rows: dict[str, str], shape: Shape, fmt: SubmissionFormat,
-                     as_json: bool) -> ScoreResult:
-    """Read the submission against ``shape``, score it against the truth rows, print the report or JSON."""
+                     as_json: bool, metric: Metric | None = None, void: dict | None = None) -> ScoreResult:
+    """Read the submission against ``shape``, score it against the truth rows with ``metric`` (void pixels
+    left out), print the report or JSON."""
     pred = read_submission(submission, shape=shape, fmt=fmt)
-    result = score_rows(pred, truth_rows, shape, name=submission, fmt=fmt)
+    result = score_rows(pred, truth_rows, shape, name=submission, fmt=fmt, metric=metric, void=void)
     print(json.dumps(result.to_dict()) if as_json else result.report())
     return result
 

@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 
 from kagglecmr.cfg.config import Config
+from kagglecmr.data.dataset import described_metric
 from kagglecmr.engine.rundir import FoldResult, fold_dir, report_fold
 from kagglecmr.engine.trainer import train_locked
 from kagglecmr.utils.errors import KaggleCMRError
@@ -153,7 +154,7 @@ def train_ray(fold_cfgs: list[tuple[object, Config]], *, data, folds_df, run_dir
                 print(f"fold {fold}: skipped, {out.locked_by}", flush=True)
             elif out.skipped:
                 print(f"fold {fold}: already finished ({out.out_dir}); --force retrains it", flush=True)
-            report_fold(out)
+            report_fold(out, described_metric(dataset).title)
             results[fold] = out
     finally:
         if started:

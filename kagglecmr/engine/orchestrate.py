@@ -217,7 +217,7 @@ def _run(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name
                             dataset=ds.describe(), env_extra=env_extra)
     elif jobs > 1 and len(folds) > 1 and FULL not in folds:
         results = _train_parallel(cfg, folds, jobs, data_root=data_root, folds_path=folds_path, run_dir=run_dir,
-                                  device=device_spec, force=force)
+                                  device=device_spec, force=force, title=ds.metric.title)
     else:
         skip_locked = bool(os.environ.get(SKIP_LOCKED_ENV))
         results = []
@@ -229,9 +229,9 @@ def _run(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name
                                 if pseudo_info else {})
             res = train_locked(fcfg, data, folds_df, fold, run_dir, device=dev, force=force, quiet=quiet,
                                skip_locked=skip_locked, dataset=ds.describe(), pseudo=pseudo, env_extra=fenv)
-            report_fold(res)
+            report_fold(res, ds.metric.title)
             results.append(res)
-    oof = oof_summary(run_dir, data, n_folds, cfg.data.num_classes)
+    oof = oof_summary(run_dir, data, n_folds, cfg.data.num_classes, ds.metric)
     if oof is not None:
         print_oof(oof, run_dir)
     return results
@@ -264,7 +264,7 @@ def stop_children(procs: list, grace: float | None = None) -> None:
 
 
 def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, folds_path: Path, run_dir: Path,
-                    device: str, force: bool) -> list[FoldResult]:
+                    device: str, force: bool, title: str = "Dice") -> list[FoldResult]:
     """Train folds in ``jobs`` child processes at once, each a share of the folds one after another
     (:func:`chunk_folds`): round-robin over the visible GPUs when the device is auto/cuda and there are
     several (:func:`assign_devices`), else the children share one device; CPU threads are split.  A fold
@@ -315,5 +315,5 @@ def _train_parallel(cfg: Config, folds: list, jobs: int, *, data_root: Path, fol
             continue
         summary = json.loads((fold_dir(run_dir, k) / "summary.json").read_text())
         results.append(FoldResult(k, fold_dir(run_dir, k), summary["best_score"], summary["best_epoch"]))
-        print(f"fold {k}: best Dice {summary['best_score']:.4f} at epoch {summary['best_epoch']}", flush=True)
+        print(f"fold {k}: best {title} {summary['best_score']:.4f} at epoch {summary['best_epoch']}", flush=True)
     return results

@@ -1,5 +1,5 @@
-"""What a prediction pass writes: label maps at each image's own size, the split's score line (Dice, IoU,
-pixel accuracy per class), PNG masks in the dataset's mask values and their overlay contact sheet."""
+"""What a prediction pass writes: label maps at each image's own size, the split's score line (the dataset's
+metric, Dice, IoU, pixel accuracy per class), PNG masks in the dataset's mask values and their overlay contact sheet."""
 
 from __future__ import annotations
 
@@ -27,15 +27,17 @@ def label_at_size(probs: np.ndarray, hw) -> np.ndarray:
 def score_report(split: str, pred: dict, truth: dict, ds) -> str:
     """``<split> Dice ... IoU ... pixel accuracy ...`` of label maps at their own sizes (per class)."""
 
-    r = score_label_maps(pred, truth, ds.num_classes, fmt=ds.submission)
+    r = score_label_maps(pred, truth, ds.num_classes, fmt=ds.submission, metric=ds.metric)
     names = ds.classes
 
     def per(d):
         return " ".join(f"{names[int(c)] if str(c).isdigit() and int(c) < len(names) else c}:{v:.4f}"
                         for c, v in d.items())
 
-    return (f"{split} Dice: {r.score:.4f} [{per(r.per_class)}] | IoU {r.iou:.4f} [{per(r.per_class_iou)}] | "
-            f"pixel accuracy {r.pixel_accuracy:.4f} [{per(r.per_class_pixel_accuracy)}] ({len(truth)} images)")
+    dice = "" if r.metric.title == "Dice" else f"Dice {r.dice:.4f} [{per(r.per_class_dice)}] | "
+    return (f"{split} {r.metric.title}: {r.score:.4f} [{per(r.per_class)}] | {dice}IoU {r.iou:.4f} "
+            f"[{per(r.per_class_iou)}] | pixel accuracy {r.pixel_accuracy:.4f} [{per(r.per_class_pixel_accuracy)}] "
+            f"({len(truth)} images)")
 
 
 def write_masks(folder: Path, ids: list[str], pred, images: np.ndarray, *, ds=None, preview=None) -> None:

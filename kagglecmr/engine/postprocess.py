@@ -7,8 +7,10 @@ A *plan* maps a foreground class (as a string, ``"1"``..``"num_classes-1"``) to 
     {"kind": "min_area", "area": A}    drop components smaller than A pixels (may empty the class)
 
 Components are **8-connected** (diagonal neighbours touch).  Pixels removed from class ``k``
-become background (0); other classes are never changed, so the classes are independent under
-the per-class Dice metric and each class's rule can be tuned on its own.
+become background (0); other classes are never changed, so when class 0 is not scored the classes
+are independent under the metric (every metric's score is the mean of its per-class scores) and each
+class's rule can be tuned on its own; when class 0 is scored (its rows are in the submission) the
+rules are chosen one class after another on the whole score.  Void truth pixels count for no class.
 
 A plan is plain JSON (``save_plan`` / ``load_plan``); invalid plans raise
 :class:`~kagglecmr.utils.errors.ConfigError` with a one-line message naming the file or class.
@@ -24,13 +26,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from kagglecmr.formats.metric import dice_table
+from kagglecmr.formats.competition_metric import Metric
 from kagglecmr.utils.errors import ConfigError
 from kagglecmr.utils.io import atomic_write_json
 
 CONNECTIVITY = 8
 KINDS = ("none", "largest", "min_area")
-EPSILON = 1e-4  # a rule must beat "none" by more than this (class-mean Dice) to be chosen
+EPSILON = 1e-4  # a rule must beat "none" by more than this (the class's score under the metric) to be chosen
 DEFAULT_AREAS = (5, 10, 20, 40, 80)
 
 
@@ -151,16 +153,19 @@ def candidate_rules(areas=DEFAULT_AREAS) -> list[dict]:
 
 
 def tune_plan(pred_labels: np.ndarray, true_labels: np.ndarray, num_classes: int = 4, areas=DEFAULT_AREAS,
-              *, epsilon: float = EPSILON):
-    """Choose each foreground class's rule to maximise its mean Dice on (out-of-fold) predictions.
+              *, epsilon: float = EPSILON, metric: Metric | None = None):
+    """Choose each foreground class's rule to maximise ``metric`` (default: mean Dice over rows) on
+    (out-of-fold) predictions; void truth pixels (label ``VOID``) count for no class.
 
-    Returns ``(plan, before, after, table)``: the plan (every class, ``none`` included),
-    the mean Dice over all image x class rows before and after applying it, and the candidate
-    scores as a list of dicts ``{"class", "rule", "kind", "area", "mean_dice", "delta",
-    "chosen"}`` (``delta`` is relative to ``none``).  A rule replaces ``none`` only when it
-    improves the class mean by more than ``epsilon``.  Classes do not interact under the metric,
-    so choosing class by class is exact.
+    Returns ``(plan, before, after, table)``: the plan (every class, ``none`` included), the
+    metric's score before and after applying it, and the candidate scores as a list of dicts
+    ``{"class", "rule", "kind", "area", "score", "delta", "chosen"}`` (``score``: the class's
+    score, or with class 0 scored the whole score; ``delta`` is relative to ``none``).  A rule
+    replaces ``none`` only when it improves by more than ``epsilon``.  Without class 0 among the
+    scored classes, classes do not interact under the metric, so choosing class by class is exact;
+    with it, each class's rule is chosen in turn on the whole score, the earlier classes' rules applied.
     """
+    metric = metric or Metric()
 
     pred = np.asarray(pred_labels)
     true = np.asarray(true_labels)
@@ -175,45 +180,61 @@ def tune_plan(pred_labels: np.ndarray, true_labels: np.ndarray, num_classes: int
 
     classes = [str(k) for k in range(1, num_classes)]
     candidates = candidate_rules(areas)
-    # Each candidate applied to every class at once: class k's column depends only on class k's rule.
-    scores = []
-    for rule in candidates:
-        processed = pred if rule["kind"] == "none" else apply_plan(pred, {k: rule for k in classes}, num_classes)
-        table = np.asarray(dice_table(processed, true, num_classes=num_classes), dtype=np.float64)
-        scores.append(table.mean(axis=0))
-    scores = np.stack(scores)  # [candidates, classes]
-    before = float(scores[0].mean())
+    scored = metric.scored(num_classes)
+
+    def per_class(labels) -> np.ndarray:  # [foreground classes]; NaN for a class not scored
+        t = metric.table_labels(labels, true, num_classes)
+        got = dict(zip(t.classes, t.per_class))
+        return np.array([got.get(int(k), np.nan) for k in classes])
+
+    if 0 in scored:  # removed pixels become class 0, a scored class: one class after another, on the whole score
+        current, scores = pred, []
+        for key in classes:
+            outs = [current if r["kind"] == "none" else apply_plan(current, {key: r}, num_classes) for r in candidates]
+            col = np.array([metric.table_labels(o, true, num_classes).score for o in outs])
+            scores.append(col)
+            current = outs[_pick(col, epsilon)]
+        scores = np.stack(scores, 1)  # [candidates, classes]
+    else:  # each candidate applied to every class at once: class k's column depends only on class k's rule
+        scores = np.stack([per_class(pred if rule["kind"] == "none" else
+                                     apply_plan(pred, {k: rule for k in classes}, num_classes)) for rule in candidates])
 
     plan: dict[str, dict] = {}
     rows: list[dict] = []
-    chosen_scores = []
     for c, key in enumerate(classes):
         base = scores[0, c]
-        best = int(np.argmax(scores[:, c]))  # first of equal maxima: the least destructive
-        if not scores[best, c] - base > epsilon:
-            best = 0
+        best = _pick(scores[:, c], epsilon)
         plan[key] = dict(candidates[best])
-        chosen_scores.append(scores[best, c])
         for j, rule in enumerate(candidates):
             rows.append({
                 "class": int(key),
                 "rule": rule_name(rule),
                 "kind": rule["kind"],
                 "area": rule.get("area"),
-                "mean_dice": float(scores[j, c]),
+                "score": float(scores[j, c]),
                 "delta": float(scores[j, c] - base),
                 "chosen": j == best,
             })
-    after = float(np.mean(chosen_scores))  # every class has N rows: mean of class means = row mean
+    before = metric.table_labels(pred, true, num_classes).score
+    after = metric.table_labels(apply_plan(pred, plan, num_classes), true, num_classes).score
     return plan, before, after, rows
+
+
+def _pick(col: np.ndarray, epsilon: float) -> int:
+    """The best candidate of a score column (first of equal maxima: the least destructive) when it beats
+    ``none`` (index 0) by more than ``epsilon``, else 0; a class not scored (NaN) keeps ``none``."""
+    if np.isnan(col).all():
+        return 0
+    best = int(np.nanargmax(col))
+    return best if col[best] - col[0] > epsilon else 0
 
 
 def format_table(table: list[dict]) -> str:
     """The tuning table as aligned text lines (``*`` marks the chosen rule)."""
-    lines = [f"{'class':>5}  {'rule':<12} {'mean_dice':>9} {'delta':>9}"]
+    lines = [f"{'class':>5}  {'rule':<12} {'score':>9} {'delta':>9}"]
     for row in table:
         mark = " *" if row["chosen"] else ""
-        lines.append(f"{row['class']:>5}  {row['rule']:<12} {row['mean_dice']:>9.5f} {row['delta']:>+9.5f}{mark}")
+        lines.append(f"{row['class']:>5}  {row['rule']:<12} {row['score']:>9.5f} {row['delta']:>+9.5f}{mark}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,9 @@ use the whole ensemble (DIR/full).
 
 A mask pixel is the ensemble's argmax class, or :data:`~kagglecmr.models.losses.IGNORE` (255) where the
 ensemble's largest probability is below ``confidence``; every training loss leaves those pixels out.
-Images without a single confident pixel are left out (they would teach nothing).
+Images without a single confident pixel are left out (they would teach nothing).  When the split has masks
+(a labelled holdout), each fold's pseudo labels are also scored against them with the dataset's metric,
+all pixels and the confident ones only, and the manifest records both.
 """
 
 from __future__ import annotations
@@ -239,7 +241,7 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
     _, meta = load_best(model_file(runs[0] / "fold0"))
     ds = load_dataset(data_root)  # a folder or a dataset file, read like training read it
     cfg = apply_dataset(Config.model_validate(meta["config"]), ds)  # the teachers' size, channels and classes
-    data = ds.load(split, labelled=False)
+    data = ds.load(split)  # with its masks when it has them: the pseudo labels are then scored against them
     copy_ok = ds.channels == list(range(len(ds.channels)))  # the file reads back as the same channels
     passes = list(cfg.infer.tta) if tta else ["none"]
     bsz = batch_size or cfg.infer.batch_size_for(dev.type)
@@ -277,8 +279,15 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
                 "images": kept, "mean_confidence": float(conf.mean()),
                 "ignored_fraction": float((labels == IGNORE).mean()), "per_image": stats,
             }
+            scored = ""
+            if data.masks is not None:  # a labelled split: how good are the pseudo labels, all and confident pixels
+                m = ds.metric
+                every = m.table_labels(probs.argmax(1), data.masks, ds.num_classes).score
+                sure = m.table_labels(probs.argmax(1), data.masks, ds.num_classes, ignore=conf < confidence).score
+                per_fold[name] |= {"metric": m.to_dict(), "score": every, "score_confident": sure}
+                scored = f"; {m.title} against the split's masks {every:.4f} (confident pixels only {sure:.4f})"
             print(f"{name}: {kept}/{len(data)} images, mean confidence {conf.mean():.4f}, "
-                  f"{(labels == IGNORE).mean():.1%} of pixels ignored, from {len(files)} model(s)", flush=True)
+                  f"{(labels == IGNORE).mean():.1%} of pixels ignored, from {len(files)} model(s){scored}", flush=True)
         manifest = {
             "split": split, "data": str(data_root), "confidence": confidence, "tta": passes,
             "select": select or "train.select",

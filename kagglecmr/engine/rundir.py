@@ -29,7 +29,7 @@ import yaml
 
 from kagglecmr.cfg.config import Config
 from kagglecmr.data.loader import Split
-from kagglecmr.formats.metric import dice_table
+from kagglecmr.formats.competition_metric import Metric, MetricTable
 from kagglecmr.utils.errors import KaggleCMRError
 from kagglecmr.utils.io import atomic_write_json, atomic_write_text
 from kagglecmr.utils.locks import LOCK_NAME
@@ -123,12 +123,15 @@ def read_oof_labels(files: list[Path]) -> tuple[list[str], list[np.ndarray]]:
     return ids, preds
 
 
-def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> dict | None:
-    """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``.
+def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int, metric: Metric | None = None) -> dict | None:
+    """Score the run's out-of-fold predictions with ``metric`` (the dataset's; default Dice) once every fold
+    has one; writes ``oof.json``.
 
     ``score``/``per_class``: each fold's best validation epoch (chosen on the fold it is scored on:
     optimistic); ``score_last``/``per_class_last``: the last epoch (a fixed rule: honest);
-    ``score_swa``/``per_class_swa`` when the folds kept an SWA model; ``select``: what ensembles use."""
+    ``score_swa``/``per_class_swa`` when the folds kept an SWA model; ``select``: what ensembles use;
+    ``metric``: what the scores are."""
+    metric = metric or Metric()
     files = [run_dir / f"fold{k}" / "oof.npz" for k in range(n_folds)]
     if not all(f.is_file() for f in files):
         return None
@@ -138,15 +141,27 @@ def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> d
         if not all(f.is_file() for f in files):
             continue
         ids, preds = read_oof_labels(files)
-        table = dice_table(np.concatenate(preds), data.subset(ids).masks, num_classes)
-        result |= {f"score{suffix}": float(table.mean()),
-                   f"per_class{suffix}": {str(k): float(table[:, k - 1].mean()) for k in range(1, num_classes)}}
+        table = metric.table_labels(np.concatenate(preds), data.subset(ids).masks, num_classes)
+        result |= {f"score{suffix}": table.score, f"per_class{suffix}": per_class(table)}
         if not suffix:
-            result |= {"images": len(ids), "rows": int(table.size)}
+            result |= {"images": len(ids), "rows": len(table) * len(table.classes), "metric": metric.to_dict()}
     summary = run_dir / "fold0" / "summary.json"
     result["select"] = json.loads(summary.read_text()).get("select", "best") if summary.is_file() else "best"
     atomic_write_json(run_dir / "oof.json", result)
     return result
+
+
+def per_class(table: MetricTable) -> dict[str, float]:
+    """``{class: score}`` of a table's scored classes (JSON keys)."""
+    return {str(k): float(v) for k, v in zip(table.classes, table.per_class)}
+
+
+def metric_title(record: dict | None) -> str:
+    """The printed name of the metric a record (``oof.json``, ``summary.json``, ...) holds; Dice for old ones."""
+    try:
+        return Metric.from_dict((record or {}).get("metric")).title
+    except KaggleCMRError:
+        return "score"
 
 
 def print_oof(oof: dict, run_dir: Path) -> None:
@@ -154,12 +169,13 @@ def print_oof(oof: dict, run_dir: Path) -> None:
     def per(key):
         return " ".join(f"{k}:{v:.4f}" for k, v in oof[key].items())
 
+    title = metric_title(oof)
     if "score_last" in oof:
-        print(f"out-of-fold Dice at the last epoch (honest) {oof['score_last']:.4f} [{per('per_class_last')}]",
+        print(f"out-of-fold {title} at the last epoch (honest) {oof['score_last']:.4f} [{per('per_class_last')}]",
               flush=True)
     if "score_swa" in oof:
-        print(f"out-of-fold Dice of SWA (honest) {oof['score_swa']:.4f} [{per('per_class_swa')}]", flush=True)
-    print(f"out-of-fold Dice at the best epoch (chosen on the fold: optimistic) {oof['score']:.4f} over "
+        print(f"out-of-fold {title} of SWA (honest) {oof['score_swa']:.4f} [{per('per_class_swa')}]", flush=True)
+    print(f"out-of-fold {title} at the best epoch (chosen on the fold: optimistic) {oof['score']:.4f} over "
           f"{oof['rows']} rows [{per('per_class')}] -> {run_dir / 'oof.json'}", flush=True)
 
 
@@ -176,9 +192,9 @@ def write_run_info(run_dir: Path, folds_path: Path, pseudo: dict | None) -> dict
     return info
 
 
-def report_fold(res: FoldResult) -> None:
+def report_fold(res: FoldResult, title: str = "Dice") -> None:
     if not res.skipped and res.fold != FULL:
-        print(f"fold {res.fold}: best Dice {res.best_score:.4f} at epoch {res.best_epoch}", flush=True)
+        print(f"fold {res.fold}: best {title} {res.best_score:.4f} at epoch {res.best_epoch}", flush=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -233,17 +249,30 @@ def read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def record_ensemble_oof(run_dir: str | os.PathLike, passes: list[str], table: np.ndarray,
-                        pp_table: np.ndarray | None = None, plan: dict | None = None) -> Path:
-    """Merge one OOF result of ``ensemble`` (a Dice table ``[images, classes-1]`` for the TTA set
-    ``passes``, and the table after the postprocessing ``plan``) into ``<run>/ensemble_oof.json``."""
-    def entry(t):
-        return {"score": float(t.mean()), "per_class": {str(k + 1): float(t[:, k].mean()) for k in range(t.shape[1])}}
+def _as_table(t) -> MetricTable:
+    """A metric table, or Dice rows ``[images, classes]`` of classes 1.. (as written before metric tables)."""
+    if isinstance(t, MetricTable):
+        return t
+    t = np.asarray(t, dtype=np.float64)
+    z = np.zeros(t.shape, np.int64)
+    return MetricTable(Metric(), z, z, z, tuple(range(1, t.shape[1] + 1)), t)
 
+
+def record_ensemble_oof(run_dir: str | os.PathLike, passes: list[str], table: MetricTable,
+                        pp_table: MetricTable | None = None, plan: dict | None = None) -> Path:
+    """Merge one OOF result of ``ensemble`` (the metric's table for the TTA set ``passes``, and the table
+    after the postprocessing ``plan``) into ``<run>/ensemble_oof.json``."""
+    def entry(t):
+        return {"score": t.score, "per_class": per_class(t)}
+
+    table, pp_table = _as_table(table), None if pp_table is None else _as_table(pp_table)
     path = Path(run_dir) / ENSEMBLE_OOF
     record = read_json(path) or {}
-    e = entry(np.asarray(table)) | {"tta": list(passes), "images": int(np.asarray(table).shape[0])}
+    if record.get("metric", Metric().to_dict()) != table.metric.to_dict():
+        record = {}  # entries of another metric (the dataset file changed) cannot be compared
+    record["metric"] = table.metric.to_dict()
+    e = entry(table) | {"tta": list(passes), "images": len(table)}
     if pp_table is not None:
-        e["postprocess"] = entry(np.asarray(pp_table)) | {"plan": plan}
+        e["postprocess"] = entry(pp_table) | {"plan": plan}
     record.setdefault("entries", {})["+".join(passes)] = e
     return atomic_write_json(path, record)

@@ -1,8 +1,8 @@
 """Per-fold training: ``kagglecmr train --fold 0..4``.
 
 One fold reads top to bottom in :func:`train_fold`: data in memory, model, optimiser, schedule,
-resume from ``last.pt``, the epoch loop (augment, forward/backward, validate with the leaderboard
-metric, keep ``best`` and ``last``), then out-of-fold probabilities from ``best``, from the last epoch
+resume from ``last.pt``, the epoch loop (augment, forward/backward, validate with the dataset's
+metric, :func:`validation_scores`: keep ``best`` by its ``val_score`` and ``last``), then out-of-fold probabilities from ``best``, from the last epoch
 (``oof_last.npz``: a fixed-epoch rule, not chosen on the fold it is scored on) and, with
 ``train.swa_epochs``, from the SWA average of the last epochs (``oof_swa.npz``; BatchNorm statistics
 recomputed on the training images with :func:`torch.optim.swa_utils.update_bn`).  ``train.select``
@@ -32,6 +32,7 @@ import torch
 
 from kagglecmr.cfg.config import Config
 from kagglecmr.data.batches import BatchMaker, to_tensor
+from kagglecmr.data.dataset import described_metric
 from kagglecmr.data.loader import Split
 from kagglecmr.engine.cudagraph import use_cuda_graphs
 from kagglecmr.engine.infer import predict_proba, predict_proba_tiled
@@ -39,7 +40,7 @@ from kagglecmr.engine.optim import lr_lambda
 from kagglecmr.engine.rundir import FULL, FoldResult, fold_dir, prepare_dir
 from kagglecmr.engine.tiles import needs_tiles
 from kagglecmr.engine.warm import step_state
-from kagglecmr.formats.metric import dice_table
+from kagglecmr.formats.competition_metric import VOID, Metric, MetricTable
 from kagglecmr.models.checkpoint import MODEL_FILES, load_best, load_last, save_best, save_last
 from kagglecmr.models.factory import build_model, count_parameters
 from kagglecmr.utils.io import atomic_path, atomic_write_json
@@ -78,7 +79,8 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     n_pseudo = min(int(round(cfg.train.pseudo.ratio * bs)), bs - 1) if pseudo is not None and len(pseudo) else 0
     bs_lab = bs - n_pseudo  # labelled images per batch; an epoch still passes over each once
     steps_per_epoch = max(1, len(tr) // bs_lab)  # drop the ragged last batch (BatchNorm on tiny batches)
-    k_fg = cfg.data.num_classes - 1
+    metric = described_metric(dataset)  # the dataset's metric picks the best epoch (Dice for old runs)
+    mask_fill = VOID if dataset and dataset.get("ignore") else 0  # augmentation's border: void where there is one
 
     # ---- model, optimiser, schedule, loss: the process's warm step state when the last fold had the same shapes
     fold_num = FULL_SEED_SLOT if fold == FULL else int(fold)
@@ -92,8 +94,8 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     max_steps = cfg.train.max_steps
     tiled = va is not None and cfg.tile is not None and needs_tiles(va.images.shape[1:3], cfg.tile.size)
 
-    batches = BatchMaker(cfg, tr.images, tr.masks, device)
-    pseudo_batches = BatchMaker(cfg, pseudo.images, pseudo.masks, device) if n_pseudo else None
+    batches = BatchMaker(cfg, tr.images, tr.masks, device, mask_fill=mask_fill)
+    pseudo_batches = BatchMaker(cfg, pseudo.images, pseudo.masks, device, mask_fill=mask_fill) if n_pseudo else None
     x_val = to_tensor(va.images, device, cfg.train.channels_last) if va else None
     y_val = torch.from_numpy(va.masks).to(device).long() if va else None
 
@@ -160,12 +162,12 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                 model_s += time.perf_counter() - tb
                 reporter.step(epoch, loss_sum / (step + 1))
 
-            # validate with the leaderboard metric (argmax masks, rows per image and class, empty/empty = 1)
+            # validate with the dataset's metric (argmax masks; by default Dice per image and class, empty/empty = 1)
             tv = time.time()
             row = {"epoch": epoch + 1, "lr": float(optimizer.param_groups[0]["lr"]),
                    "train_loss": loss_sum / max(1, steps_run),
-                   "val_loss": float("nan"), "val_dice": float("nan")}
-            row |= {f"dice_{k}": float("nan") for k in range(1, k_fg + 1)}
+                   "val_loss": float("nan"), "val_dice": float("nan"), "val_score": float("nan")}
+            row |= {f"dice_{k}": float("nan") for k in metric.scored(cfg.data.num_classes)}
             eval_model = ema.model if ema is not None else model
             if va is not None:
                 if tiled:  # images larger than the tile: windows (data.patch / infer.tile), no whole-image loss
@@ -173,14 +175,12 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                 else:
                     probs, vloss = _validate(eval_model, criterion, x_val, y_val, device, dtype,
                                              cfg.train.val_batch_size)
-                table = dice_table(probs.argmax(1), va.masks, cfg.data.num_classes)
-                row |= {"val_loss": vloss, "val_dice": float(table.mean())}
-                row |= {f"dice_{k}": float(table[:, k - 1].mean()) for k in range(1, k_fg + 1)}
-                improved = row["val_dice"] > best_score
+                row |= {"val_loss": vloss} | validation_scores(probs.argmax(1), va.masks, metric, cfg.data.num_classes)
+                improved = row["val_score"] > best_score
             else:
                 improved = True  # full fit: the last epoch is the model
             if improved:
-                best_score = row["val_dice"] if va is not None else float("nan")
+                best_score = row["val_score"] if va is not None else float("nan")
                 best_epoch = epoch + 1
                 save_best(best_path, eval_model, cfg, best_epoch, best_score, dataset)
             row["best"] = bool(improved)
@@ -208,7 +208,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
 
     # ---- the last epoch's and the SWA weights, then out-of-fold probabilities of best, last and swa
     eval_model = ema.model if ema is not None else model
-    last_score = history[-1]["val_dice"] if history else float("nan")
+    last_score = history[-1].get("val_score", history[-1]["val_dice"]) if history else float("nan")
     save_best(out_dir / MODEL_FILES["last"], eval_model, cfg, cfg.train.epochs, last_score)
     if swa is not None:
         x_tr = to_tensor(tr.images, device, cfg.train.channels_last)
@@ -216,16 +216,17 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
             torch.optim.swa_utils.update_bn([x_tr[s:s + bs] for s in range(0, len(tr), bs)], swa, device)
         save_best(out_dir / MODEL_FILES["swa"], swa.module, cfg, cfg.train.epochs, float("nan"))
     if va is not None:
-        _save_oof(out_dir / "oof_last.npz", eval_model, x_val, va, cfg, device, dtype)
+        _save_oof(out_dir / "oof_last.npz", eval_model, x_val, va, cfg, device, dtype, metric)
         if swa is not None:
-            _save_oof(out_dir / "oof_swa.npz", swa.module, x_val, va, cfg, device, dtype)
+            _save_oof(out_dir / "oof_swa.npz", swa.module, x_val, va, cfg, device, dtype, metric)
         sd, _ = load_best(best_path)  # the best epoch last: loading it overwrites the last epoch's weights
         model.load_state_dict(sd)
-        _save_oof(out_dir / "oof.npz", model, x_val, va, cfg, device, dtype)
+        _save_oof(out_dir / "oof.npz", model, x_val, va, cfg, device, dtype, metric)
     epochs_run = [r for r in history if r["epoch"] > start_epoch]
     summary = {
         "fold": fold, "best_score": None if math.isnan(best_score) else best_score, "best_epoch": best_epoch,
         "last_score": None if math.isnan(last_score) else last_score, "select": cfg.train.select,
+        "metric": metric.to_dict(),
         "epochs": cfg.train.epochs, "train_images": len(tr), "val_images": len(val_ids),
         "seconds": time.time() - t_start,
         "seconds_per_epoch": float(np.mean([r["time_s"] for r in epochs_run])) if epochs_run else None,
@@ -239,19 +240,34 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     return FoldResult(fold, out_dir, best_score, best_epoch)
 
 
+def validation_scores(labels: np.ndarray, masks: np.ndarray, metric: Metric, num_classes: int) -> dict:
+    """An epoch's validation numbers from argmax masks: ``val_score`` (``metric``'s score: what picks the best
+    epoch), ``val_dice`` (mean Dice over the same rows, as before metrics were configurable) and ``dice_<k>``
+    per scored class; void truth pixels left out of all."""
+    table = metric.table_labels(labels, masks, num_classes)
+    dice = MetricTable(Metric(classes=table.classes), table.inter, table.psize, table.tsize, table.classes)
+    return ({"val_dice": dice.score, "val_score": table.score}
+            | {f"dice_{k}": float(v) for k, v in zip(table.classes, dice.per_class)})
+
+
 def _tiled_probs(model, va: Split, cfg: Config, device, dtype) -> np.ndarray:
     return predict_proba_tiled(model, va.images, device, tile=cfg.tile, amp=dtype, channels_last=cfg.train.channels_last)
 
 
-def _save_oof(path: Path, model, x_val, va: Split, cfg: Config, device, dtype) -> None:
+def _save_oof(path: Path, model, x_val, va: Split, cfg: Config, device, dtype, metric: Metric) -> None:
+    """``ids``, float16 ``probs``, argmax ``labels``, the Dice rows ``dice`` and the metric's ``counts``
+    (``|A∩B|, |A|, |B|`` ``[n, classes, 3]`` of the scored ``classes``) and row ``scores``."""
     if cfg.tile is not None and needs_tiles(va.images.shape[1:3], cfg.tile.size):
         probs = _tiled_probs(model, va, cfg, device, dtype)
     else:
         probs = predict_proba(model, x_val, device, batch_size=cfg.train.val_batch_size, amp=dtype)
     labels = probs.argmax(1).astype(np.uint8)  # from float32: float16 rounding can flip near-ties
-    table = dice_table(labels, va.masks, cfg.data.num_classes)
+    table = metric.table_labels(labels, va.masks, cfg.data.num_classes)
+    dice = Metric(classes=table.classes).from_counts(table.inter, table.psize, table.tsize)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, ids=np.array(va.ids), probs=probs.astype(np.float16), labels=labels, dice=table)
+        np.savez_compressed(fh, ids=np.array(va.ids), probs=probs.astype(np.float16), labels=labels, dice=dice,
+                            counts=np.stack([table.inter, table.psize, table.tsize], -1), classes=np.array(table.classes),
+                            scores=table.rows)
 
 
 @torch.inference_mode()

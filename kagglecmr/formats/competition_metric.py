@@ -24,12 +24,16 @@ both masks of a row are empty.
 Scores come from :class:`MetricTable`, built from label maps (:meth:`Metric.table_labels`, softmax
 tasks, with an optional void mask) or from per-class binary masks (:meth:`Metric.table_masks`,
 multilabel tasks).  In every mode the overall score equals the mean of the per-class scores.
-Pure numpy (scipy for connected components); no torch.
+
+A dataset binds its metric to the classes its submission rows hold (``classes``, from the submission
+format's ``classes:``; default 1..K-1); a decoded truth label map marks void pixels ("not labelled",
+the dataset file's ``ignore:``) with :data:`VOID`, which :meth:`Metric.table_labels` leaves out of both
+masks.  Pure numpy (scipy for connected components); no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -40,6 +44,7 @@ NAMES = ("dice", "iou", "map_iou")
 PERS = ("row", "image", "dataset")
 OBJECTS = ("mask", "components")
 KEYS = ("name", "per", "empty", "thresholds", "objects")
+VOID = 255  # label of void truth pixels in decoded masks: no loss, metric or statistic looks at them
 _CHUNK_PIXELS = 1 << 24  # label maps are counted this many pixels at a time (bounded memory)
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -53,9 +58,12 @@ class Metric:
     empty: float = 1.0
     thresholds: tuple[float, float, float] = (0.5, 0.95, 0.05)
     objects: str = "mask"
+    classes: tuple[int, ...] | None = None  # the scored classes (the submission's row classes); None: 1..K-1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(int(k) for k in self.classes))
         if self.name not in NAMES:
             raise ValueError(f"name: {self.name!r}: expected one of {', '.join(NAMES)}")
         if self.per not in PERS:
@@ -89,6 +97,14 @@ class Metric:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: metric.{exc}") from None
 
+    def for_classes(self, classes) -> Metric:
+        """This metric scoring ``classes`` (label maps' class indices) by default."""
+        return replace(self, classes=None if classes is None else tuple(classes))
+
+    def scored(self, num_classes: int) -> list[int]:
+        """The classes that get rows: :attr:`classes`, else ``1..num_classes-1``."""
+        return list(range(1, num_classes)) if self.classes is None else list(self.classes)
+
     def to_dict(self) -> dict:
         d = {"name": self.name, "per": self.per, "empty": int(self.empty)}
         if self.name == "map_iou":
@@ -99,6 +115,12 @@ class Metric:
     def label(self) -> str:
         """A short name for tables and logs: ``dice``, ``iou/dataset``, ``map_iou`` …"""
         return self.name if self.per == "row" else f"{self.name}/{self.per}"
+
+    @property
+    def title(self) -> str:
+        """The name in printed lines: ``Dice`` (the default), ``IoU per dataset``, ``mAP@IoU per image`` …"""
+        base = {"dice": "Dice", "iou": "IoU", "map_iou": "mAP@IoU"}[self.name]
+        return base if self.per == "row" else f"{base} per {self.per}"
 
     def threshold_values(self) -> np.ndarray:
         lo, hi, step = self.thresholds
@@ -145,9 +167,11 @@ class Metric:
     # ------------------------------------------------------------------ tables
 
     def table_labels(self, pred, true, num_classes: int, *, classes=None, ignore=None) -> MetricTable:
-        """Score label maps ``[N, H, W]`` (or one ``[H, W]``); ``classes`` get rows (default 1..K-1).
+        """Score label maps ``[N, H, W]`` (or one ``[H, W]``); ``classes`` get rows (default
+        :meth:`scored`: the bound classes, else 1..K-1).
 
-        ``ignore`` (bool, shape of ``true``) marks void pixels: left out of both masks.
+        Void pixels are left out of both masks: truth pixels valued :data:`VOID` and those ``ignore``
+        (bool, shape of ``true``) marks.
         """
         pred, true = np.asarray(pred), np.asarray(true)
         if pred.shape != true.shape:
@@ -159,14 +183,15 @@ class Metric:
             raise ValueError(f"expected label maps [N, H, W], got shape {pred.shape}")
         if ignore is not None and np.shape(ignore) != true.shape:
             raise ValueError(f"ignore mask shape {np.shape(ignore)} differs from truth shape {true.shape}")
-        classes = list(range(1, num_classes)) if classes is None else [int(k) for k in classes]
+        classes = self.scored(num_classes) if classes is None else [int(k) for k in classes]
         full = _confusion(pred, true, num_classes, ignore)  # [N, pred class, true class]
         inter = np.diagonal(full, axis1=1, axis2=2)[:, classes]
         psize, tsize = full.sum(axis=2)[:, classes], full.sum(axis=1)[:, classes]
         rows = None
         if self.needs_masks:
+            voids = [_void(t, v, num_classes) for t, v in zip(true, ignore if ignore is not None else [None] * len(pred))]
             rows = np.array([[self.component_score(_keep(p == k, v), _keep(t == k, v)) for k in classes]
-                             for p, t, v in zip(pred, true, ignore if ignore is not None else [None] * len(pred))],
+                             for p, t, v in zip(pred, true, voids)],
                             dtype=np.float64).reshape(len(pred), len(classes))
         return MetricTable(self, inter, psize, tsize, tuple(classes), rows)
 
@@ -188,22 +213,38 @@ class Metric:
         return MetricTable(self, inter, psize, tsize, classes, rows)
 
 
+def _void(true: np.ndarray, ignore, num_classes: int):
+    """The void pixels of one truth map: :data:`VOID` labels and ``ignore`` (None when there are none)."""
+    v = (true == VOID) if num_classes <= VOID else np.zeros(true.shape, bool)
+    if ignore is not None:
+        v |= np.asarray(ignore, dtype=bool)
+    return v if v.any() else None
+
+
 def _keep(mask: np.ndarray, void) -> np.ndarray:
     return mask if void is None else mask & ~void
 
 
 def _confusion(pred: np.ndarray, true: np.ndarray, num_classes: int, ignore=None) -> np.ndarray:
-    """Per-image confusion matrices ``[N, pred class, true class]``, void pixels left out."""
+    """Per-image confusion matrices ``[N, pred class, true class]``, void pixels (``ignore``, and truth
+    labels :data:`VOID`) left out."""
+    void_label = num_classes <= VOID  # a truth label VOID is void, not a class
     for name, arr in (("prediction", pred), ("truth", true)):
-        if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-            raise ValueError(f"{name} labels must lie in 0..{num_classes - 1}")
+        top = arr.max() if arr.size else 0
+        if name == "truth" and void_label and top == VOID:
+            top = arr[arr != VOID].max(initial=0)
+        if arr.size and (arr.min() < 0 or top >= num_classes):
+            raise ValueError(f"{name} labels must lie in 0..{num_classes - 1}"
+                             + (f" (or {VOID}: void)" if name == "truth" and void_label else ""))
     n, c = pred.shape[0], num_classes + 1  # one more class: the void pixels, dropped at the end
     out = np.zeros((n, c, c), dtype=np.int64)
     per = max(1, _CHUNK_PIXELS // max(1, pred[0].size))
     for s in range(0, n, per):
         p, t = pred[s:s + per].astype(np.intp), true[s:s + per].astype(np.intp)
+        v = (t == VOID) if void_label else None
         if ignore is not None:
-            v = np.asarray(ignore[s:s + per], dtype=bool)
+            v = np.asarray(ignore[s:s + per], dtype=bool) | (False if v is None else v)
+        if v is not None and v.any():
             p, t = np.where(v, num_classes, p), np.where(v, num_classes, t)
         m = len(p)
         pairs = p.reshape(m, -1) * c + t.reshape(m, -1) + (np.arange(m, dtype=np.intp) * c * c)[:, None]

@@ -35,6 +35,7 @@ from functools import cached_property
 
 import numpy as np
 
+from kagglecmr.formats.competition_metric import VOID
 from kagglecmr.formats.rle import _IMAGE_ID, ORDERS, check_image_id, decode_rle, encode_rle, quoted
 from kagglecmr.utils.errors import ConfigError, SubmissionError
 
@@ -322,11 +323,15 @@ class SubmissionFormat:
         return m["image"], k
 
     def rows(self, image_id: str, label_mask, num_classes: int) -> list[tuple[str, str]]:
-        """The submission rows ``(id, encoding)`` of one label mask (values ``0..num_classes-1``)."""
+        """The submission rows ``(id, encoding)`` of one label mask (values ``0..num_classes-1``; void pixels,
+        :data:`~kagglecmr.formats.competition_metric.VOID`, are in no row)."""
         labels = np.asarray(label_mask)
         if labels.ndim != 2:
             raise ValueError(f"expected a 2-D mask, got shape {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        top = labels.max() if labels.size else 0
+        if top == VOID and num_classes <= VOID:
+            top = labels[labels != VOID].max(initial=0)
+        if labels.size and (labels.min() < 0 or top >= num_classes):
             raise ValueError(f"{image_id}: labels must lie in 0..{num_classes - 1}")
         return [(self.row_id(image_id, k), self.encode(labels == k)) for k in self.row_classes(num_classes)]
 

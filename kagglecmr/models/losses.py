@@ -3,8 +3,9 @@
 ``dice_ce`` (default) = ``dice_weight * Dice + ce_weight * CrossEntropy``; the other names combine
 Focal, Lovasz-softmax and Tversky the same way.  Logits are cast to float32 before the loss.
 
-Target pixels valued :data:`IGNORE` (255, e.g. low-confidence pixels of ``pseudo-label`` masks) are
-left out of every loss: their logits change nothing, as if those pixels were cropped away.
+Target pixels valued :data:`IGNORE` (255, the void label: a dataset's ``ignore`` values, low-confidence
+pixels of ``pseudo-label`` masks, padding of patches) are left out of every loss: their logits change
+nothing, as if those pixels were cropped away.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 from kagglecmr.cfg.config import LossConfig
+from kagglecmr.formats.competition_metric import VOID
 
-IGNORE = 255  # mask value of pixels no loss looks at
+IGNORE = VOID  # mask value of pixels no loss looks at: void labels, low-confidence pseudo labels, padding
 
 
 class WeightedSum(nn.Module):

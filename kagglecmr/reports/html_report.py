@@ -2,9 +2,10 @@
 
 The page holds everything a run left on disk, with the plots embedded as base64 PNGs (the file
 alone is the report): config summary, dataset description (``dataset.json`` of a fold, when
-present), model size, timings and peak memory, per-fold and per-class out-of-fold Dice, the
-learning curves of all folds, the worst out-of-fold images as truth | prediction overlays (images
-from ``--data``), and the postprocessing plan.  Missing or unfinished folds are named, not fatal.
+present), model size, timings and peak memory, per-fold and per-class out-of-fold scores (the
+dataset's metric, which ``dataset.json`` records; Dice for older runs), the learning curves of all
+folds, the worst out-of-fold images as truth | prediction overlays (images from ``--data``), and
+the postprocessing plan.  Missing or unfinished folds are named, not fatal.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from kagglecmr.cfg.config import Config
-from kagglecmr.data.dataset import prepare
+from kagglecmr.data.dataset import described_metric, prepare
 from kagglecmr.engine.postprocess import describe_plan, load_plan
 from kagglecmr.engine.rundir import ENSEMBLE_OOF, read_json
+from kagglecmr.formats.competition_metric import Metric, MetricTable
 from kagglecmr.reports.leaderboard import flatten, fold_dirs, read_run, run_config
 from kagglecmr.utils.errors import KaggleCMRError
 from kagglecmr.utils.io import atomic_write_text
@@ -71,19 +73,30 @@ def _metrics(path: Path):
         return None
 
 
-def _oof_files(run_dir: Path) -> dict[int, dict]:
-    """``{fold: {"ids", "labels", "dice"}}`` of the readable ``oof.npz`` files."""
+def _oof_files(run_dir: Path, metric: Metric) -> dict[int, dict]:
+    """``{fold: {"ids", "labels", "per_class", "per_image"}}`` of the readable ``oof.npz`` files: scores under
+    ``metric`` from the saved counts, or the Dice rows of files written before them."""
     out = {}
     for k, d in sorted(fold_dirs(run_dir).items()):
         try:
             with np.load(d / "oof.npz") as z:
-                out[k] = {"ids": [str(i) for i in z["ids"]], "labels": z["labels"], "dice": z["dice"]}
+                if "counts" in z.files:
+                    c = z["counts"]
+                    t = MetricTable(metric, c[..., 0], c[..., 1], c[..., 2], tuple(int(x) for x in z["classes"]),
+                                    z["scores"] if metric.needs_masks else None)
+                    per_class, per_image = dict(zip(t.classes, t.per_class)), t.per_image
+                else:
+                    per_class = {c + 1: v for c, v in enumerate(z["dice"].mean(0))}
+                    per_image = z["dice"].mean(1)
+                out[k] = {"ids": [str(i) for i in z["ids"]], "labels": z["labels"], "per_class": per_class,
+                          "per_image": per_image}
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # half-written or corrupt: skipped
             continue
     return out
 
 
-def _fold_rows(run_dir: Path, row: dict, oofs: dict[int, dict], n_classes: int) -> tuple[list[list], list[str]]:
+def _fold_rows(run_dir: Path, row: dict, oofs: dict[int, dict], classes: list[int]) -> tuple[list[list], list[str]]:
+    n_classes = len(classes)
     present = fold_dirs(run_dir)
     rows, notes = [], []
     for k in range(row["folds_total"]):
@@ -96,7 +109,7 @@ def _fold_rows(run_dir: Path, row: dict, oofs: dict[int, dict], n_classes: int) 
             notes.append(f"fold {k}: {status}")
             rows.append([f"fold{k}", status] + ["-"] * (5 + n_classes))
             continue
-        per = oofs[k]["dice"].mean(0) if k in oofs else [None] * n_classes
+        per = [oofs[k]["per_class"].get(c) for c in classes] if k in oofs else [None] * n_classes
         rows.append([f"fold{k}", "finished", s.get("best_epoch"), _num(s.get("best_score"))]
                     + [_num(v) for v in per]
                     + [s.get("val_images"), _num(s.get("seconds_per_epoch"), ".2f"),
@@ -104,17 +117,17 @@ def _fold_rows(run_dir: Path, row: dict, oofs: dict[int, dict], n_classes: int) 
     return rows, notes
 
 
-def _worst(run_dir: Path, oofs: dict, cfg: dict, data, worst: int, tmp: Path) -> str:
-    """Truth | prediction sheet of the ``worst`` OOF images (lowest mean Dice over classes)."""
+def _worst(run_dir: Path, oofs: dict, cfg: dict, data, worst: int, tmp: Path, title: str = "Dice") -> str:
+    """Truth | prediction sheet of the ``worst`` OOF images (lowest mean score over classes)."""
 
     if not oofs:
         return _note("no oof.npz in any fold: no out-of-fold images to show")
     ids = [i for o in oofs.values() for i in o["ids"]]
     labels = np.concatenate([o["labels"] for o in oofs.values()])
-    score = np.concatenate([o["dice"].mean(1) for o in oofs.values()])
+    score = np.concatenate([o["per_image"] for o in oofs.values()])
     order = np.argsort(score, kind="stable")[:worst]
     lines = ", ".join(f"{ids[i]} {score[i]:.3f}" for i in order)
-    text = f"<p>Worst {len(order)} of {len(ids)} out-of-fold images (mean Dice over classes): {_e(lines)}</p>"
+    text = f"<p>Worst {len(order)} of {len(ids)} out-of-fold images (mean {title} over classes): {_e(lines)}</p>"
     if data is None:
         return text + _note("images not shown: pass --data (the dataset the run was trained on) to see them")
     try:
@@ -138,8 +151,12 @@ def build_report(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
     row = read_run(run_dir)
     present = fold_dirs(run_dir)
     cfg = run_config(run_dir)  # none readable: the page says less, it does not fail
-    n_classes = int(((cfg or {}).get("data") or {}).get("num_classes", len(row["per_class"]) + 1)) - 1
-    oofs = _oof_files(run_dir)
+    ds = next((j for k in sorted(present) if (j := read_json(present[k] / "dataset.json"))), None)
+    metric = described_metric(ds)
+    title = metric.title
+    n_classes = int(((cfg or {}).get("data") or {}).get("num_classes", len(row["per_class"]) + 1))
+    classes = [int(c) for c in row["per_class"]] or metric.scored(n_classes)
+    oofs = _oof_files(run_dir, metric)
     parts = [f"<h1>Run {_e(run_dir.name)}</h1><p><code>{_e(run_dir.resolve())}</code> · report written "
              f"{datetime.now():%Y-%m-%d %H:%M}</p>"]
 
@@ -151,7 +168,7 @@ def build_report(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
     if row["oof"] is None:
         parts.append(_note("no out-of-fold score yet (oof.json is written when every fold has finished)"))
     params = row["parameters"]
-    parts.append(_table(["out-of-fold Dice", "fixed epoch", "with TTA", "with TTA + PP", "parameters", "model MB",
+    parts.append(_table([f"out-of-fold {title}", "fixed epoch", "with TTA", "with TTA + PP", "parameters", "model MB",
                          "s/epoch", "train minutes", "peak memory MB", "device"],
                         [[_num(row["oof"]), _num(row["oof_last"]), _num(row["oof_tta"]), _num(row["oof_pp"]),
                           "-" if params is None else f"{params:,}", _num(row["model_mb"], ".1f"),
@@ -173,26 +190,25 @@ def build_report(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
         flat = flatten(cfg)
         parts.append("<details><summary>main settings</summary>" +
                      _table(["key", "value"], [[k, json.dumps(flat.get(k))] for k in keys if k in flat]) + "</details>")
-    ds = next((j for k in sorted(present) if (j := read_json(present[k] / "dataset.json"))), None)
     if ds is not None:
         parts.append("<h2>Dataset</h2>" + _table(["key", "value"], [[k, json.dumps(v)[:200]] for k, v in flatten(ds).items()]))
 
     # ---- per fold and per class
-    fold_rows, notes = _fold_rows(run_dir, row, oofs, n_classes)
-    cls = [f"class {k}" for k in range(1, n_classes + 1)]
-    parts.append("<h2>Folds</h2>" + _table(["fold", "status", "best epoch", "best Dice", *cls, "val images",
+    fold_rows, notes = _fold_rows(run_dir, row, oofs, classes)
+    cls = [f"class {k}" for k in classes]
+    parts.append("<h2>Folds</h2>" + _table(["fold", "status", "best epoch", f"best {title}", *cls, "val images",
                                             "s/epoch", "minutes", "peak MB"], fold_rows, left=2))
     parts += [_note(n) for n in notes]
-    oof_rows = [["out-of-fold (best epochs)", _num(row["oof"])] + [_num(row["per_class"].get(str(k))) for k in range(1, n_classes + 1)]]
+    oof_rows = [["out-of-fold (best epochs)", _num(row["oof"])] + [_num(row["per_class"].get(str(k))) for k in classes]]
     ens = read_json(run_dir / ENSEMBLE_OOF) if not row["folds_missing"] else None  # stale once a fold is gone
     for key, e in ((ens or {}).get("entries") or {}).items():
         oof_rows.append([f"ensemble OOF, TTA {key}", _num(e.get("score"))] +
-                        [_num((e.get("per_class") or {}).get(str(k))) for k in range(1, n_classes + 1)])
+                        [_num((e.get("per_class") or {}).get(str(k))) for k in classes])
         if e.get("postprocess"):
             p = e["postprocess"]
             oof_rows.append([f"ensemble OOF, TTA {key} + postprocessing", _num(p.get("score"))] +
-                            [_num((p.get("per_class") or {}).get(str(k))) for k in range(1, n_classes + 1)])
-    parts.append(_table(["", "Dice", *cls], oof_rows))
+                            [_num((p.get("per_class") or {}).get(str(k))) for k in classes])
+    parts.append(_table(["", title, *cls], oof_rows))
 
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -202,13 +218,13 @@ def build_report(run_dir: str | os.PathLike, *, data: str | os.PathLike | None =
             parts.append(_img(plot_run_curves(histories, tmp / "curves.png", title=run_dir.name), "learning curves"))
         else:
             parts.append(_note("no metrics.csv in any fold"))
-        bars = {f"fold{k}": {str(c + 1): float(v) for c, v in enumerate(o["dice"].mean(0))} for k, o in oofs.items()}
+        bars = {f"fold{k}": {str(c): float(v) for c, v in o["per_class"].items()} for k, o in oofs.items()}
         if row["per_class"]:
             bars["OOF"] = row["per_class"]
         if bars:
-            parts.append(_img(plot_class_dice(bars, tmp / "bars.png", title="out-of-fold Dice per class and fold"),
-                              "Dice per class"))
-        parts.append("<h2>Worst out-of-fold images</h2>" + _worst(run_dir, oofs, cfg or {}, data, worst, tmp))
+            parts.append(_img(plot_class_dice(bars, tmp / "bars.png", title=f"out-of-fold {title} per class and fold"),
+                              f"{title} per class"))
+        parts.append("<h2>Worst out-of-fold images</h2>" + _worst(run_dir, oofs, cfg or {}, data, worst, tmp, title))
 
     # ---- postprocessing
     parts.append("<h2>Postprocessing</h2>")

@@ -6,10 +6,11 @@ A run folder is any folder under ``--runs-dir`` (nested too: ``runs/bench/defaul
 is made up: a number that no file records is ``None`` (shown as ``-``).
 
 Sources: ``fold<k>/config.yaml``, ``env.json`` (device, parameters, peak memory), ``summary.json``
-(best epoch and Dice, seconds), ``best.safetensors`` (size), the run's ``oof.json`` (out-of-fold
-Dice of the best epochs; a fixed-epoch score under ``score_last`` when present) and
-``ensemble_oof.json`` (written by ``ensemble`` for a single run: OOF Dice per TTA set, with the
-OOF-chosen postprocessing).  Pure: no torch import.
+(best epoch and score, seconds), ``best.safetensors`` (size), the run's ``oof.json`` (out-of-fold
+score of the best epochs; a fixed-epoch score under ``score_last`` when present) and
+``ensemble_oof.json`` (written by ``ensemble`` for a single run: OOF score per TTA set, with the
+OOF-chosen postprocessing).  Every score is the dataset's metric, which the ``metric`` column names
+(``dice`` for runs recorded before metrics were configurable).  Pure: no torch import.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 
 from kagglecmr.cfg.config import Config, load_config
 from kagglecmr.engine.rundir import ENSEMBLE_OOF, read_json
+from kagglecmr.formats.competition_metric import Metric
 from kagglecmr.utils.errors import KaggleCMRError
 
 SECTION_ORDER = ["model", "loss", "train", "data", "augment", "infer"]  # what the short table names first
@@ -118,6 +120,18 @@ def ensemble_scores(record: dict | None, tta: list[str] | None) -> tuple[float |
     return (pick or {}).get("score"), pp, (base or {})
 
 
+def metric_label(*records: dict | None) -> str:
+    """The short name of the metric the first record naming one holds (``oof.json``, ``summary.json``);
+    ``dice`` for runs recorded before metrics were configurable."""
+    for rec in records:
+        if isinstance(rec, dict) and rec.get("metric"):
+            try:
+                return Metric.from_dict(rec["metric"]).label
+            except KaggleCMRError:
+                return "?"
+    return Metric().label
+
+
 def read_run(run_dir: str | os.PathLike, runs_dir: str | os.PathLike | None = None, base: dict | None = None) -> dict:
     """One leaderboard row: everything known about a run folder, JSON-ready (unknown = None)."""
     run_dir = Path(run_dir)
@@ -141,6 +155,7 @@ def read_run(run_dir: str | os.PathLike, runs_dir: str | os.PathLike | None = No
         "folds_total": n,
         "folds_missing": [k for k in range(n) if k not in summaries],  # absent or unfinished
         "folds_unfinished": [k for k in range(n) if k in present and k not in summaries],
+        "metric": metric_label(oof, *summaries.values()),
         "full_fit": (run_dir / "full" / "summary.json").is_file(),
         "fold_scores": {str(k): s.get("best_score") for k, s in sorted(summaries.items())},
         "best_epochs": {str(k): s.get("best_epoch") for k, s in sorted(summaries.items())},
@@ -175,7 +190,7 @@ def list_runs(runs_dir: str | os.PathLike = "runs") -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ printing
-COLUMNS = [("run", "name"), ("differs from default", "differs"), ("folds", "folds"), ("OOF", "oof"),
+COLUMNS = [("run", "name"), ("differs from default", "differs"), ("folds", "folds"), ("metric", "metric"), ("OOF", "oof"),
            ("OOF last", "oof_last"), ("+TTA", "oof_tta"), ("+PP", "oof_pp"), ("per class", "per_class"),
            ("params", "parameters"), ("MB", "model_mb"), ("s/epoch", "seconds_per_epoch"),
            ("train min", "train_minutes"), ("device", "device")]
@@ -212,7 +227,8 @@ def _cells(r: dict, max_keys: int = 3) -> dict[str, str]:
         oof = f"({r['fold_mean']:.4f} fold mean)"
     params = r["parameters"]
     return {
-        "name": r["name"], "differs": "?" if r["differs"] is None else (text or "-"), "folds": folds, "oof": oof,
+        "name": r["name"], "differs": "?" if r["differs"] is None else (text or "-"), "folds": folds,
+        "metric": r.get("metric") or "-", "oof": oof,
         "oof_last": num(r["oof_last"], ".4f"), "oof_tta": num(r["oof_tta"], ".4f"), "oof_pp": num(r["oof_pp"], ".4f"),
         "per_class": " ".join(f"{k}:{v:.3f}" for k, v in r["per_class"].items()) or "-",
         "parameters": "-" if params is None else (f"{params / 1e6:.2f}M" if params >= 1e5 else f"{params / 1e3:.1f}k"),
@@ -245,7 +261,8 @@ def print_runs(rows: list[dict], *, as_json: bool = False, file=None) -> None:
 
         table = Table(show_lines=False)
         for h, k in COLUMNS:
-            table.add_column(h, justify="right" if k not in ("name", "differs", "per_class", "device", "folds") else "left")
+            table.add_column(h, justify="right" if k not in ("name", "differs", "per_class", "device", "folds", "metric")
+                             else "left")
         for c in map(_cells, rows):
             table.add_row(*(c[k] for _, k in COLUMNS))
         needed = len(format_runs_table(rows).splitlines()[0]) + 3 * len(COLUMNS) + 1  # never squeeze cells to "…"
