@@ -97,7 +97,7 @@ def encode(
 
 SelectOpt = typer.Option(None, "--select", help="Checkpoint of every fold: best, last or swa (default: each "
                          "fold's train.select); last/swa give an honest OOF.")
-ConfigOpt = typer.Option(None, "--config", "-c", help="Config path or shipped name (default, demo, offline, warwick); "
+ConfigOpt = typer.Option(None, "--config", "-c", help="Config path or shipped name (default, demo, offline, warwick, camvid); "
                          "default: the dataset file's recipe, else default.")
 SetOpt = typer.Option(None, "--set", help="Override a config key: --set train.lr=3e-4 (repeatable).")
 

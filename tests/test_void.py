@@ -4,7 +4,9 @@ statistics, patch locations, augmentation borders, postprocessing tuning and sub
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,29 @@ def test_postprocessing_tuning_ignores_strays_on_void_pixels():
         assert plan["1"]["kind"] == "min_area" and after > before
         plan, before, after, _ = tune_plan(pred, void, 2, metric=metric)
         assert plan == {"1": {"kind": "none"}} and before == after == 1.0
+
+
+REAL_CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
+
+
+@pytest.mark.skipif(not (REAL_CAMVID / "trainannot").is_dir(), reason="real CamVid data not present")
+def test_shipped_camvid_file():
+    from kagglecmr.cfg.config import SHIPPED_DATASETS, load_config
+    from kagglecmr.data.dataset import recipe_for
+
+    path = SHIPPED_DATASETS / "camvid.yaml"
+    ds = load_dataset(path)
+    assert ds.num_classes == 11 and ds.classes[0] == "sky" and ds.ignore == (11,)
+    assert ds.mask_values == {v: v for v in range(11)} and ds.size == (360, 480) and ds.in_channels == 3
+    assert ds.metric == Metric("iou", per="dataset", classes=tuple(range(11)))  # sky scored too
+    assert {s: len(ds.items(s)) for s in ds.split_names()} == {"train": 367, "val": 101, "test": 233}
+    assert ds.has_masks("test") and ds.has_masks("val")
+    i, _, mp = ds.items("test")[0]
+    raw = cv2.imread(str(mp), cv2.IMREAD_UNCHANGED)
+    m = ds.read_mask(mp)
+    assert (raw == 11).any() and np.array_equal(m == VOID, raw == 11) and m[raw != 11].max() <= 10
+    rows = dict(ds.submission.rows(i, np.where(m == VOID, 0, m), 11))
+    assert len(rows) == 11 and f"{i}_10" in rows and ds.submission.parse_row_id(f"{i}_10") == (i, 10)
+    groups = ds.groups([j for s in ("train", "val") for j, _, _ in ds.items(s)])
+    assert len(set(groups)) == 117 and max(groups.count(g) for g in set(groups)) == 50
+    assert recipe_for(path) == "camvid" and load_config("camvid").data.hw == (240, 320)

@@ -34,7 +34,9 @@ class Reporter:
         dice = " ".join(f"{k[5:]}:{v:.3f}" for k, v in row.items() if k.startswith("dice_"))
         info = f"loss {row['train_loss']:.4f}"
         if not math.isnan(row["val_dice"]):
-            info += f" val {row['val_dice']:.4f} [{dice}]" + (" *" if row["best"] else "")
+            score = row.get("val_score", row["val_dice"])  # the dataset's metric; Dice per class in brackets
+            other = "" if score == row["val_dice"] else f" (Dice {row['val_dice']:.4f})"
+            info += f" val {score:.4f}{other} [{dice}]" + (" *" if row["best"] else "")
         if self.progress:
             self.progress.update(self.task, completed=row["epoch"], info=info)
         else:
