@@ -337,7 +337,7 @@ def runs(runs_dir: str | Path = "runs", *, as_json: bool = False) -> list[dict]:
 
 def report(run: str | Path, *, data: str | Path | None = None, worst: int = 12) -> Path:
     """Write ``<run>/report.html`` (``kagglecmr report``): one self-contained page about the run (config,
-    dataset, timings, per-fold and per-class OOF Dice, curves, the ``worst`` OOF images when ``data`` is
+    dataset, timings, per-fold and per-class OOF scores, curves, the ``worst`` OOF images when ``data`` is
     given, the postprocessing plan); returns its path."""
     from kagglecmr.reports.html_report import write_report
 

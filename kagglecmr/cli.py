@@ -78,7 +78,8 @@ def score(
                                      "default: the labelled train/val masks of the submission's images."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Score a submission exactly as the leaderboard does (mean Dice over rows), plus IoU and pixel accuracy."""
+    """Score a submission exactly as the leaderboard does (the dataset's metric; mean Dice over rows by default),
+    plus Dice, IoU and pixel accuracy."""
     api.score(submission, truth=truth, data=data, split=split, as_json=as_json)
 
 

@@ -5,8 +5,9 @@ predicted by every fold model and TTA pass, the **softmax probabilities** are av
 folds, then runs with optional weights) and the argmax is the mask.  ``--split oof`` predicts each
 labelled image only with the fold models that did not train on it: the honest estimate, and what the
 postprocessing is chosen on.  Every OOF score, the postprocessing and ``--weights auto`` use the dataset's
-metric (``metric:`` in its dataset file; mean Dice over rows by default).  Several splits (``--split oof,test``) are predicted from one load of the
-models and one OOF pass; :func:`run_ensemble` also takes runs already loaded (``loaded=``).
+metric (``metric:`` in its dataset file; mean Dice over rows by default).  Several splits (``--split
+oof,test``) are predicted from one load of the models and one OOF pass; :func:`run_ensemble` also takes
+runs already loaded (``loaded=``).
 
 A fold's model is the checkpoint its ``train.select`` names (best epoch, last epoch or SWA).  Runs
 trained on different folds files (or on pseudo labels made on different folds files) are refused: their

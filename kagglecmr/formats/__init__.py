@@ -1,1 +1,1 @@
-"""The competition's file formats and metric: run-length codec, submission format, Dice tables, submission CSVs (pure numpy, no torch)."""
+"""The competition's file formats and metric: run-length codec, submission format, the competition metrics, submission CSVs (pure numpy, no torch)."""
