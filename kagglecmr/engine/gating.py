@@ -42,9 +42,9 @@ from kagglecmr.utils.errors import ConfigError
 TRIPLET = ("top", "bot", "min_area")
 KEYS = (*TRIPLET, "head")
 EPSILON = 1e-4  # a gate must beat "no gate" by more than this (class score) to be chosen
-TOPS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+TOPS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # a softmax argmax can win with little over 1/K
 BOTS = (0.3, 0.5, 0.7)
-AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)  # of the image's pixels
+AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032)  # of the image's pixels
 HEADS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 _CHUNK_PIXELS = 1 << 24
 
