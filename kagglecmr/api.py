@@ -91,11 +91,13 @@ class ExportResult:
 
 # ----------------------------------------------------------------------------------- functions
 def demo_data(out: str | Path, *, n_train: int = 60, n_val: int = 12, n_test: int = 24, seed: int = 0,
-              size: int = 96, force: bool = False) -> DemoDataResult:
-    """Synthetic CMR-like dataset in the competition layout (``kagglecmr demo-data``)."""
+              size: int = 96, force: bool = False, kind: str = "cmr") -> DemoDataResult:
+    """Synthetic CMR-like dataset in the competition layout (``kagglecmr demo-data``); ``kind="sparse"``: about
+    half the slices without a heart (every class empty), for empty-mask gating."""
     from kagglecmr.data.demo import make_demo_dataset
 
-    summary = make_demo_dataset(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force)
+    summary = make_demo_dataset(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force,
+                                kind=kind)
     return DemoDataResult(Path(out), summary)
 
 
@@ -206,9 +208,11 @@ def ensemble(runs: list[str | Path] | str | Path | None = None, *, weights: list
              tta: bool = False, tta_flips: list[str] | None = None, out: str | Path | None = None,
              save_masks: str | Path | None = None, postprocess: str = "auto", device: str = "auto",
              batch_size: int | None = None, full: bool = True,
-             select: str | None = None) -> EnsembleResult | dict[str, EnsembleResult]:
+             select: str | None = None, gate: str | None = None) -> EnsembleResult | dict[str, EnsembleResult]:
     """Fold-averaged softmax (+ TTA, run weights), OOF-tuned postprocessing, submission CSV (``kagglecmr ensemble``).
-    ``select`` (best, last, swa) overrides which checkpoint every fold contributes.
+    ``select`` (best, last, swa) overrides which checkpoint every fold contributes.  ``gate``: empty-mask gating
+    tuned on OOF with the postprocessing (``triplet``, ``head``, ``triplet,head`` or ``none``; default: the
+    head's threshold when the runs have a cls head).
     ``split`` is one name (-> an :class:`EnsembleResult`) or a list (-> ``{split: EnsembleResult}``, one load)."""
     from kagglecmr.engine.ensembler import run_ensemble
 
@@ -217,7 +221,7 @@ def ensemble(runs: list[str | Path] | str | Path | None = None, *, weights: list
                        tta=tta or bool(tta_flips), tta_flips=list(tta_flips) if tta_flips else None,
                        out=None if out is None else Path(out), save_masks=None if save_masks is None else Path(save_masks),
                        postprocess=postprocess, weights=weights, device=device, batch_size=batch_size, with_full=full,
-                       select=select)
+                       select=select, gate=gate)
     if isinstance(split, str):
         return _ensemble_result(res)
     return {s: _ensemble_result(r) for s, r in res.items()}
@@ -241,12 +245,15 @@ def _ensemble_result(res: dict) -> EnsembleResult:
 def load_ensemble(runs: list[str | Path] | str | Path | None = None, *, tta: bool = False,
                   tta_flips: list[str] | None = None, weights: list[float] | None = None, device: str = "auto",
                   batch_size: int | None = None, full: bool = True, runs_dir: str | Path = "runs",
-                  select: str | None = None) -> Predictor:
+                  select: str | None = None, postprocess: str | Path | None = None) -> Predictor:
     """The ensemble of ``runs`` ready for numpy images of any size: ``.predict_proba(images)`` (float32
     ``[N, K, H, W]``, a list when sizes differ), ``.predict(images)`` (class maps), ``.to_raw(labels)``.
     ``select`` (best, last, swa): that checkpoint of every fold instead of its ``train.select``.
+    ``postprocess``: the plan ``.predict`` applies (component rules and empty-mask gates): ``"auto"`` (the run's
+    own ``postprocess.json``, written by :func:`ensemble`) or a plan file; None (default): the plain argmax.
     ``runs`` may also be one ``.onnx``/``.pt`` file written by :func:`export` (onnxruntime / TorchScript)."""
     from kagglecmr.engine.predictor import load_ensemble as _load
+    from kagglecmr.engine.predictor import read_plan
 
     one = runs[0] if isinstance(runs, (list, tuple)) and len(runs) == 1 else runs
     if isinstance(one, (str, Path)) and Path(one).suffix.lower() in (".onnx", ".pt"):
@@ -255,22 +262,27 @@ def load_ensemble(runs: list[str | Path] | str | Path | None = None, *, tta: boo
         if tta or tta_flips or weights or select:
             print(f"note: {one} has its models, TTA and weights built in; tta/tta_flips/weights/select are ignored",
                   flush=True)
-        return ExportPredictor.load(one)
+        pred = ExportPredictor.load(one)
+        pred.plan = read_plan(None if postprocess is None else str(postprocess), [Path(one)], pred.num_classes)
+        return pred
     return _load(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
-                 full=full, runs_dir=Path(runs_dir), select=select)
+                 full=full, runs_dir=Path(runs_dir), select=select,
+                 postprocess=None if postprocess is None else str(postprocess))
 
 
 def predict(images: list[str | Path] | str | Path, *, runs: list[str | Path] | str | Path | None = None,
             out: str | Path, tta: bool = False, tta_flips: list[str] | None = None, weights: list[float] | None = None,
             overlay: bool = False, force: bool = False, device: str = "auto", batch_size: int | None = None,
-            full: bool = True, runs_dir: str | Path = "runs", select: str | None = None) -> PredictResult:
+            full: bool = True, runs_dir: str | Path = "runs", select: str | None = None,
+            postprocess: str | Path | None = None) -> PredictResult:
     """PNG files or folders -> ``out/<stem>.png`` masks in the dataset's mask values at each image's own
-    size, plus ``<stem>_overlay.png`` with ``overlay`` (``kagglecmr predict``)."""
+    size, plus ``<stem>_overlay.png`` with ``overlay`` (``kagglecmr predict``); ``postprocess`` as
+    :func:`load_ensemble`'s."""
     from kagglecmr.engine.predictor import predict_files
 
     inputs = [images] if isinstance(images, (str, Path)) else list(images)
     pred = load_ensemble(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
-                         full=full, runs_dir=runs_dir, select=select)
+                         full=full, runs_dir=runs_dir, select=select, postprocess=postprocess)
     res = predict_files(pred, inputs, Path(out), overlay=overlay, force=force)
     return PredictResult(res["masks"], res["overlays"], list(res["labels"]), res["files"])
 

@@ -44,9 +44,11 @@ def demo_data(
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
     size: int = typer.Option(96, "--size", help="Image side in pixels."),
     force: bool = typer.Option(False, "--force", help="Replace an existing dataset at OUT."),
+    kind: str = typer.Option("cmr", "--kind", help="cmr, or sparse: about half the slices without a heart (every "
+                             "class empty), for empty-mask gating (ensemble --gate)."),
 ) -> None:
     """Write a synthetic CMR-like dataset (phantoms, labels 0..3) in the competition layout."""
-    api.demo_data(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force)
+    api.demo_data(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force, kind=kind)
 
 
 @app.command("make-folds")
@@ -173,6 +175,9 @@ def ensemble(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward pass (default: config infer.*)."),
     full: bool = typer.Option(True, "--full/--no-full", help="Add the full-fit model (train --fold all) if any."),
     select: str | None = SelectOpt,
+    gate: str | None = typer.Option(None, "--gate", help="Empty-mask gating tuned on OOF with --postprocess auto: "
+                                    "triplet, head (the cls head's threshold), triplet,head or none (default: head "
+                                    "when the runs have a cls head)."),
 ) -> None:
     """Average fold softmax (+ flip TTA), OOF-tuned postprocessing, leaderboard-ready CSV."""
     splits = [s.strip() for item in split for s in item.split(",") if s.strip()]
@@ -185,7 +190,7 @@ def ensemble(
             raise KaggleCMRError(f"--weights {' '.join(weights)}: expected numbers (one per --runs) or auto") from None
     api.ensemble(runs, weights=weights, runs_dir=runs_dir, data=data, split=splits[0] if len(splits) == 1 else splits,
                  tta=tta, tta_flips=_flips(tta_flips), out=out, save_masks=save_masks, postprocess=postprocess,
-                 device=device, batch_size=batch_size, full=full, select=select)
+                 device=device, batch_size=batch_size, full=full, select=select, gate=gate)
 
 
 def _flips(text: str | None) -> list[str] | None:
@@ -215,10 +220,13 @@ def predict(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward pass."),
     full: bool = FullOpt,
     select: str | None = SelectOpt,
+    postprocess: str = typer.Option("none", "--postprocess", help="none, auto (the run's postprocess.json written by "
+                                    "ensemble: component rules and empty-mask gates) or a plan JSON."),
 ) -> None:
     """Masks for any PNG images, in the dataset's own mask values, at each image's own size."""
     api.predict(images, runs=runs, out=out, tta=tta, tta_flips=_flips(tta_flips), weights=weights, overlay=overlay,
-                force=force, device=device, batch_size=batch_size, full=full, runs_dir=runs_dir, select=select)
+                force=force, device=device, batch_size=batch_size, full=full, runs_dir=runs_dir, select=select,
+                postprocess=postprocess)
 
 
 @app.command("export")

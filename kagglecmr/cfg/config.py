@@ -106,6 +106,9 @@ class ModelConfig(_Section):
         "image", description="image: zero mean, unit std per image; channel: per image and channel (invariant to "
         "per-channel gain/offset, e.g. stain strength); fixed: one constant mean/std.")
     params: dict[str, Any] = Field(default_factory=dict, description="Extra smp.create_model kwargs.")
+    cls_head: bool = Field(False, description="An image-level head (smp aux_params) trained on 'class present' "
+                           "(BCE, loss.cls_weight); its OOF-tuned threshold can zero a class's mask (ensemble --gate).")
+    cls_dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the cls head's linear layer.")
 
 
 class LossConfig(_Section):
@@ -117,6 +120,7 @@ class LossConfig(_Section):
     tversky_alpha: float = Field(0.5, ge=0, le=1)
     focal_gamma: float = Field(2.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    cls_weight: float = Field(0.5, ge=0, description="Weight of the cls head's BCE on 'class present' (model.cls_head).")
 
 
 class AugmentConfig(_Section):

@@ -10,6 +10,10 @@ The classes are separable by intensity *and* shape (the bright blobs in the back
 as bright as the LV, the myocardium is as dark as the background), so a small UNet learns
 them quickly but thresholding alone does not.
 
+``kind="sparse"`` (``demo-data --kind sparse``) leaves the heart out of about half the slices (as slices
+below or above it: every class empty), the setting where empty-mask gating pays (SIIM-ACR, Severstal); the
+bright vessel-like blobs stay, so a model has small, uncertain false positives to make there.
+
 Everything is drawn with OpenCV from one ``np.random.default_rng(seed)``: the same seed gives
 byte-identical PNGs.  The dataset is written to a temporary sibling folder and renamed into
 place, so a failure never leaves half a dataset behind.
@@ -31,6 +35,8 @@ from kagglecmr.utils.errors import KaggleCMRError
 from kagglecmr.utils.io import atomic_write_bytes
 
 NO_RV_FRACTION = 0.1
+EMPTY_FRACTION = 0.5  # kind "sparse": slices without a heart
+KINDS = ("cmr", "sparse")
 SHIFT = 4  # cv2 fixed-point bits: sub-pixel centres and axes
 _SCALE = 1 << SHIFT
 
@@ -134,14 +140,15 @@ def _heart(rng: np.random.Generator, size: int, with_rv: bool, tissue: float) ->
     return labels, values
 
 
-def make_phantom(rng: np.random.Generator, size: int = 96, with_rv: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """One ``(image, mask)`` pair: uint8 ``[size, size]`` each, mask values 0..3."""
+def make_phantom(rng: np.random.Generator, size: int = 96, with_rv: bool = True,
+                 with_heart: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One ``(image, mask)`` pair: uint8 ``[size, size]`` each, mask values 0..3 (all 0 without the heart)."""
     img, tissue = _background(rng, size)
-    labels, values = _heart(rng, size, with_rv, tissue)
+    labels, values = _heart(rng, size, with_rv, tissue) if with_heart else (np.zeros((size, size), np.uint8), {})
     for k, v in values.items():
         img[labels == k] = v
     lv = labels == 3
-    for _ in range(rng.integers(0, 4)):  # papillary muscles: dark dots inside the LV, labelled LV
+    for _ in range(rng.integers(0, 4) if with_heart else 0):  # papillary muscles: dark dots inside the LV, labelled LV
         ys, xs = np.nonzero(lv)
         j = rng.integers(len(ys))
         cv2.circle(img, (int(xs[j]), int(ys[j])), int(rng.integers(1, 3)), values[2] * 1.2, -1)
@@ -186,28 +193,30 @@ def _check_target(out: Path, force: bool) -> bool:
     return True
 
 
-def _write_dataset(root: Path, counts: dict[str, int], seed: int, size: int) -> dict:
+def _write_dataset(root: Path, counts: dict[str, int], seed: int, size: int, kind: str = "cmr") -> dict:
     """Draw and write every split under ``root``; return per-split statistics."""
     rng = np.random.default_rng(seed)
     n_total = sum(counts.values())
     with_rv = rng.random(n_total) >= NO_RV_FRACTION
-    next_id, no_rv, pixels = 1, 0, np.zeros(4, np.int64)
+    heart = rng.random(n_total) >= EMPTY_FRACTION if kind == "sparse" else np.ones(n_total, bool)
+    next_id, no_rv, empty, pixels = 1, 0, 0, np.zeros(4, np.int64)
     for split, n in counts.items():
         (root / split / "image").mkdir(parents=True, exist_ok=True)
         labelled = split != "test"
         if labelled:
             (root / split / "mask").mkdir(parents=True, exist_ok=True)
         for _ in range(n):
-            image, mask = make_phantom(rng, size, with_rv=bool(with_rv[next_id - 1]))
+            image, mask = make_phantom(rng, size, with_rv=bool(with_rv[next_id - 1]), with_heart=bool(heart[next_id - 1]))
             name = f"cmr{next_id}"
             atomic_write_bytes(root / split / "image" / f"{name}.png", _png(image))
             if labelled:
                 atomic_write_bytes(root / split / "mask" / f"{name}{MASK_SUFFIX}.png", _png(mask))
                 no_rv += int(not (mask == 1).any())
+                empty += int(not mask.any())
                 pixels += np.bincount(mask.ravel(), minlength=4)
             next_id += 1
     fractions = (pixels / max(1, pixels.sum())).round(4).tolist()
-    return {"no_rv": no_rv, "class_fractions": fractions}
+    return {"no_rv": no_rv, "class_fractions": fractions} | ({"empty": empty} if kind == "sparse" else {})
 
 
 def _swap_in(tmp: Path, out: Path, replace: bool) -> None:
@@ -228,15 +237,18 @@ def _swap_in(tmp: Path, out: Path, replace: bool) -> None:
 
 
 def make_demo_dataset(out, n_train: int = 60, n_val: int = 12, n_test: int = 24, seed: int = 0,
-                      size: int = 96, force: bool = False) -> dict:
+                      size: int = 96, force: bool = False, kind: str = "cmr") -> dict:
     """Write a synthetic CMR-like dataset to ``out`` in the competition layout.
 
     ``out/train/{image,mask}``, ``out/val/{image,mask}`` (when ``n_val > 0``) and
     ``out/test/image`` (when ``n_test > 0``); ids run ``cmr1..`` across train, val, test.  An
     existing non-empty ``out`` is refused unless ``force`` (and even then only when it holds
-    nothing but ``train/``, ``val/``, ``test/``).  Returns a summary dict.
+    nothing but ``train/``, ``val/``, ``test/``).  ``kind``: ``cmr`` or ``sparse`` (about half the slices
+    without a heart).  Returns a summary dict.
     """
     _check_args(n_train, n_val, n_test, size)
+    if kind not in KINDS:
+        raise KaggleCMRError(f"--kind {kind}: expected {' or '.join(KINDS)}")
     out = Path(out)
     replace = _check_target(out, force)
     counts = {s: n for s, n in zip(SPLITS, (n_train, n_val, n_test)) if n > 0}
@@ -244,12 +256,15 @@ def make_demo_dataset(out, n_train: int = 60, n_val: int = 12, n_test: int = 24,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
     try:
-        stats = _write_dataset(tmp, counts, seed, size)
+        stats = _write_dataset(tmp, counts, seed, size, kind)
         _swap_in(tmp, out, replace)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     summary = {"out": str(out), "seed": seed, "size": size, "train": n_train, "val": n_val, "test": n_test, **stats}
+    if kind != "cmr":
+        summary["kind"] = kind
+    empty = f", {stats['empty']} labelled empty" if kind == "sparse" else ""
     print(f"demo-data: wrote {n_train} train + {n_val} val (with masks) + {n_test} test images "
-          f"({size}x{size}, seed {seed}, {stats['no_rv']} labelled without RV) to {out}")
+          f"({size}x{size}, seed {seed}, {stats['no_rv']} labelled without RV{empty}) to {out}")
     return summary

@@ -33,6 +33,7 @@ from kagglecmr.data.dataset import apply_dataset, load_dataset
 from kagglecmr.data.loader import Split
 from kagglecmr.engine.blend import blend_table, fit_weights, nested_estimate
 from kagglecmr.engine.evaluator import truth_masks
+from kagglecmr.engine.gate_runs import choose_gating, gate_kinds, gated, presence_of, split_keep
 from kagglecmr.engine.infer import TTA_PASSES, TTA_TURNS, predict_proba, predict_proba_tiled
 from kagglecmr.engine.outputs import contact_sheet_path, label_at_size, score_report, write_masks  # noqa: F401 (re-exported)
 from kagglecmr.engine.postprocess import apply_plan, describe_plan, load_plan, save_plan, tune_plan
@@ -202,10 +203,11 @@ def report_oof(probs: np.ndarray, labelled: Split, passes, num_classes: int, met
 
 
 def record_oof(run_dir: Path, passes, pred: np.ndarray, truth: np.ndarray, plan: dict | None, num_classes: int,
-               metric: Metric | None = None) -> None:
-    """Store the OOF score of this TTA set (and after ``plan``) in the run's ``ensemble_oof.json``."""
+               metric: Metric | None = None, keep=None) -> None:
+    """Store the OOF score of this TTA set (and after ``plan``, gated by ``keep``) in the run's ``ensemble_oof.json``."""
     metric = metric or Metric()
-    pp = metric.table_labels(apply_plan(pred, plan, num_classes), truth, num_classes) if plan is not None else None
+    pp = (metric.table_labels(gated(apply_plan(pred, plan, num_classes), keep), truth, num_classes)
+          if plan is not None else None)
     record_ensemble_oof(run_dir, list(passes), metric.table_labels(pred, truth, num_classes), pp, plan)
 
 
@@ -257,12 +259,13 @@ SPLITS = ("test", "val", "train", "oof")
 def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str | list[str], tta: bool,
                  tta_flips: list[str] | None, out: Path | None, save_masks: Path | None, postprocess: str,
                  weights: list[float] | None, device: str, batch_size: int | None = None, with_full: bool = True,
-                 loaded: list[Run] | None = None, select: str | None = None) -> dict:
+                 loaded: list[Run] | None = None, select: str | None = None, gate: str | None = None) -> dict:
     """Ensemble ``split`` (one name -> its result dict) or several (a list -> ``{split: result}``, one
     load of the models, one OOF pass; ``save_masks`` then gets a sub-folder per split).  ``loaded``:
     runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored).
     ``select``: best, last or swa for every fold instead of each fold's ``train.select`` (``last``/``swa``
-    make the OOF and a weight fit honest: no epoch chosen on the fold it scores)."""
+    make the OOF and a weight fit honest: no epoch chosen on the fold it scores).  ``gate``: empty-mask gating
+    tuned with ``postprocess="auto"`` (:mod:`kagglecmr.engine.gate_runs`)."""
 
     t0 = time.time()
     splits = [split] if isinstance(split, str) else list(split)
@@ -304,7 +307,8 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
 
     has_labels = any(ds.has_masks(s) for s in ("train", "val"))
     labelled = ds.labelled() if has_labels else None
-    plan = oof_probs = blend = None
+    plan = oof_probs = blend = oof_presence = None
+    kinds = gate_kinds(gate, loaded) if postprocess == "auto" else ()
     if weights == "auto":
         if labelled is None:
             raise KaggleCMRError(f"{data_root}: --weights auto fits on out-of-fold predictions and needs labelled images")
@@ -323,10 +327,14 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
                                truth_masks(ds, None, labelled.ids), ds), flush=True)
         if postprocess == "auto":
             plan = choose_postprocessing(oof_pred, labelled, k, ds.metric)
+            plan, oof_presence = choose_gating(kinds, loaded, labelled, oof_probs, apply_plan(oof_pred, plan, k), plan,
+                                               device=dev, passes=passes, weights=w, batch_size=batch_size,
+                                               metric=ds.metric, names=ds.classes)
             if len(loaded) == 1 and select is None:  # the run's own models: its plan and record
                 save_plan(plan, loaded[0].path / "postprocess.json")
         if len(loaded) == 1 and select is None:  # for `kagglecmr runs` and `report`: OOF per TTA set, with postprocessing
-            record_oof(loaded[0].path, passes, oof_pred, labelled.masks, plan, cfg.data.num_classes, ds.metric)
+            keep = split_keep(plan, oof_probs, presence_of(loaded, labelled, True, dev, passes, w, batch_size, oof_presence))
+            record_oof(loaded[0].path, passes, oof_pred, labelled.masks, plan, cfg.data.num_classes, ds.metric, keep)
     elif postprocess == "auto":
         print("note: no labelled images, so no out-of-fold postprocessing", flush=True)
 
@@ -334,7 +342,8 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     for s in splits:
         masks_dir = save_masks if save_masks is None or len(splits) == 1 else Path(save_masks) / s
         results[s] = _write_split(s, loaded, labelled, oof_probs, plan, data_root=data_root, ds=ds, dev=dev,
-                                  passes=passes, w=w, batch_size=batch_size, out=out, save_masks=masks_dir, t0=t0)
+                                  passes=passes, w=w, batch_size=batch_size, out=out, save_masks=masks_dir, t0=t0,
+                                  oof_presence=oof_presence)
         results[s]["weights"] = [float(x) for x in w]
         if blend is not None:
 
@@ -346,7 +355,7 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
 
 
 def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_probs, plan, *, data_root, ds, dev,
-                 passes, w, batch_size, out, save_masks, t0) -> dict:
+                 passes, w, batch_size, out, save_masks, t0, oof_presence=None) -> dict:
     """Predict one split (OOF probabilities come computed), resize to each image's own size, postprocess,
     score it when it has masks, write its CSV in the dataset's format (and masks in its own values)."""
 
@@ -364,8 +373,9 @@ def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_prob
                   f"(use --split oof for an honest estimate)", flush=True)
         probs = predict_images(loaded, images.images, dev, passes, w, batch_size)
     labels = [label_at_size(p, hw) for p, hw in zip(probs, images.sizes())]  # each image's own size
+    keep = split_keep(plan, probs, presence_of(loaded, images, split == "oof", dev, passes, w, batch_size, oof_presence))
     if plan is not None:
-        labels = [apply_plan(m, plan, k) for m in labels]
+        labels = gated([apply_plan(m, plan, k) for m in labels], keep)
     if split != "oof" and ds.has_masks(split):  # a labelled split (e.g. a holdout test set): score it
         truth = {i: ds.read_mask(mp, resize=False) for i, _, mp in ds.items(split)}
         print(score_report(split, dict(zip(images.ids, labels)), truth, ds), flush=True)
@@ -387,7 +397,8 @@ def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_prob
           flush=True)
     if save_masks is not None:
         write_masks(save_masks, images.ids, labels, images.images, ds=ds,
-                    preview=[apply_plan(p, plan, k) if plan is not None else p for p in probs.argmax(1).astype(np.uint8)])
+                    preview=gated([apply_plan(p, plan, k) if plan is not None else p
+                                   for p in probs.argmax(1).astype(np.uint8)], keep))
     return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan, "ids": list(images.ids), "probs": probs,
             "labels": labels, "truth": images.masks, "tta": passes, "runs": [str(r.path) for r in loaded],
             "metric": ds.metric}

@@ -6,6 +6,9 @@ A *plan* maps a foreground class (as a string, ``"1"``..``"num_classes-1"``) to 
     {"kind": "largest"}                keep only the largest connected component
     {"kind": "min_area", "area": A}    drop components smaller than A pixels (may empty the class)
 
+and may carry a ``"gate"`` (empty-mask gating, :mod:`kagglecmr.engine.gating`: keep the class in an image
+only when its probabilities or the cls head say so), which needs the probabilities and is applied there.
+
 Components are **8-connected** (diagonal neighbours touch).  Pixels removed from class ``k``
 become background (0); other classes are never changed, so when class 0 is not scored the classes
 are independent under the metric (every metric's score is the mean of its per-class scores) and each
@@ -26,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kagglecmr.engine.gating import check_gate, describe_gate
 from kagglecmr.formats.competition_metric import Metric
 from kagglecmr.utils.errors import ConfigError
 from kagglecmr.utils.io import atomic_write_json
@@ -44,6 +48,9 @@ def _check_rule(rule, where: str) -> dict:
     """Return a normalised copy of one rule or raise ConfigError(``where: ...``)."""
     if not isinstance(rule, dict):
         raise ConfigError(f"{where}: rule must be an object like {{\"kind\": \"largest\"}}, got {rule!r}")
+    if "gate" in rule:  # empty-mask gating beside the component rule
+        return _check_rule({k: v for k, v in rule.items() if k != "gate"}, where) | \
+            {"gate": check_gate(rule["gate"], f"{where}: gate")}
     kind = rule.get("kind")
     if kind not in KINDS:
         raise ConfigError(f"{where}: unknown kind {kind!r} (expected one of: {', '.join(KINDS)})")
@@ -133,7 +140,8 @@ def apply_plan(labels: np.ndarray, plan: dict, num_classes: int = 4) -> np.ndarr
 
 
 def rule_name(rule: dict) -> str:
-    return f"min_area {rule['area']}" if rule["kind"] == "min_area" else rule["kind"]
+    name = f"min_area {rule['area']}" if rule["kind"] == "min_area" else rule["kind"]
+    return f"{name}, gate {describe_gate(rule['gate'])}" if rule.get("gate") else name
 
 
 def describe_plan(plan: dict) -> str:

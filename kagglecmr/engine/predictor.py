@@ -9,6 +9,10 @@ resized back to the image's own size.
 What the run was trained on comes from ``fold0/dataset.json`` when present (keys ``in_channels``,
 ``channels``, ``size``, ``mask_values`` ``{raw value: class}``, ``classes``), else from the config:
 grey or RGB by ``data.in_channels``, mask values ``0..K-1``, ``data.size``.
+
+With a postprocessing plan (``load_ensemble(..., postprocess=...)``, ``predict --postprocess``; none by
+default), :meth:`Predictor.predict` applies it as ``ensemble`` does: the component rules at each image's own
+size and the empty-mask gates (:mod:`kagglecmr.engine.gating`) decided on the probabilities at the trained size.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from kagglecmr.data.channels import channel_rule, to_channels
 from kagglecmr.data.loader import imread
 from kagglecmr.data.mask_values import labels_to_raw
 from kagglecmr.engine.ensembler import Run, _weights, check_compatible, latest_run, load_run, predict_images, tta_passes
+from kagglecmr.engine.gate_runs import gated, split_keep
+from kagglecmr.engine.outputs import label_at_size
+from kagglecmr.engine.postprocess import apply_plan, load_plan
+from kagglecmr.engine.presence import runs_presence
 from kagglecmr.utils.errors import DataError, KaggleCMRError
 from kagglecmr.utils.io import atomic_path
 from kagglecmr.utils.naming import natural_sorted
@@ -135,6 +143,7 @@ class Predictor:
     device: torch.device
     batch_size: int
     dataset: dict = field(default_factory=dict)
+    plan: dict | None = field(default=None, kw_only=True)  # postprocessing (component rules, gates); None: argmax
 
     @property
     def num_classes(self) -> int:
@@ -188,11 +197,28 @@ class Predictor:
         return out if out else np.zeros((0, self.num_classes, *self.size), np.float32)
 
     def predict(self, images) -> np.ndarray | list[np.ndarray]:
-        """uint8 class maps ``[N, H, W]`` (argmax of :meth:`predict_proba`; a list when sizes differ)."""
+        """uint8 class maps ``[N, H, W]`` (argmax of :meth:`predict_proba`, then the plan; a list when sizes differ)."""
+        if self.plan is not None:
+            return self._planned(images)
         probs = self.predict_proba(images)
         if isinstance(probs, np.ndarray):
             return probs.argmax(1).astype(np.uint8)
         return [p.argmax(0).astype(np.uint8) for p in probs]
+
+    def _planned(self, images) -> np.ndarray | list[np.ndarray]:
+        items = _as_list(images)
+        out: list[np.ndarray] = []
+        for start in range(0, len(items), CHUNK):
+            batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep,
+                                            self.source)
+                              for i, im in enumerate(items[start:start + CHUNK])])
+            probs = self._probs(batch)
+            keep = split_keep(self.plan, probs, lambda b=batch: runs_presence(self.runs, b, self.device, self.passes,
+                                                                               self.weights, self.batch_size))
+            labels = [apply_plan(label_at_size(p, im.shape[:2]), self.plan, self.num_classes)
+                      for p, im in zip(probs, items[start:start + CHUNK])]
+            out += gated(labels, keep)
+        return np.stack(out) if out and len({m.shape for m in out}) == 1 else out
 
     def to_raw(self, labels: np.ndarray) -> np.ndarray:
         """Class maps -> the dataset's own mask values (``mask_values`` inverted, e.g. 0/255)."""
@@ -201,10 +227,11 @@ class Predictor:
 
 def load_ensemble(runs, *, tta: bool = False, tta_flips: list[str] | None = None, weights: list[float] | None = None,
                   device: str = "auto", batch_size: int | None = None, full: bool = True,
-                  runs_dir: Path = Path("runs"), select: str | None = None) -> Predictor:
+                  runs_dir: Path = Path("runs"), select: str | None = None, postprocess: str | None = None) -> Predictor:
     """The fold models of ``runs`` (one path or a list; default the latest under ``runs_dir``) with the full
     fit when present (``full``), flip TTA as ``ensemble --tta`` and run ``weights``; ``select`` (best, last,
-    swa) takes that checkpoint of every fold instead of its ``train.select``, as ``ensemble --select``."""
+    swa) takes that checkpoint of every fold instead of its ``train.select``, as ``ensemble --select``;
+    ``postprocess`` (:func:`read_plan`) the plan :meth:`Predictor.predict` applies."""
     if runs is None or (isinstance(runs, (list, tuple)) and not runs):
         runs = [latest_run(runs_dir)]
     paths = [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
@@ -219,7 +246,23 @@ def load_ensemble(runs, *, tta: bool = False, tta_flips: list[str] | None = None
         if (info["in_channels"], info["size"]) != (infos[0]["in_channels"], infos[0]["size"]):
             raise KaggleCMRError(f"{r.path}: trained on {info['in_channels']} channels at {info['size']}, "
                                  f"{loaded[0].path} on {infos[0]['in_channels']} at {infos[0]['size']}")
-    return Predictor(loaded, passes, _weights(loaded, weights), dev, bs, infos[0])
+    plan = read_plan(postprocess, paths, loaded[0].cfg.data.num_classes)
+    return Predictor(loaded, passes, _weights(loaded, weights), dev, bs, infos[0], plan=plan)
+
+
+def read_plan(postprocess: str | None, runs: list[Path], num_classes: int | None) -> dict | None:
+    """``none``/None: no plan; ``auto``: the run's own ``postprocess.json`` (one run, written by ``ensemble``);
+    else the path of a plan JSON."""
+    if postprocess is None or str(postprocess) == "none":
+        return None
+    if str(postprocess) != "auto":
+        return load_plan(postprocess, num_classes)
+    if len(runs) != 1 or not runs[0].is_dir():
+        raise KaggleCMRError("--postprocess auto: the run's own postprocess.json needs exactly one run folder; "
+                             "give a plan file instead")
+    if not (runs[0] / "postprocess.json").is_file():
+        raise KaggleCMRError(f"{runs[0] / 'postprocess.json'}: not found (ensemble --postprocess auto writes it)")
+    return load_plan(runs[0] / "postprocess.json", num_classes)
 
 
 # ------------------------------------------------------------------------------- kagglecmr predict

@@ -37,6 +37,7 @@ from kagglecmr.data.loader import Split
 from kagglecmr.engine.cudagraph import use_cuda_graphs
 from kagglecmr.engine.infer import predict_proba, predict_proba_tiled
 from kagglecmr.engine.optim import lr_lambda
+from kagglecmr.engine.presence import has_presence, presence_tiled
 from kagglecmr.engine.rundir import FULL, FoldResult, fold_dir, prepare_dir
 from kagglecmr.engine.tiles import needs_tiles
 from kagglecmr.engine.warm import step_state
@@ -264,10 +265,12 @@ def _save_oof(path: Path, model, x_val, va: Split, cfg: Config, device, dtype, m
     labels = probs.argmax(1).astype(np.uint8)  # from float32: float16 rounding can flip near-ties
     table = metric.table_labels(labels, va.masks, cfg.data.num_classes)
     dice = Metric(classes=table.classes).from_counts(table.inter, table.psize, table.tsize)
+    extra = {"presence": presence_tiled(model, va.images, device, tile=cfg.tile, batch_size=cfg.train.val_batch_size,
+                                        amp=dtype)} if has_presence(model) else {}  # the cls head's, [N, K-1]
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, ids=np.array(va.ids), probs=probs.astype(np.float16), labels=labels, dice=dice,
                             counts=np.stack([table.inter, table.psize, table.tsize], -1), classes=np.array(table.classes),
-                            scores=table.rows)
+                            scores=table.rows, **extra)
 
 
 @torch.inference_mode()

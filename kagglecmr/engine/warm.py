@@ -35,6 +35,7 @@ from kagglecmr.cfg.config import Config
 from kagglecmr.engine.averaging import EMA
 from kagglecmr.engine.cudagraph import GraphedStep
 from kagglecmr.engine.optim import build_optimizer
+from kagglecmr.models.cls_head import part, with_presence
 from kagglecmr.models.losses import build_loss
 from kagglecmr.utils.runtime import autocast
 
@@ -85,7 +86,7 @@ class StepState:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model, capturable=graphs)
         self.base_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
-        self.criterion = build_loss(cfg.loss, cfg.data.num_classes).to(device)
+        self.criterion = with_presence(build_loss(cfg.loss, cfg.data.num_classes), cfg).to(device)
         self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
         self.swa = torch.optim.swa_utils.AveragedModel(self.model) if cfg.train.swa_epochs > 0 else None
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
@@ -134,7 +135,8 @@ class StepState:
             logits = self.forward(x)
         if self.n_pseudo:
             b = self.bs_lab
-            loss = self.criterion(logits[:b], y[:b]) + self.pseudo_w * self.criterion(logits[b:], y[b:])
+            loss = self.criterion(part(logits, slice(None, b)), y[:b]) + \
+                self.pseudo_w * self.criterion(part(logits, slice(b, None)), y[b:])
         else:
             loss = self.criterion(logits, y)
         self.scaler.scale(loss).backward()

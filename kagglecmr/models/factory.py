@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kagglecmr.cfg.config import Config, ModelConfig
+from kagglecmr.models.cls_head import aux_params
 from kagglecmr.utils.errors import ConfigError
 
 OFFLINE_HINT = (
@@ -47,7 +48,8 @@ class SegModel(nn.Module):
         self.input_scale = input_scale
         self.multiple = max(1, int(multiple))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], int, int]:
+        """Normalised, resized and padded input, with the size before padding and the padding."""
         if self.normalize in ("image", "channel"):
             dims = (1, 2, 3) if self.normalize == "image" else (2, 3)
             mean = x.mean(dim=dims, keepdim=True)
@@ -68,12 +70,32 @@ class SegModel(nn.Module):
         ph, pw = -size[0] % m, -size[1] % m
         if ph or pw:  # zeros are the normalised mean; the padding is cropped off the logits again
             x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        return x, size, ph, pw
+
+    def forward(self, x: torch.Tensor):
+        """Segmentation logits ``[B, K, H, W]``; with a cls head (``model.cls_head``) in training mode the pair
+        ``(segmentation logits, presence logits [B, K-1])`` (:mod:`kagglecmr.models.cls_head`)."""
+        h, w = x.shape[-2:]
+        x, size, ph, pw = self._prepare(x)
         y = self.net(x)
+        presence = None
+        if isinstance(y, tuple):  # smp with aux_params: (masks, labels)
+            y, presence = y
         if ph or pw:
             y = y[..., ph // 2:ph // 2 + size[0], pw // 2:pw // 2 + size[1]]
         if size != (h, w):
             y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
-        return y
+        return (y, presence) if presence is not None and self.training else y
+
+    @property
+    def has_presence(self) -> bool:
+        return getattr(self.net, "classification_head", None) is not None
+
+    def presence_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The cls head's logits ``[B, K-1]`` from the encoder and the head alone (no decoder)."""
+        if not self.has_presence:
+            raise ValueError("this model has no cls head (model.cls_head)")
+        return self.net.classification_head(self.net.encoder(self._prepare(x)[0])[-1])
 
 
 def required_multiple(net: nn.Module) -> int:
@@ -144,7 +166,7 @@ def _create(cfg: Config, encoder_weights) -> nn.Module:
     m = cfg.model
     return smp.create_model(
         m.arch, encoder_name=m.encoder, encoder_weights=encoder_weights,
-        in_channels=cfg.data.model_channels, classes=cfg.data.num_classes or 4, **m.params,
+        in_channels=cfg.data.model_channels, classes=cfg.data.num_classes or 4, **m.params, **aux_params(cfg),
     )
 
 
