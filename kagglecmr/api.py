@@ -207,17 +207,21 @@ def ensemble(runs: list[str | Path] | str | Path | None = None, *, weights: list
              save_masks: str | Path | None = None, postprocess: str = "auto", device: str = "auto",
              batch_size: int | None = None, full: bool = True,
              select: str | None = None) -> EnsembleResult | dict[str, EnsembleResult]:
-    """Fold-averaged softmax (+ TTA, run weights), OOF-tuned postprocessing, submission CSV (``kagglecmr ensemble``).
+    """Fold-averaged softmax (+ TTA, run weights), OOF-tuned postprocessing, submission CSV (``kagglecmr ensemble``);
+    with a ``task: multilabel`` dataset the sigmoids per class and OOF-tuned per-class thresholds.
     ``select`` (best, last, swa) overrides which checkpoint every fold contributes.
     ``split`` is one name (-> an :class:`EnsembleResult`) or a list (-> ``{split: EnsembleResult}``, one load)."""
+    from kagglecmr.data.dataset import dataset_task
+    from kagglecmr.engine.ensemble_multilabel import run_ensemble_multilabel
     from kagglecmr.engine.ensembler import run_ensemble
 
     paths = None if runs is None else [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
-    res = run_ensemble(runs=paths or None, runs_dir=Path(runs_dir), data_root=Path(data), split=split,
-                       tta=tta or bool(tta_flips), tta_flips=list(tta_flips) if tta_flips else None,
-                       out=None if out is None else Path(out), save_masks=None if save_masks is None else Path(save_masks),
-                       postprocess=postprocess, weights=weights, device=device, batch_size=batch_size, with_full=full,
-                       select=select)
+    run = run_ensemble_multilabel if dataset_task(data) == "multilabel" else run_ensemble  # sigmoid per class
+    res = run(runs=paths or None, runs_dir=Path(runs_dir), data_root=Path(data), split=split,
+              tta=tta or bool(tta_flips), tta_flips=list(tta_flips) if tta_flips else None,
+              out=None if out is None else Path(out), save_masks=None if save_masks is None else Path(save_masks),
+              postprocess=postprocess, weights=weights, device=device, batch_size=batch_size, with_full=full,
+              select=select)
     if isinstance(split, str):
         return _ensemble_result(res)
     return {s: _ensemble_result(r) for s, r in res.items()}
@@ -232,9 +236,9 @@ def _ensemble_result(res: dict) -> EnsembleResult:
     result = EnsembleResult(Path(res["out"]), res["ids"], res["probs"], labels, res["rows"], res["empty"],
                             res["plan"], list(res["tta"]), [Path(r) for r in res["runs"]])
     if res["truth"] is not None and same and labels.shape == res["truth"].shape:
-        from kagglecmr.formats.metric import dice_table
+        from kagglecmr.formats.multilabel import task_rows
 
-        table = dice_table(res["labels"], res["truth"], res["probs"].shape[1])
+        table = task_rows(res["labels"], res["truth"], res["probs"].shape[1], bool(res.get("multilabel")))
         result.score = float(table.mean())
         result.per_class = {str(k + 1): float(table[:, k].mean()) for k in range(table.shape[1])}
     return result

@@ -16,6 +16,7 @@
     submission: {id: "{id}_mask{class}", header: [id, encoding], order: column, start: 1, classes: [1, 2, 3]}
     recipe: null                         # experiment config `train` uses without --config
     labels: null                         # a split's mask may be a run-length CSV (kagglecmr.data.labels_csv)
+    task: softmax                        # or multilabel: overlapping classes, one file per class (data.multilabel)
 
 :func:`load_dataset` lists every split's files, reads the training masks (value map, classes) and
 images (channels, sizes) and fails early with a one-line :class:`DataError` naming the file.
@@ -47,6 +48,8 @@ from kagglecmr.data.mask_values import (  # noqa: F401 (auto_mask_map, class_to_
     map_values,
     resolve_mask_map,
 )
+from kagglecmr.data.multilabel import ClassFiles, read_class_files, resolve_class_map
+from kagglecmr.formats.multilabel import MultilabelFormat, label_names
 from kagglecmr.formats.submission import SubmissionFormat
 from kagglecmr.utils.errors import ConfigError, DataError
 
@@ -76,6 +79,7 @@ class Dataset:
     colour: bool = False  # colour-coded masks: mask_values keys are 0xRRGGBB colours
     label_error: str | None = None  # folder form: mask values not 0..K-1 (a pinned data.num_classes may allow them)
     _label_top: int = field(default=0, repr=False)  # the largest mask value found, with label_error
+    task: str = "softmax"  # multilabel: classes overlap, masks are packed bits (kagglecmr.formats.multilabel)
     notes: list[str] = field(default_factory=list)
     _items: dict[str, list] = field(default_factory=dict, repr=False)
     _masked: dict[str, bool] = field(default_factory=dict, repr=False)
@@ -87,6 +91,16 @@ class Dataset:
     @property
     def in_channels(self) -> int:
         return len(self.channels)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    @property
+    def label_names(self) -> list[str]:
+        """The names class numbers index: ``classes``, or with ``task: multilabel`` ``[NO_CLASS, *classes]``
+        (its classes number 1..K, as a softmax task's foreground classes)."""
+        return label_names(self.classes) if self.multilabel else list(self.classes)
 
     def split_names(self) -> list[str]:
         return [s for s in SPLIT_NAMES if s in self._items]
@@ -112,6 +126,8 @@ class Dataset:
         """Class labels of one mask at its own size: from a labels CSV, by the binary rule or by the value map."""
         if isinstance(path, CsvMask):
             return path.decode()
+        if isinstance(path, ClassFiles):  # task multilabel: one binary file per class -> packed bits
+            return read_class_files(path, self.mask_values, self.mask_rule, str(self.path))
         raw = decode_raw(path, colour=self.colour, grey=self.mask_rule is not None)
         if self.mask_rule:
             return binary_mask(raw, self.mask_rule)
@@ -185,7 +201,7 @@ class Dataset:
             "mask_values": self.raw_values(), "mask_rule": self.mask_rule,
             "submission": self.submission.to_dict(), "group": self.group, "recipe": self.recipe, "notes": list(self.notes),
             "splits": {s: {"images": len(self._items[s]), "masks": self.has_masks(s)} for s in self.split_names()},
-        }
+        } | ({"task": self.task} if self.multilabel else {})
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -214,8 +230,13 @@ def _size(path: Path, items: dict, train_images, setting) -> tuple[tuple[int, in
     return next(iter(seen)), False
 
 
-def _submission_format(d: dict | None, num_classes: int, names: list[str], source: str):
-
+def _submission_format(d: dict | None, num_classes: int, names: list[str], source: str, *, multilabel: bool = False):
+    if multilabel:  # rows for classes 1..K of packed maps (kagglecmr.formats.multilabel)
+        try:
+            return MultilabelFormat.from_dict(d, num_classes=num_classes + 1, class_names=label_names(names),
+                                              source=source)
+        except ConfigError as exc:
+            raise DataError(str(exc)) from None
     try:
         return SubmissionFormat.from_dict(d, num_classes=num_classes, class_names=names, source=source)
     except ConfigError as exc:
@@ -263,17 +284,21 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
         size, resized, size_error = None, False, str(exc).replace("set size:", "set data.size and data.resize: true")
     k = len(spec.classes) if spec.classes else None
     label_error, top = None, 0
-    try:
-        mapping, k, rule, colour = resolve_mask_map(path, items, masked, spec.mask_values, k, folder)
-    except LabelGapError as exc:  # raised by load() and apply_dataset() unless data.num_classes allows the values
-        mapping, k, rule, colour, label_error, top = {v: v for v in range(exc.k)}, exc.k, None, False, str(exc), exc.top
+    if spec.task == "multilabel":
+        (mapping, rule), colour = resolve_class_map(path, items, masked, spec.mask_values), False
+    else:
+        try:
+            mapping, k, rule, colour = resolve_mask_map(path, items, masked, spec.mask_values, k, folder)
+        except LabelGapError as exc:  # raised by load() and apply_dataset() unless data.num_classes allows the values
+            mapping, k, rule, colour, label_error, top = ({v: v for v in range(exc.k)}, exc.k, None, False, str(exc),
+                                                          exc.top)
     names = list(spec.classes) if spec.classes else ["background"] + [f"class{c}" for c in range(1, k)]
     ds = Dataset(name=spec.name or (path.name if folder else path.stem), path=path, root=root, classes=names,
                  mask_values=mapping, channels=channels, source_channels=source, size=size,
                  group=spec.group, recipe=spec.recipe, folder=folder, resized=resized, size_error=size_error, notes=notes,
                  mask_rule=rule, colour=colour, label_error=label_error, _label_top=top, _items=items,
-                 _masked=masked)
-    ds.submission = _submission_format(spec.submission, k, names, str(path))
+                 _masked=masked, task=spec.task)
+    ds.submission = _submission_format(spec.submission, k, names, str(path), multilabel=ds.multilabel)
     return ds
 
 
@@ -285,6 +310,8 @@ def apply_dataset(cfg, ds: Dataset):
     ``data.resize: true`` with a pinned size resizes to it.)"""
     d = cfg.data
     where = f"config {cfg.name or '<defaults>'}"
+    if (d.task or "softmax") != ds.task and d.task is not None:
+        raise ConfigError(f"{where}: data.task={d.task} conflicts with {ds.path} (task {ds.task})")
     if d.num_classes is not None and d.num_classes != ds.num_classes:
         if not (ds.folder and d.num_classes > ds.num_classes):
             raise ConfigError(f"{where}: data.num_classes={d.num_classes} conflicts with {ds.path} "
@@ -311,6 +338,8 @@ def apply_dataset(cfg, ds: Dataset):
     out = cfg.model_copy(deep=True)
     h, w = ds.size
     out.data.size = h if h == w else [h, w]
+    if ds.multilabel:  # before num_classes: one class is a valid multilabel task
+        out.data.task = ds.task
     out.data.in_channels, out.data.num_classes = ds.in_channels, ds.num_classes
     cw = out.loss.class_weights
     if cw is not None and len(cw) != ds.num_classes:
@@ -333,6 +362,16 @@ def recipe_for(data: str | Path) -> str:
     if p.suffix in (".yaml", ".yml") or p.parent != Path("."):
         return str(p if p.is_absolute() else path.parent / p)
     return recipe
+
+
+def dataset_task(data: str | Path) -> str:
+    """``softmax`` or ``multilabel``: the ``task`` of ``data``'s dataset file (read alone, no image decoded)."""
+    path = Path(data)
+    if path.is_dir() and (path / DATASET_FILE).is_file():
+        path = path / DATASET_FILE
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        return read_dataset_file(path).task
+    return "softmax"
 
 
 def prepare(cfg, data: str | Path, *, quiet: bool = False):

@@ -29,7 +29,7 @@ import yaml
 
 from kagglecmr.cfg.config import Config
 from kagglecmr.data.loader import Split
-from kagglecmr.formats.metric import dice_table
+from kagglecmr.formats.multilabel import task_rows
 from kagglecmr.utils.errors import KaggleCMRError
 from kagglecmr.utils.io import atomic_write_json, atomic_write_text
 from kagglecmr.utils.locks import LOCK_NAME
@@ -123,7 +123,7 @@ def read_oof_labels(files: list[Path]) -> tuple[list[str], list[np.ndarray]]:
     return ids, preds
 
 
-def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> dict | None:
+def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int, multilabel: bool = False) -> dict | None:
     """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``.
 
     ``score``/``per_class``: each fold's best validation epoch (chosen on the fold it is scored on:
@@ -138,9 +138,9 @@ def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> d
         if not all(f.is_file() for f in files):
             continue
         ids, preds = read_oof_labels(files)
-        table = dice_table(np.concatenate(preds), data.subset(ids).masks, num_classes)
+        table = task_rows(np.concatenate(preds), data.subset(ids).masks, num_classes, multilabel)
         result |= {f"score{suffix}": float(table.mean()),
-                   f"per_class{suffix}": {str(k): float(table[:, k - 1].mean()) for k in range(1, num_classes)}}
+                   f"per_class{suffix}": {str(k): float(table[:, k - 1].mean()) for k in range(1, table.shape[1] + 1)}}
         if not suffix:
             result |= {"images": len(ids), "rows": int(table.size)}
     summary = run_dir / "fold0" / "summary.json"

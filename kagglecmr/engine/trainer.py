@@ -39,9 +39,9 @@ from kagglecmr.engine.optim import lr_lambda
 from kagglecmr.engine.rundir import FULL, FoldResult, fold_dir, prepare_dir
 from kagglecmr.engine.tiles import needs_tiles
 from kagglecmr.engine.warm import step_state
-from kagglecmr.formats.metric import dice_table
+from kagglecmr.formats.multilabel import task_labels, task_rows
 from kagglecmr.models.checkpoint import MODEL_FILES, load_best, load_last, save_best, save_last
-from kagglecmr.models.factory import build_model, count_parameters
+from kagglecmr.models.factory import build_model, count_parameters, probabilities
 from kagglecmr.utils.io import atomic_path, atomic_write_json
 from kagglecmr.utils.locks import FoldLock, FoldLocked
 from kagglecmr.utils.plots import plot_curves
@@ -78,7 +78,8 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     n_pseudo = min(int(round(cfg.train.pseudo.ratio * bs)), bs - 1) if pseudo is not None and len(pseudo) else 0
     bs_lab = bs - n_pseudo  # labelled images per batch; an epoch still passes over each once
     steps_per_epoch = max(1, len(tr) // bs_lab)  # drop the ragged last batch (BatchNorm on tiny batches)
-    k_fg = cfg.data.num_classes - 1
+    ml = cfg.data.multilabel  # overlapping classes: sigmoid per class, packed masks (kagglecmr.formats.multilabel)
+    k_fg = cfg.data.num_classes - (0 if ml else 1)
 
     # ---- model, optimiser, schedule, loss: the process's warm step state when the last fold had the same shapes
     fold_num = FULL_SEED_SLOT if fold == FULL else int(fold)
@@ -173,7 +174,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                 else:
                     probs, vloss = _validate(eval_model, criterion, x_val, y_val, device, dtype,
                                              cfg.train.val_batch_size)
-                table = dice_table(probs.argmax(1), va.masks, cfg.data.num_classes)
+                table = task_rows(task_labels(probs, ml), va.masks, cfg.data.num_classes, ml)
                 row |= {"val_loss": vloss, "val_dice": float(table.mean())}
                 row |= {f"dice_{k}": float(table[:, k - 1].mean()) for k in range(1, k_fg + 1)}
                 improved = row["val_dice"] > best_score
@@ -248,8 +249,9 @@ def _save_oof(path: Path, model, x_val, va: Split, cfg: Config, device, dtype) -
         probs = _tiled_probs(model, va, cfg, device, dtype)
     else:
         probs = predict_proba(model, x_val, device, batch_size=cfg.train.val_batch_size, amp=dtype)
-    labels = probs.argmax(1).astype(np.uint8)  # from float32: float16 rounding can flip near-ties
-    table = dice_table(labels, va.masks, cfg.data.num_classes)
+    ml = cfg.data.multilabel
+    labels = task_labels(probs, ml)  # from float32: float16 rounding can flip near-ties
+    table = task_rows(labels, va.masks, cfg.data.num_classes, ml)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, ids=np.array(va.ids), probs=probs.astype(np.float16), labels=labels, dice=table)
 
@@ -262,7 +264,7 @@ def _validate(model, criterion, x, y, device, dtype, batch_size) -> tuple[np.nda
         with autocast(device, dtype):
             logits = model(x[s:s + batch_size])
         losses.append(criterion(logits, y[s:s + batch_size]).item() * len(logits))
-        probs.append(torch.softmax(logits.float(), 1).cpu())
+        probs.append(probabilities(model, logits).cpu())
     return torch.cat(probs).numpy(), float(sum(losses) / x.shape[0])
 
 
