@@ -91,11 +91,17 @@ class ExportResult:
 
 # ----------------------------------------------------------------------------------- functions
 def demo_data(out: str | Path, *, n_train: int = 60, n_val: int = 12, n_test: int = 24, seed: int = 0,
-              size: int = 96, force: bool = False) -> DemoDataResult:
-    """Synthetic CMR-like dataset in the competition layout (``kagglecmr demo-data``)."""
+              size: int = 96, force: bool = False, kind: str = "cmr") -> DemoDataResult:
+    """Synthetic CMR-like dataset in the competition layout (``kagglecmr demo-data``); ``kind="multilabel"``:
+    overlapping shapes, one mask file per class, with its ``dataset.yaml`` (``task: multilabel``)."""
     from kagglecmr.data.demo import make_demo_dataset
+    from kagglecmr.data.demo_multilabel import make_multilabel_demo
+    from kagglecmr.utils.errors import KaggleCMRError
 
-    summary = make_demo_dataset(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force)
+    makers = {"cmr": make_demo_dataset, "multilabel": make_multilabel_demo}
+    if kind not in makers:
+        raise KaggleCMRError(f"--kind {kind}: expected one of {', '.join(makers)}")
+    summary = makers[kind](out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force)
     return DemoDataResult(Path(out), summary)
 
 

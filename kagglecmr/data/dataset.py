@@ -37,6 +37,7 @@ from kagglecmr.data.channels import channel_rule, resolve_channels, to_channels 
 from kagglecmr.data.dataset_file import DatasetFile, SplitPatterns, file_items, read_dataset_file
 from kagglecmr.data.labels_csv import CsvMask
 from kagglecmr.data.loader import Split
+from kagglecmr.data.mask_folder import mask_folder_paths
 from kagglecmr.data.mask_values import (  # noqa: F401 (auto_mask_map, class_to_raw: re-exported)
     LabelGapError,
     auto_mask_map,
@@ -48,7 +49,7 @@ from kagglecmr.data.mask_values import (  # noqa: F401 (auto_mask_map, class_to_
     map_values,
     resolve_mask_map,
 )
-from kagglecmr.data.multilabel import ClassFiles, read_class_files, resolve_class_map
+from kagglecmr.data.multilabel import ClassFiles, read_class_files, read_class_folder, resolve_class_map
 from kagglecmr.formats.multilabel import MultilabelFormat, label_names
 from kagglecmr.formats.submission import SubmissionFormat
 from kagglecmr.utils.errors import ConfigError, DataError
@@ -132,6 +133,13 @@ class Dataset:
         if self.mask_rule:
             return binary_mask(raw, self.mask_rule)
         return map_values(raw, self.mask_values, str(path), str(self.path))
+
+    def read_mask_folder(self, folder) -> dict[str, np.ndarray]:
+        """``{image id: label map}`` of a folder of masks in the dataset's values (``<id>_mask.png`` or ``<id>.png``;
+        with ``task: multilabel`` ``<class>/<id>.png``), at their own sizes."""
+        if self.multilabel:
+            return read_class_folder(folder, self.classes, self.mask_values, self.mask_rule, str(self.path))
+        return {i: self.read_mask(p, resize=False) for i, p in mask_folder_paths(folder).items()}
 
     def to_raw(self, label_mask: np.ndarray) -> np.ndarray:
         """Class labels -> the dataset's own mask values (the first raw value of each class)."""

@@ -43,8 +43,13 @@ class DatasetFile(BaseModel):
     name: str | None = None
     root: str = "."
     classes: list[str] | None = Field(None, min_length=1)
-    task: Literal["softmax", "multilabel"] = "softmax"
-    missing: Literal["empty", "error"] = "empty"  # task multilabel: a class's missing mask file
+    task: Literal["softmax", "multilabel"] = Field(
+        "softmax", description="`softmax`: each pixel is one class (background first in `classes`); `multilabel`: "
+        "classes overlap, one sigmoid each; `classes` lists only them and masks come one file per class; see "
+        "[Overlapping classes](#overlapping-classes-task-multilabel).")
+    missing: Literal["empty", "error"] = Field(
+        "empty", description="Task multilabel: an image without a class's mask file has that class empty, or "
+        "(`error`) is an error naming the file.")
     splits: dict[Literal["train", "val", "test"], SplitPatterns]
     mask_values: Literal["auto", "nonzero", "threshold"] | dict[int | str, int] = "auto"
     channels: Literal["auto"] | list[int] = "auto"

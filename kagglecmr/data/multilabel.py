@@ -29,6 +29,7 @@ from kagglecmr.data.labels_csv import CsvMask
 from kagglecmr.data.mask_values import MASK_RULES, auto_mask_map, binary_mask, decode_raw, map_values, parse_raw
 from kagglecmr.formats.multilabel import pack
 from kagglecmr.utils.errors import DataError
+from kagglecmr.utils.naming import natural_sorted
 
 CLASS_FIELDS = ("{name}", "{class}")
 
@@ -130,3 +131,23 @@ def read_class_files(files: ClassFiles, mapping: dict[int, int], rule: str | Non
     if shape is None:
         shape = D.image_size(files.image_path)
     return pack(np.stack([np.zeros(shape, np.uint8) if m is None else m for m in masks]))
+
+
+def read_class_folder(folder: str | Path, classes: list[str], mapping: dict[int, int], rule: str | None,
+                      dataset: str) -> dict[str, np.ndarray]:
+    """Packed maps ``{image id: [H, W]}`` of a folder of class masks ``<folder>/<class>/<id>.png`` (as
+    ``ensemble --save-masks`` and ``predict`` write them; a missing file is an empty class), in natural order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: mask folder not found")
+    files: list[dict[str, Path]] = []
+    for name in classes:
+        sub = folder / name
+        files.append({p.stem: p for p in sorted(sub.glob("*.png")) if p.is_file() and not p.name.startswith(".")}
+                     if sub.is_dir() else {})
+    ids = natural_sorted({i for f in files for i in f})
+    if not ids:
+        raise DataError(f"{folder}: no class masks (expected {folder}/<class>/<id>.png for classes "
+                        f"{', '.join(classes)})")
+    return {i: read_class_files(ClassFiles(tuple(f.get(i) for f in files), folder), mapping, rule, dataset)
+            for i in ids}
