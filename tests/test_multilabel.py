@@ -250,3 +250,21 @@ def test_sigmoid_model_learns_both_classes_where_they_overlap(tmp_path):
     assert overlap.sum() > 50
     assert ((pred[overlap] & 3) == 3).mean() > 0.9  # square and circle, both
     assert table(pred, truth, 3).score > 0.9
+
+
+def test_augmentation_moves_packed_masks_exactly():
+    """Both augmentation backends move mask values by nearest neighbour: no packed value is blended, so every
+    pixel keeps a set of classes that existed (or none, outside the image)."""
+    from kagglecmr.cfg.config import AugmentConfig
+    from kagglecmr.data.augment import TorchAugment, augment_batch_albumentations, build_albumentations
+
+    cfg = AugmentConfig(affine=1.0, rotate=30, elastic=1.0, rot90=1.0)
+    a, b = squares(32, 32)
+    masks = np.stack([pack(np.stack([a, np.zeros_like(a), b]))] * 4)  # values 0, 1, 4, 5: a blend gives 2 or 3
+    images = np.repeat(masks[..., None] * 30, 3, axis=3).astype(np.uint8)
+    _, out = augment_batch_albumentations(build_albumentations(cfg, seed=1), images, masks)
+    assert set(np.unique(out)) <= {0, 1, 4, 5} and (out == 5).any()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    _, y = TorchAugment(cfg)(x, torch.from_numpy(masks).long(), gen)
+    assert set(np.unique(y.numpy())) <= {0, 1, 4, 5} and (y == 5).any()

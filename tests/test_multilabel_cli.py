@@ -85,3 +85,21 @@ def test_overlapping_classes_end_to_end(tmp_path, main_cli):
             assert saved.shape == (32, 32) and set(np.unique(saved)) <= {0, 255}
             ens_mask = cv2.imread(str(tmp_path / "masks" / "test" / name / f.name), cv2.IMREAD_UNCHANGED)
             assert (saved == ens_mask).mean() > 0.99  # the same models, TTA and plan as ensemble's
+
+    # export: sigmoid probabilities and the plan in FILE.json; loaded back it predicts what predict wrote
+    ex = main_cli("export", "--runs", run, "--out", tmp_path / "m.pt", "--format", "torchscript", "--tta", "--data",
+                  data)
+    assert ex.returncode == 0, ex.stderr
+    info = json.loads((tmp_path / "m.pt.json").read_text())
+    assert info["task"] == "multilabel" and info["plan"] == plan and "sigmoid" in info["output"]["note"]
+    from kagglecmr.api import load_ensemble
+    from kagglecmr.formats.multilabel import class_mask
+
+    exported = load_ensemble(tmp_path / "m.pt")
+    files = sorted(images.iterdir())
+    pics = [cv2.imread(str(f))[:, :, ::-1] for f in files]
+    assert exported.predict_proba(pics).sum(1).max() > 1.05 or exported.predict_proba(pics).sum(1).min() < 0.95
+    for f, m in zip(files, exported.predict(pics)):
+        for c, name in enumerate(("square", "circle", "bar"), start=1):
+            saved = cv2.imread(str(tmp_path / "pred" / name / f.name), cv2.IMREAD_UNCHANGED)
+            assert (class_mask(m, c) == (saved == 255)).mean() > 0.99
