@@ -318,7 +318,7 @@ def apply_dataset(cfg, ds: Dataset):
     ``data.resize: true`` with a pinned size resizes to it.)"""
     d = cfg.data
     where = f"config {cfg.name or '<defaults>'}"
-    if (d.task or "softmax") != ds.task and d.task is not None:
+    if d.task is not None and d.task != ds.task:
         raise ConfigError(f"{where}: data.task={d.task} conflicts with {ds.path} (task {ds.task})")
     if d.num_classes is not None and d.num_classes != ds.num_classes:
         if not (ds.folder and d.num_classes > ds.num_classes):
