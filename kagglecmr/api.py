@@ -93,11 +93,20 @@ class ExportResult:
 def demo_data(out: str | Path, *, n_train: int = 60, n_val: int = 12, n_test: int = 24, seed: int = 0,
               size: int = 96, force: bool = False, kind: str = "cmr") -> DemoDataResult:
     """Synthetic CMR-like dataset in the competition layout (``kagglecmr demo-data``); ``kind="sparse"``: about
-    half the slices without a heart (every class empty), for empty-mask gating."""
+    half the slices without a heart (every class empty), for empty-mask gating; ``kind="multilabel"``: overlapping
+    shapes, one mask file per class, with its ``dataset.yaml`` (``task: multilabel``)."""
     from kagglecmr.data.demo import make_demo_dataset
+    from kagglecmr.data.demo_multilabel import make_multilabel_demo
+    from kagglecmr.utils.errors import KaggleCMRError
 
-    summary = make_demo_dataset(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force,
-                                kind=kind)
+    if kind not in ("cmr", "sparse", "multilabel"):
+        raise KaggleCMRError(f"--kind {kind}: expected one of cmr, sparse, multilabel")
+    if kind == "multilabel":
+        summary = make_multilabel_demo(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size,
+                                       force=force)
+    else:
+        summary = make_demo_dataset(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size,
+                                    force=force, kind=kind)
     return DemoDataResult(Path(out), summary)
 
 
@@ -209,19 +218,28 @@ def ensemble(runs: list[str | Path] | str | Path | None = None, *, weights: list
              save_masks: str | Path | None = None, postprocess: str = "auto", device: str = "auto",
              batch_size: int | None = None, full: bool = True,
              select: str | None = None, gate: str | None = None) -> EnsembleResult | dict[str, EnsembleResult]:
-    """Fold-averaged softmax (+ TTA, run weights), OOF-tuned postprocessing, submission CSV (``kagglecmr ensemble``).
+    """Fold-averaged softmax (+ TTA, run weights), OOF-tuned postprocessing, submission CSV (``kagglecmr ensemble``);
+    with a ``task: multilabel`` dataset the sigmoids per class and OOF-tuned per-class thresholds.
     ``select`` (best, last, swa) overrides which checkpoint every fold contributes.  ``gate``: empty-mask gating
     tuned on OOF with the postprocessing (``triplet``, ``head``, ``triplet,head`` or ``none``; default: the
-    head's threshold when the runs have a cls head).
+    head's threshold when the runs have a cls head; not with ``task: multilabel``).
     ``split`` is one name (-> an :class:`EnsembleResult`) or a list (-> ``{split: EnsembleResult}``, one load)."""
+    from kagglecmr.data.dataset import dataset_task
+    from kagglecmr.engine.ensemble_multilabel import run_ensemble_multilabel
     from kagglecmr.engine.ensembler import run_ensemble
+    from kagglecmr.utils.errors import KaggleCMRError
 
     paths = None if runs is None else [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
-    res = run_ensemble(runs=paths or None, runs_dir=Path(runs_dir), data_root=Path(data), split=split,
-                       tta=tta or bool(tta_flips), tta_flips=list(tta_flips) if tta_flips else None,
-                       out=None if out is None else Path(out), save_masks=None if save_masks is None else Path(save_masks),
-                       postprocess=postprocess, weights=weights, device=device, batch_size=batch_size, with_full=full,
-                       select=select, gate=gate)
+    multilabel = dataset_task(data) == "multilabel"
+    if multilabel and gate not in (None, "none"):
+        raise KaggleCMRError(f"--gate {gate}: empty-mask gating is not supported with task: multilabel yet")
+    kwargs = {} if multilabel else {"gate": gate}
+    run = run_ensemble_multilabel if multilabel else run_ensemble  # sigmoid per class
+    res = run(runs=paths or None, runs_dir=Path(runs_dir), data_root=Path(data), split=split,
+              tta=tta or bool(tta_flips), tta_flips=list(tta_flips) if tta_flips else None,
+              out=None if out is None else Path(out), save_masks=None if save_masks is None else Path(save_masks),
+              postprocess=postprocess, weights=weights, device=device, batch_size=batch_size, with_full=full,
+              select=select, **kwargs)
     if isinstance(split, str):
         return _ensemble_result(res)
     return {s: _ensemble_result(r) for s, r in res.items()}
@@ -236,7 +254,10 @@ def _ensemble_result(res: dict) -> EnsembleResult:
     result = EnsembleResult(Path(res["out"]), res["ids"], res["probs"], labels, res["rows"], res["empty"],
                             res["plan"], list(res["tta"]), [Path(r) for r in res["runs"]])
     if res["truth"] is not None and same and labels.shape == res["truth"].shape:
-        table = res["metric"].table_labels(labels, res["truth"], res["probs"].shape[1])  # the dataset's metric
+        from kagglecmr.formats.multilabel import task_table
+
+        table = task_table(res["labels"], res["truth"], res["probs"].shape[1], bool(res.get("multilabel")),
+                           res.get("metric"))  # the dataset's metric
         result.score = table.score
         result.per_class = {str(k): float(v) for k, v in zip(table.classes, table.per_class)}
     return result

@@ -44,8 +44,10 @@ def demo_data(
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
     size: int = typer.Option(96, "--size", help="Image side in pixels."),
     force: bool = typer.Option(False, "--force", help="Replace an existing dataset at OUT."),
-    kind: str = typer.Option("cmr", "--kind", help="cmr, or sparse: about half the slices without a heart (every "
-                             "class empty), for empty-mask gating (ensemble --gate)."),
+    kind: str = typer.Option("cmr", "--kind", help="cmr: CMR-like phantoms, labels 0..3; sparse: about half the "
+                             "slices without a heart (every class empty), for empty-mask gating (ensemble --gate); "
+                             "multilabel: overlapping shapes, one mask file per class, with a dataset.yaml "
+                             "(task: multilabel)."),
 ) -> None:
     """Write a synthetic CMR-like dataset (phantoms, labels 0..3) in the competition layout."""
     api.demo_data(out, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size, force=force, kind=kind)

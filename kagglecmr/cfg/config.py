@@ -58,7 +58,11 @@ class DataConfig(_Section):
 
     size: int | tuple[int, int] | None = Field(None, description="Side or [H, W] the model sees (None: the dataset's).")
     in_channels: int | None = Field(None, ge=1, le=4)
-    num_classes: int | None = Field(None, ge=2, description="Classes including background.")
+    task: Literal["softmax", "multilabel"] | None = Field(
+        None, description="From the dataset file's task (None: softmax): multilabel = overlapping classes, one "
+                          "sigmoid per class.")
+    num_classes: int | None = Field(None, ge=1, description="Classes including background (task multilabel: "
+                                   "the foreground classes, one sigmoid output each).")
     resize: bool = False
     context: Literal["none", "partner"] = Field(
         "none", description="Extra input channels: partner = the near-duplicate frame of the same slice.")
@@ -67,6 +71,18 @@ class DataConfig(_Section):
                           "None: whole images.")
     fg_oversample: float = Field(
         0.33, ge=0, le=1, description="With patch: share of each batch's crops centred on a foreground pixel.")
+
+    @property
+    def multilabel(self) -> bool:
+        """One sigmoid output per (possibly overlapping) class, no background channel."""
+        return self.task == "multilabel"
+
+    @field_validator("num_classes")
+    @classmethod
+    def _classes(cls, v, info):
+        if v == 1 and info.data.get("task") != "multilabel":
+            raise ValueError("Input should be greater than or equal to 2 (1 class only with task multilabel)")
+        return v
 
     @property
     def model_channels(self) -> int:

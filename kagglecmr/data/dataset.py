@@ -18,6 +18,7 @@
     labels: null                         # a split's mask may be a run-length CSV (kagglecmr.data.labels_csv)
     ignore: null                         # or [11]: raw mask values meaning void (decoded as VOID = 255)
     metric: null                         # or {name: iou, per: dataset} (kagglecmr.formats.competition_metric)
+    task: softmax                        # or multilabel: overlapping classes, one file per class (data.multilabel)
 
 :func:`load_dataset` lists every split's files, reads the training masks (value map, classes) and
 images (channels, sizes) and fails early with a one-line :class:`DataError` naming the file.
@@ -38,6 +39,7 @@ from kagglecmr.data.channels import channel_rule, resolve_channels, to_channels 
 from kagglecmr.data.dataset_file import DatasetFile, SplitPatterns, file_items, read_dataset_file
 from kagglecmr.data.labels_csv import CsvMask
 from kagglecmr.data.loader import Split
+from kagglecmr.data.mask_folder import mask_folder_paths
 from kagglecmr.data.mask_values import (  # noqa: F401 (auto_mask_map, class_to_raw: re-exported)
     LabelGapError,
     auto_mask_map,
@@ -49,7 +51,9 @@ from kagglecmr.data.mask_values import (  # noqa: F401 (auto_mask_map, class_to_
     map_values,
     resolve_mask_map,
 )
+from kagglecmr.data.multilabel import ClassFiles, read_class_files, read_class_folder, resolve_class_map
 from kagglecmr.formats.competition_metric import VOID, Metric
+from kagglecmr.formats.multilabel import MultilabelFormat, label_names
 from kagglecmr.formats.submission import SubmissionFormat
 from kagglecmr.utils.errors import ConfigError, DataError
 
@@ -81,6 +85,7 @@ class Dataset:
     ignore: tuple[int, ...] = ()  # raw mask values meaning void: decoded as VOID, left out of losses and metrics
     metric: Metric = field(default_factory=Metric)  # the competition's metric, bound to the submission's row classes
     _label_top: int = field(default=0, repr=False)  # the largest mask value found, with label_error
+    task: str = "softmax"  # multilabel: classes overlap, masks are packed bits (kagglecmr.formats.multilabel)
     notes: list[str] = field(default_factory=list)
     _items: dict[str, list] = field(default_factory=dict, repr=False)
     _masked: dict[str, bool] = field(default_factory=dict, repr=False)
@@ -92,6 +97,16 @@ class Dataset:
     @property
     def in_channels(self) -> int:
         return len(self.channels)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    @property
+    def label_names(self) -> list[str]:
+        """The names class numbers index: ``classes``, or with ``task: multilabel`` ``[NO_CLASS, *classes]``
+        (its classes number 1..K, as a softmax task's foreground classes)."""
+        return label_names(self.classes) if self.multilabel else list(self.classes)
 
     def split_names(self) -> list[str]:
         return [s for s in SPLIT_NAMES if s in self._items]
@@ -117,6 +132,8 @@ class Dataset:
         """Class labels of one mask at its own size: from a labels CSV, by the binary rule or by the value map."""
         if isinstance(path, CsvMask):
             return path.decode()
+        if isinstance(path, ClassFiles):  # task multilabel: one binary file per class -> packed bits
+            return read_class_files(path, self.mask_values, self.mask_rule, str(self.path))
         raw = decode_raw(path, colour=self.colour, grey=self.mask_rule is not None)
         if self.mask_rule:
             m = binary_mask(raw, self.mask_rule)
@@ -124,6 +141,13 @@ class Dataset:
                 m[np.isin(raw, self.ignore)] = VOID
             return m
         return map_values(raw, self.mask_values | dict.fromkeys(self.ignore, VOID), str(path), str(self.path))
+
+    def read_mask_folder(self, folder) -> dict[str, np.ndarray]:
+        """``{image id: label map}`` of a folder of masks in the dataset's values (``<id>_mask.png`` or ``<id>.png``;
+        with ``task: multilabel`` ``<class>/<id>.png``), at their own sizes."""
+        if self.multilabel:
+            return read_class_folder(folder, self.classes, self.mask_values, self.mask_rule, str(self.path))
+        return {i: self.read_mask(p, resize=False) for i, p in mask_folder_paths(folder).items()}
 
     def to_raw(self, label_mask: np.ndarray) -> np.ndarray:
         """Class labels -> the dataset's own mask values (the first raw value of each class)."""
@@ -194,7 +218,7 @@ class Dataset:
             "ignore": [hex_colour(v) if self.colour else v for v in self.ignore], "metric": self.metric.to_dict(),
             "submission": self.submission.to_dict(), "group": self.group, "recipe": self.recipe, "notes": list(self.notes),
             "splits": {s: {"images": len(self._items[s]), "masks": self.has_masks(s)} for s in self.split_names()},
-        }
+        } | ({"task": self.task} if self.multilabel else {})
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -223,8 +247,13 @@ def _size(path: Path, items: dict, train_images, setting) -> tuple[tuple[int, in
     return next(iter(seen)), False
 
 
-def _submission_format(d: dict | None, num_classes: int, names: list[str], source: str):
-
+def _submission_format(d: dict | None, num_classes: int, names: list[str], source: str, *, multilabel: bool = False):
+    if multilabel:  # rows for classes 1..K of packed maps (kagglecmr.formats.multilabel)
+        try:
+            return MultilabelFormat.from_dict(d, num_classes=num_classes + 1, class_names=label_names(names),
+                                              source=source)
+        except ConfigError as exc:
+            raise DataError(str(exc)) from None
     try:
         return SubmissionFormat.from_dict(d, num_classes=num_classes, class_names=names, source=source)
     except ConfigError as exc:
@@ -272,22 +301,26 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
         size, resized, size_error = None, False, str(exc).replace("set size:", "set data.size and data.resize: true")
     k = len(spec.classes) if spec.classes else None
     label_error, top = None, 0
-    try:
-        mapping, k, rule, colour, void = resolve_mask_map(path, items, masked, spec.mask_values, k, folder, spec.ignore)
-    except LabelGapError as exc:  # raised by load() and apply_dataset() unless data.num_classes allows the values
-        mapping, k, rule, colour, void = {v: v for v in range(exc.k)}, exc.k, None, False, ()
-        label_error, top = str(exc), exc.top
+    if spec.task == "multilabel":
+        if spec.ignore:
+            raise DataError(f"{path}: ignore: void labels are not supported with task: multilabel yet")
+        (mapping, rule), colour, void = resolve_class_map(path, items, masked, spec.mask_values), False, ()
+    else:
+        try:
+            mapping, k, rule, colour, void = resolve_mask_map(path, items, masked, spec.mask_values, k, folder, spec.ignore)
+        except LabelGapError as exc:  # raised by load() and apply_dataset() unless data.num_classes allows the values
+            mapping, k, rule, colour, void = {v: v for v in range(exc.k)}, exc.k, None, False, ()
+            label_error, top = str(exc), exc.top
     if void and k > VOID:
         raise DataError(f"{path}: ignore: void pixels need fewer than {VOID} classes ({k} found)")
-    metric = Metric.from_dict(spec.metric, str(path))  # checked when the file was read
     names = list(spec.classes) if spec.classes else ["background"] + [f"class{c}" for c in range(1, k)]
     ds = Dataset(name=spec.name or (path.name if folder else path.stem), path=path, root=root, classes=names,
                  mask_values=mapping, channels=channels, source_channels=source, size=size,
                  group=spec.group, recipe=spec.recipe, folder=folder, resized=resized, size_error=size_error, notes=notes,
                  mask_rule=rule, colour=colour, label_error=label_error, _label_top=top, _items=items,
-                 _masked=masked, ignore=void)
-    ds.submission = _submission_format(spec.submission, k, names, str(path))
-    ds.metric = metric.for_classes(ds.submission.row_classes(k))
+                 _masked=masked, ignore=void, task=spec.task)
+    ds.submission = _submission_format(spec.submission, k, names, str(path), multilabel=ds.multilabel)
+    ds.metric = Metric.from_dict(spec.metric, str(path)).for_classes(ds.submission.row_classes(k))  # checked on read
     return ds
 
 
@@ -313,6 +346,8 @@ def apply_dataset(cfg, ds: Dataset):
     ``data.resize: true`` with a pinned size resizes to it.)"""
     d = cfg.data
     where = f"config {cfg.name or '<defaults>'}"
+    if d.task is not None and d.task != ds.task:
+        raise ConfigError(f"{where}: data.task={d.task} conflicts with {ds.path} (task {ds.task})")
     if d.num_classes is not None and d.num_classes != ds.num_classes:
         if not (ds.folder and d.num_classes > ds.num_classes):
             raise ConfigError(f"{where}: data.num_classes={d.num_classes} conflicts with {ds.path} "
@@ -339,6 +374,8 @@ def apply_dataset(cfg, ds: Dataset):
     out = cfg.model_copy(deep=True)
     h, w = ds.size
     out.data.size = h if h == w else [h, w]
+    if ds.multilabel:  # before num_classes: one class is a valid multilabel task
+        out.data.task = ds.task
     out.data.in_channels, out.data.num_classes = ds.in_channels, ds.num_classes
     cw = out.loss.class_weights
     if cw is not None and len(cw) != ds.num_classes:
@@ -361,6 +398,16 @@ def recipe_for(data: str | Path) -> str:
     if p.suffix in (".yaml", ".yml") or p.parent != Path("."):
         return str(p if p.is_absolute() else path.parent / p)
     return recipe
+
+
+def dataset_task(data: str | Path) -> str:
+    """``softmax`` or ``multilabel``: the ``task`` of ``data``'s dataset file (read alone, no image decoded)."""
+    path = Path(data)
+    if path.is_dir() and (path / DATASET_FILE).is_file():
+        path = path / DATASET_FILE
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        return read_dataset_file(path).task
+    return "softmax"
 
 
 def prepare(cfg, data: str | Path, *, quiet: bool = False):

@@ -6,6 +6,11 @@ a mask pattern unites the files it matches for one image (:class:`~kagglecmr.dat
 mask "pattern" without ``{id}`` ending in ``.csv`` is a run-length labels CSV (:mod:`kagglecmr.data.labels_csv`).  Images and masks may share a folder (``Img/{id}.png`` + ``Img/{id}_mask.png``):
 a file matching both patterns belongs to the more specific one.  Images without masks, masks without
 images and ids matching twice are one-line :class:`DataError` messages naming the file.
+
+``task: multilabel`` (overlapping classes; :mod:`kagglecmr.data.multilabel`): ``classes`` lists the foreground
+classes only, and a mask pattern holds ``{name}`` (the class name) or ``{class}`` (its number 1..K) besides
+``{id}``: one binary file per image and class (``GT/{name}/{id}_{name}.tif``).  A missing file is an empty
+class, or with ``missing: error`` a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kagglecmr.data.labels_csv import CsvLabels, CsvMask, is_csv_pattern
 from kagglecmr.data.mask_values import MaskUnion, parse_raw
+from kagglecmr.data.multilabel import class_masks, class_pattern, class_pattern_field
 from kagglecmr.formats.competition_metric import Metric
+from kagglecmr.formats.multilabel import MAX_CLASSES, label_names
 from kagglecmr.utils.errors import ConfigError, DataError
 from kagglecmr.utils.naming import natural_sorted
 
@@ -36,7 +43,14 @@ class DatasetFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = None
     root: str = "."
-    classes: list[str] | None = Field(None, min_length=2)
+    classes: list[str] | None = Field(None, min_length=1)
+    task: Literal["softmax", "multilabel"] = Field(
+        "softmax", description="`softmax`: each pixel is one class (background first in `classes`); `multilabel`: "
+        "classes overlap, one sigmoid each; `classes` lists only them and masks come one file per class; see "
+        "[Overlapping classes](#overlapping-classes-task-multilabel).")
+    missing: Literal["empty", "error"] = Field(
+        "empty", description="Task multilabel: an image without a class's mask file has that class empty, or "
+        "(`error`) is an error naming the file.")
     splits: dict[Literal["train", "val", "test"], SplitPatterns]
     mask_values: Literal["auto", "nonzero", "threshold"] | dict[int | str, int | Literal["ignore"]] = "auto"
     channels: Literal["auto"] | list[int] = "auto"
@@ -61,11 +75,33 @@ class DatasetFile(BaseModel):
             for kind, pat in (("image", s.image), ("mask", s.mask)):
                 if kind == "mask" and is_csv_pattern(pat):
                     continue  # masks from a run-length CSV (a path relative to root, or absolute)
-                if pat is not None and (pat.count("{id}") < 1 or re.search(r"\{(?!id\})", pat)
+                known = "id|name|class" if kind == "mask" else "id"  # {name}, {class}: checked against task below
+                if pat is not None and (pat.count("{id}") < 1 or re.search(r"\{(?!(" + known + r")\})", pat)
                                         or pat.startswith("/") or "\\" in pat):
                     raise ValueError(f"{name}.{kind}: pattern {pat!r} must be a relative path with {{id}}"
                                      + (" (or a labels .csv file)" if kind == "mask" else ""))
         return v
+
+    @model_validator(mode="after")
+    def _task(self):
+        per_class = {name: class_pattern_field(s.mask) for name, s in self.splits.items()
+                     if s.mask is not None and not is_csv_pattern(s.mask)}
+        if self.task == "softmax":
+            if self.classes is not None and len(self.classes) < 2:
+                raise ValueError(f"classes: List should have at least 2 items after validation, not {len(self.classes)}")
+            for name, f in per_class.items():
+                if f:
+                    raise ValueError(f"splits.{name}.mask: {f} names one file per class: set task: multilabel")
+            return self
+        if not self.classes:
+            raise ValueError("classes: task multilabel needs the list of its (foreground) classes")
+        if len(self.classes) > MAX_CLASSES:
+            raise ValueError(f"classes: task multilabel holds at most {MAX_CLASSES} classes (found {len(self.classes)})")
+        for name, f in per_class.items():
+            if not f:
+                raise ValueError(f"splits.{name}.mask: task multilabel reads one file per class: put {{name}} or "
+                                 "{class} in the pattern, e.g. masks/{name}/{id}.png (or give a labels .csv)")
+        return self
 
     @field_validator("channels")
     @classmethod
@@ -174,7 +210,7 @@ def read_dataset_file(path: Path) -> DatasetFile:
         e = err.errors()[0]
         key = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("literal[", "dict[", "tuple[", "int"))) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        raise DataError(f"{path}: {key}: {msg}") from None
+        raise DataError(f"{path}: {'' if key == '<root>' else key + ': '}{msg}") from None
 
 
 def file_items(path: Path, root: Path, spec: DatasetFile) -> tuple[dict, dict]:
@@ -182,6 +218,10 @@ def file_items(path: Path, root: Path, spec: DatasetFile) -> tuple[dict, dict]:
     for split, pats in spec.splits.items():
         csv_masks = is_csv_pattern(pats.mask)
         images = _match(root, pats.image, None if csv_masks else pats.mask)
+        if class_pattern_field(pats.mask) and not csv_masks and spec.classes:  # beside the class files: not images
+            for c, name in enumerate(spec.classes, start=1):
+                images = {i: p for i, p in _match(root, pats.image, class_pattern(pats.mask, c, name)).items()
+                          if i in images}
         if not images:
             raise DataError(f"{path}: splits.{split}.image: no file matches {root / pats.image}")
         if csv_masks:
@@ -189,9 +229,15 @@ def file_items(path: Path, root: Path, spec: DatasetFile) -> tuple[dict, dict]:
             if not csv_path.is_file():
                 raise DataError(f"{path}: splits.{split}.mask: labels CSV {csv_path} not found")
             if csv_path not in tables:
-                tables[csv_path] = CsvLabels(csv_path, spec.labels, spec.submission, spec.classes, str(path))
+                ml = spec.task == "multilabel"
+                tables[csv_path] = CsvLabels(csv_path, spec.labels, spec.submission,
+                                             label_names(spec.classes) if ml else spec.classes, str(path), multilabel=ml)
             known.setdefault(csv_path, set()).update(images)
             masks = {i: CsvMask(tables[csv_path], i, p) for i, p in images.items()}
+        elif spec.task == "multilabel" and pats.mask:
+            masks = class_masks(pats.mask, spec.classes, images,
+                                lambda pat, image=pats.image: _match(root, pat, image, unite="*" in pat),
+                                root=root, missing=spec.missing, where=f"{path}: splits.{split}.mask")
         else:
             masks = _match(root, pats.mask, pats.image, unite="*" in pats.mask) if pats.mask else {}
         if pats.mask and not csv_masks:

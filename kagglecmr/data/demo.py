@@ -175,8 +175,8 @@ def _check_args(n_train: int, n_val: int, n_test: int, size: int) -> None:
         raise KaggleCMRError(f"--size must be at least 32 pixels (got {size})")
 
 
-def _check_target(out: Path, force: bool) -> bool:
-    """Return whether ``out`` holds a dataset to replace; refuse anything unsafe."""
+def _check_target(out: Path, force: bool, allowed=SPLITS) -> bool:
+    """Return whether ``out`` holds a dataset to replace (only ``allowed`` names inside); refuse anything unsafe."""
     if not out.exists():
         return False
     if not out.is_dir():
@@ -186,7 +186,7 @@ def _check_target(out: Path, force: bool) -> bool:
         return False
     if not force:
         raise KaggleCMRError(f"{out}: folder is not empty (use --force to replace the dataset)")
-    foreign = [e for e in entries if e not in SPLITS]
+    foreign = [e for e in entries if e not in allowed]
     if foreign:
         raise KaggleCMRError(f"{out}: does not look like a dataset (contains {', '.join(foreign[:3])}); "
                              "refusing to replace it even with --force")

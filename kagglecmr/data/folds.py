@@ -2,7 +2,8 @@
 
 * **Stratification**: each image gets a stratum made of which foreground classes it contains
   and a quantile bin of its heart size (LV + myocardium area; small apical vs large basal
-  slices).  Strata with fewer members than folds are merged into coarser ones.
+  slices).  Strata with fewer members than folds are merged into coarser ones.  Overlapping classes
+  (``task: multilabel``, packed masks) stratify the same way on each class's own presence.
 * **Groups (leakage guard)**: near-duplicate images, e.g. the end-diastole / end-systole frames
   of one slice, must land in the same fold, or the out-of-fold score is optimistic.  The dataset
   file's ``group`` regex names the groups; without one, :mod:`kagglecmr.data.similarity` groups
@@ -78,13 +79,15 @@ def merge_rare_strata(fine: list[str], coarse: list[str], min_count: int) -> lis
     return labels
 
 
-def fold_features(masks: np.ndarray, num_classes: int = 4, *, n_folds: int = 5, n_bins: int = SIZE_BINS) -> pd.DataFrame:
+def fold_features(masks: np.ndarray, num_classes: int = 4, *, n_folds: int = 5, n_bins: int = SIZE_BINS,
+                  multilabel: bool = False) -> pd.DataFrame:
     """Per-image stratification features of label masks ``[N, H, W]``.
 
     Columns: ``has_k`` (0/1) and ``area_k`` (pixels) for each foreground class ``k``, the size
     used for binning (``lv_myo_area`` = classes 2+3 for 4-class CMR, else ``fg_area`` = all
     foreground), its quantile ``size_bin`` and the ``stratum`` label (present classes + size
-    bin, rare strata merged so each has at least ``n_folds`` members).
+    bin, rare strata merged so each has at least ``n_folds`` members).  ``multilabel``: the masks are packed
+    maps of ``num_classes - 1`` overlapping classes (bit ``k - 1`` = class ``k``); the size is their summed area.
     """
     if num_classes < 2:
         raise KaggleCMRError(f"num_classes must be at least 2 (got {num_classes})")
@@ -92,11 +95,12 @@ def fold_features(masks: np.ndarray, num_classes: int = 4, *, n_folds: int = 5, 
     flat = masks.reshape(len(masks), -1)
     feats: dict[str, np.ndarray] = {}
     for k in range(1, num_classes):
-        feats[f"area_{k}"] = (flat == k).sum(axis=1).astype(np.int64)
+        inside = (flat >> (k - 1)) & 1 == 1 if multilabel else flat == k
+        feats[f"area_{k}"] = inside.sum(axis=1).astype(np.int64)
     for k in range(1, num_classes):
         feats[f"has_{k}"] = (feats[f"area_{k}"] > 0).astype(np.int64)
-    size_col = _size_column(num_classes)
-    size_classes = (2, 3) if num_classes == 4 else range(1, num_classes)
+    size_col = "fg_area" if multilabel else _size_column(num_classes)
+    size_classes = (2, 3) if size_col == "lv_myo_area" else range(1, num_classes)
     feats[size_col] = sum(feats[f"area_{k}"] for k in size_classes)
     df = pd.DataFrame(feats)
     df["size_bin"] = _quantile_bins(df[size_col].to_numpy(), n_bins)
@@ -124,7 +128,7 @@ def similarity_cap(n_images: int, n_folds: int) -> int:
 
 
 def make_folds(split: Split, n_folds: int = 5, seed: int = 42, groups: bool = True, num_classes: int = 4,
-               group_of=None) -> pd.DataFrame:
+               group_of=None, multilabel: bool = False) -> pd.DataFrame:
     """Assign every labelled image of ``split`` to one of ``n_folds`` folds.
 
     Returns one row per image in natural id order with ``id, split, fold, group, stratum``
@@ -150,7 +154,7 @@ def make_folds(split: Split, n_folds: int = 5, seed: int = 42, groups: bool = Tr
     if n_folds > n_groups:
         what = ("groups" if group_of is not None else "groups of near-duplicate images") if groups else "images"
         raise KaggleCMRError(f"--n-folds {n_folds} is more than the {n_groups} {what} ({n} labelled images)")
-    feats = fold_features(split.masks, num_classes, n_folds=n_folds)
+    feats = fold_features(split.masks, num_classes, n_folds=n_folds, multilabel=multilabel)
     cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold = np.full(n, -1, np.int64)
     for k, (_, test_idx) in enumerate(cv.split(np.zeros((n, 1)), feats["stratum"], group)):
@@ -347,8 +351,8 @@ def run_make_folds(data, n_folds: int = 5, seed: int = 42, out=Path("folds/folds
     if too_big and not allow_unbalanced:
         more = "; ..." if len(too_big) > 2 else ""
         raise KaggleCMRError(f"{ds.path}: {'; '.join(too_big[:2])}{more}; {_what_to_do(True, True)}")
-    df = make_folds(split, n_folds=n_folds, seed=seed, groups=groups, num_classes=ds.num_classes,
-                    group_of=ds.groups if by_regex else None)
+    df = make_folds(split, n_folds=n_folds, seed=seed, groups=groups, num_classes=len(ds.label_names),
+                    group_of=ds.groups if by_regex else None, multilabel=ds.multilabel)
     sizes = df["group"].value_counts()
     per_split = ", ".join(f"{s} {n}" for s, n in df["split"].value_counts(sort=False).items())
     if by_regex:
@@ -365,8 +369,8 @@ def run_make_folds(data, n_folds: int = 5, seed: int = 42, out=Path("folds/folds
         print(f"note: {len(cut)} set(s) of alike images ({shown} images) were cut into groups of at most "
               f"{similarity_cap(len(df), n_folds)} ({BALANCE_TOLERANCE:.0%} of a fold); their parts may leak across "
               "folds: if they share a source (a part, a patient, a video), name it with a group: regex")
-    print(fold_table(df, ds.classes))
-    problems = [f"fold {f}: {', '.join(why)}" for f, why in fold_problems(df, ds.classes).items()]
+    print(fold_table(df, ds.label_names))
+    problems = [f"fold {f}: {', '.join(why)}" for f, why in fold_problems(df, ds.label_names).items()]
     if problems or too_big:
         what = "; ".join(too_big[:2] + problems[:3]) + ("; ..." if len(problems) > 3 else "")
         if not allow_unbalanced:

@@ -13,7 +13,8 @@ layout the dataset file's ``labels:`` mapping describes, else in the dataset's `
 ``header`` (the id and encoding column names; other columns are ignored), ``order`` and ``start``,
 and ``class_column`` (the class of each row in its own column, as an index or a class name; the id
 template then holds ``{id}`` only).  Several rows for one image and class are united (one row per
-instance); an image without rows has an empty mask; where classes overlap the higher index wins.
+instance); an image without rows has an empty mask; where classes overlap the higher index wins, or with
+``task: multilabel`` each class keeps its own bit of a packed map (:mod:`kagglecmr.formats.multilabel`).
 A row naming an image the split does not have, an unknown class or a malformed encoding is a
 one-line :class:`~kagglecmr.utils.errors.DataError` naming the CSV and its line.  Pure numpy; no torch.
 """
@@ -42,11 +43,12 @@ class CsvLabels:
     """One labels CSV, read once: ``{image id: {class: [encodings]}}`` and the format to decode them."""
 
     def __init__(self, path: Path, labels: dict | None, submission: dict | None, class_names: list[str] | None,
-                 source: str):
+                 source: str, *, multilabel: bool = False):
         """``labels``: the dataset file's ``labels:`` mapping; without it the ``submission:`` format's
-        row layout (its ``classes``, which rows a submission has, do not apply to training labels)."""
+        row layout (its ``classes``, which rows a submission has, do not apply to training labels).
+        ``multilabel``: classes overlap (``class_names`` are then the label names, ``NO_CLASS`` first)."""
 
-        self.path, self.source = Path(path), source
+        self.path, self.source, self.multilabel = Path(path), source, multilabel
         spec = dict(labels) if labels is not None else {k: v for k, v in (submission or {}).items() if k != "classes"}
         unknown = [k for k in spec if k not in LABEL_KEYS]
         if unknown:
@@ -135,12 +137,16 @@ class CsvLabels:
                 raise DataError(f"{self.path} line {line}: image {image!r} has no image file in the dataset")
 
     def mask(self, image_id: str, hw: tuple[int, int]) -> np.ndarray:
-        """The class label map (``0..K-1``) of one image at its size ``hw``."""
+        """The class label map (``0..K-1``; multilabel: packed bits) of one image at its size ``hw``."""
         m = np.zeros(hw, np.uint8 if self.num_classes <= 256 else np.uint16)
         for c in sorted(self.rows.get(image_id, {})):
             for enc in self.rows[image_id][c]:
                 try:
-                    m[self.fmt.decode(enc, hw)] = c
+                    where = self.fmt.decode(enc, hw)
+                    if self.multilabel:
+                        m[where] |= 1 << (c - 1)
+                    else:
+                        m[where] = c
                 except SubmissionError as exc:
                     raise DataError(f"{self.path} line {self.lines[image_id]}: image {image_id!r} "
                                     f"({hw[1]}x{hw[0]}): {exc}") from None

@@ -256,18 +256,8 @@ def fit_blend(loaded: list[Run], labelled: Split, dev, passes, batch_size,
 SPLITS = ("test", "val", "train", "oof")
 
 
-def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str | list[str], tta: bool,
-                 tta_flips: list[str] | None, out: Path | None, save_masks: Path | None, postprocess: str,
-                 weights: list[float] | None, device: str, batch_size: int | None = None, with_full: bool = True,
-                 loaded: list[Run] | None = None, select: str | None = None, gate: str | None = None) -> dict:
-    """Ensemble ``split`` (one name -> its result dict) or several (a list -> ``{split: result}``, one
-    load of the models, one OOF pass; ``save_masks`` then gets a sub-folder per split).  ``loaded``:
-    runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored).
-    ``select``: best, last or swa for every fold instead of each fold's ``train.select`` (``last``/``swa``
-    make the OOF and a weight fit honest: no epoch chosen on the fold it scores).  ``gate``: empty-mask gating
-    tuned with ``postprocess="auto"`` (:mod:`kagglecmr.engine.gate_runs`)."""
-
-    t0 = time.time()
+def check_splits(split: str | list[str], out: Path | None) -> list[str]:
+    """``--split`` as a list of known splits, each once; ``--out`` only with one split, and not an existing file."""
     splits = [split] if isinstance(split, str) else list(split)
     if not splits:
         raise KaggleCMRError("--split: no split given (test, val, train or oof)")
@@ -281,6 +271,22 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
                              f"(leave --out out: files are named per split)")
     if out is not None and Path(out).exists():  # before minutes of inference, and before postprocess.json
         raise KaggleCMRError(f"{out}: already exists (choose another --out)")
+    return splits
+
+
+def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str | list[str], tta: bool,
+                 tta_flips: list[str] | None, out: Path | None, save_masks: Path | None, postprocess: str,
+                 weights: list[float] | None, device: str, batch_size: int | None = None, with_full: bool = True,
+                 loaded: list[Run] | None = None, select: str | None = None, gate: str | None = None) -> dict:
+    """Ensemble ``split`` (one name -> its result dict) or several (a list -> ``{split: result}``, one
+    load of the models, one OOF pass; ``save_masks`` then gets a sub-folder per split).  ``loaded``:
+    runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored).
+    ``select``: best, last or swa for every fold instead of each fold's ``train.select`` (``last``/``swa``
+    make the OOF and a weight fit honest: no epoch chosen on the fold it scores).  ``gate``: empty-mask gating
+    tuned with ``postprocess="auto"`` (:mod:`kagglecmr.engine.gate_runs`)."""
+
+    t0 = time.time()
+    splits = check_splits(split, out)
     ds = load_dataset(data_root)
     for s in splits:
         if s != "oof" and s not in ds.split_names():
@@ -354,6 +360,16 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     return results[split] if isinstance(split, str) else results
 
 
+def submission_path(loaded: list[Run], split: str) -> Path:
+    """``submissions/<runs>-<split>-<time>.csv``, not yet taken."""
+    base = f"{'+'.join(r.name for r in loaded)}-{split}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out, n = Path("submissions") / f"{base}.csv", 1
+    while out.exists():  # two runs within one second
+        n += 1
+        out = Path("submissions") / f"{base}-{n}.csv"
+    return out
+
+
 def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_probs, plan, *, data_root, ds, dev,
                  passes, w, batch_size, out, save_masks, t0, oof_presence=None) -> dict:
     """Predict one split (OOF probabilities come computed), resize to each image's own size, postprocess,
@@ -382,14 +398,7 @@ def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_prob
 
     fmt = ds.submission
     rows = [row for i, m in zip(images.ids, labels) for row in fmt.rows(i, m, k)]
-    if out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = f"{'+'.join(r.name for r in loaded)}-{split}-{stamp}"
-        out = Path("submissions") / f"{base}.csv"
-        n = 1
-        while out.exists():  # two runs within one second
-            n += 1
-            out = Path("submissions") / f"{base}-{n}.csv"
+    out = out or submission_path(loaded, split)
     write_submission(rows, out, shape={i: m.shape for i, m in zip(images.ids, labels)}, overwrite=False, fmt=fmt)
     empty = {c: int(sum(1 for m in labels if not (m == c).any())) for c in fmt.row_classes(k)}
     print(f"wrote {len(rows)} rows for {len(images)} images to {out} "

@@ -55,8 +55,7 @@ def run_score_dataset(submission: str | Path, *, data: str | Path, split: str | 
         truth_rows = read_submission(truth, fmt=fmt)
         return _score_and_print(submission, truth_rows, infer_shape(truth_rows, fmt), fmt, as_json, ds.metric)
     if truth is not None:
-        truth_paths = mask_folder_paths(truth)
-        masks = {i: ds.read_mask(p, resize=False) for i, p in truth_paths.items()}
+        masks = ds.read_mask_folder(truth)
     else:
         ids = None
         if split is None:
@@ -89,7 +88,7 @@ def run_encode_dataset(mask_dir: str | Path, *, data: str | Path, out: str | Pat
         raise KaggleCMRError(f"{out}: already exists (use --force to overwrite)")
     ds = load_dataset(data)
     fmt = ds.submission
-    masks = {i: ds.read_mask(p, resize=False) for i, p in mask_folder_paths(mask_dir).items()}
+    masks = ds.read_mask_folder(mask_dir)
     rows = [row for i, m in masks.items() for row in fmt.rows(i, m, ds.num_classes)]
     write_submission(rows, out, shape={i: m.shape for i, m in masks.items()}, overwrite=force, fmt=fmt)
     print(f"wrote {out}: {len(rows)} rows ({len(masks)} images, format of {ds.path})")

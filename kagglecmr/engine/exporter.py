@@ -2,7 +2,9 @@
 
 The file holds every fold model of every run (plus the full fit when present), the TTA passes (flips, turns),
 the softmax average with the run weights and the models' own normalisation: input ``image`` uint8
-``[N, C, H, W]`` at the trained size, output ``probs`` float32 ``[N, K, H, W]``, dynamic batch.
+``[N, C, H, W]`` at the trained size, output ``probs`` float32 ``[N, K, H, W]``, dynamic batch.  With
+overlapping classes (``task: multilabel``) ``probs`` are the averaged sigmoids of each class, and ``FILE.json``
+holds the OOF-tuned thresholds and rules (``plan``).
 
 ONNX goes through ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript: a clean dynamic batch
 axis; the old TorchScript-based exporter mislabels the output's axes), TorchScript through
@@ -30,6 +32,7 @@ from torch import nn
 from kagglecmr.data.dataset import apply_dataset, load_dataset
 from kagglecmr.engine.infer import predict_proba, tta_apply, tta_undo
 from kagglecmr.engine.predictor import Predictor
+from kagglecmr.models.factory import probabilities
 from kagglecmr.utils.errors import KaggleCMRError
 from kagglecmr.utils.io import atomic_path, atomic_write_json
 
@@ -41,7 +44,8 @@ EXTRA_HINT = "pip install 'kagglecmr[export]'"
 
 
 class EnsembleModule(nn.Module):
-    """uint8 ``[N, C, H, W]`` -> weighted mean softmax over models and TTA passes, float32 ``[N, K, H, W]``."""
+    """uint8 ``[N, C, H, W]`` -> weighted mean probabilities (softmax, or sigmoid per class) over models and TTA
+    passes, float32 ``[N, K, H, W]``."""
 
     def __init__(self, models: list[nn.Module], model_weights: list[float], passes: list[str]):
         super().__init__()
@@ -54,7 +58,7 @@ class EnsembleModule(nn.Module):
         acc = None
         for w, model in zip(self.model_weights, self.models):
             for name in self.passes:
-                p = torch.softmax(model(tta_apply(x, name)).float(), dim=1)
+                p = probabilities(model, model(tta_apply(x, name)))
                 p = tta_undo(p, name) * (w / len(self.passes))
                 acc = p if acc is None else acc + p
         return acc
@@ -180,6 +184,8 @@ class ExportPredictor(Predictor):
             dataset = {"in_channels": int(c), "size": [int(h), int(w)], "channels": info["input"].get("channels"),
                        "source_channels": info["input"].get("source_channels"),
                        "mask_values": dict(info["mask_values"]), "classes": list(info["classes"])}
+            if info.get("task") == "multilabel":
+                dataset |= {"task": "multilabel", "plan": info.get("plan")}
             passes = list(info["tta"])
         except (KeyError, TypeError, ValueError):
             raise KaggleCMRError(f"{model.path}: {model.path.name}.json beside it is missing or incomplete "
@@ -265,14 +271,16 @@ def export_ensemble(pred: Predictor, out: Path, fmt: str, *, data=None, force: b
         "input": {"name": "image", "dtype": "uint8", "shape": ["N", c, h, w], "channels": pred.dataset["channels"],
                   "source_channels": pred.dataset.get("source_channels"),
                   "note": "values 0..255 as read from the PNG (RGB order for colour); resize to H x W first"},
-        "output": {"name": "probs", "dtype": "float32", "shape": ["N", k, h, w], "note": "softmax, sums to 1"},
+        "output": {"name": "probs", "dtype": "float32", "shape": ["N", k, h, w],
+                   "note": "sigmoid per class (classes overlap): a class is where its probability is above its "
+                           "plan threshold" if pred.multilabel else "softmax, sums to 1"},
         "classes": pred.classes, "mask_values": pred.dataset["mask_values"],
         "tta": list(pred.passes), "runs": [str(r.path) for r in pred.runs], "weights": [float(x) for x in pred.weights],
         "checkpoints": [list(r.kept.values()) for r in pred.runs],
         "models": pred.n_models, "max_abs_error": err, "tolerance": TOLERANCE, "checked_on": checked_on,
         "checked_with": "onnxruntime" if fmt == "onnx" else "torch.jit.load",
         "torch": torch.__version__, "python": platform.python_version(),
-    }
+    } | ({"task": "multilabel", "plan": pred.dataset.get("plan")} if pred.multilabel else {})
     atomic_write_json(sidecar, info)
     print(f"export: {pred.n_models} models x TTA {'+'.join(pred.passes)} -> {out} ({out.stat().st_size / 1e6:.1f} MB); "
           f"max |probs - ensemble| {err:.2e} on {checked_on} (tolerance {TOLERANCE:g}) -> {sidecar}", flush=True)

@@ -1,4 +1,5 @@
-"""Batched inference: uint8 images -> softmax probabilities, with flip/rotation test-time augmentation.
+"""Batched inference: uint8 images -> class probabilities (softmax; a sigmoid per class for overlapping
+classes, :func:`kagglecmr.models.factory.probabilities`), with flip/rotation test-time augmentation.
 
 TTA passes are the 8 symmetries of the square (the dihedral group D4): ``none, hflip, vflip, hvflip``
 (= a half turn), and ``rot90, rot270`` (quarter turns, counter-clockwise), ``transpose`` and
@@ -15,6 +16,7 @@ import torch
 
 from kagglecmr.data.batches import to_tensor
 from kagglecmr.engine.tiles import needs_tiles, predict_tiled
+from kagglecmr.models.factory import probabilities
 from kagglecmr.utils.runtime import autocast
 
 TTA_FLIPS = {"none": (), "hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}
@@ -44,7 +46,8 @@ def tta_undo(p: torch.Tensor, name: str) -> torch.Tensor:
 def predict_proba(models, images: np.ndarray | torch.Tensor, device: torch.device, *, tta=("none",),
                   batch_size: int = 64, amp: torch.dtype | None = None, channels_last: bool = True,
                   weights=None) -> np.ndarray:
-    """Mean softmax over ``models`` (one or a list) and TTA passes: float32 ``[N, K, H, W]``.
+    """Mean probabilities (softmax, or sigmoid per class) over ``models`` (one or a list) and TTA passes:
+    float32 ``[N, K, H, W]``.
 
     Each pass is undone on the output before averaging; ``weights`` weighs the models.
     """
@@ -63,7 +66,7 @@ def predict_proba(models, images: np.ndarray | torch.Tensor, device: torch.devic
                 xi = tta_apply(x, name)
                 with autocast(device, amp):
                     logits = model(xi)
-                p = tta_undo(torch.softmax(logits.float(), dim=1), name)
+                p = tta_undo(probabilities(model, logits), name)
                 p = p * (w / len(tta))
                 acc = p if acc is None else acc + p
         out.append(acc.cpu())

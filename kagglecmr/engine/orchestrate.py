@@ -231,7 +231,7 @@ def _run(cfg: Config, *, fold_spec: str, data_root: Path, folds_path: Path, name
                                skip_locked=skip_locked, dataset=ds.describe(), pseudo=pseudo, env_extra=fenv)
             report_fold(res, ds.metric.title)
             results.append(res)
-    oof = oof_summary(run_dir, data, n_folds, cfg.data.num_classes, ds.metric)
+    oof = oof_summary(run_dir, data, n_folds, cfg.data.num_classes, ds.metric, cfg.data.multilabel)
     if oof is not None:
         print_oof(oof, run_dir)
     return results

@@ -13,15 +13,19 @@ from kagglecmr.utils.io import atomic_path
 from kagglecmr.utils.plots import contact_sheet
 
 
-def label_at_size(probs: np.ndarray, hw) -> np.ndarray:
-    """Argmax of ``[K, h, w]`` probabilities after resizing them (bilinear) to ``hw`` = ``(H, W)``."""
+def probs_at_size(probs: np.ndarray, hw) -> np.ndarray:
+    """``[K, h, w]`` probabilities resized (bilinear, channel by channel) to ``hw`` = ``(H, W)``."""
     import cv2
 
     if tuple(probs.shape[1:]) == tuple(hw):
-        return probs.argmax(0).astype(np.uint8)
-    chans = [cv2.resize(np.ascontiguousarray(c, dtype=np.float32), (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
-             for c in probs]
-    return np.stack(chans).argmax(0).astype(np.uint8)
+        return probs
+    return np.stack([cv2.resize(np.ascontiguousarray(c, dtype=np.float32), (hw[1], hw[0]),
+                                interpolation=cv2.INTER_LINEAR) for c in probs])
+
+
+def label_at_size(probs: np.ndarray, hw) -> np.ndarray:
+    """Argmax of ``[K, h, w]`` probabilities after resizing them (bilinear) to ``hw`` = ``(H, W)``."""
+    return probs_at_size(probs, hw).argmax(0).astype(np.uint8)
 
 
 def score_report(split: str, pred: dict, truth: dict, ds) -> str:

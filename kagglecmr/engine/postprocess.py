@@ -15,6 +15,9 @@ are independent under the metric (every metric's score is the mean of its per-cl
 class's rule can be tuned on its own; when class 0 is scored (its rows are in the submission) the
 rules are chosen one class after another on the whole score.  Void truth pixels count for no class.
 
+With overlapping classes (``task: multilabel``) a plan may also hold ``"thresholds": {"1": 0.45, ...}``,
+each class's sigmoid threshold (:mod:`kagglecmr.engine.multilabel_post`); its rules act on each class's own mask.
+
 A plan is plain JSON (``save_plan`` / ``load_plan``); invalid plans raise
 :class:`~kagglecmr.utils.errors.ConfigError` with a one-line message naming the file or class.
 Pure numpy + OpenCV; no torch.
@@ -31,6 +34,7 @@ import numpy as np
 
 from kagglecmr.engine.gating import check_gate, describe_gate
 from kagglecmr.formats.competition_metric import Metric
+from kagglecmr.formats.multilabel import THRESHOLDS, check_thresholds
 from kagglecmr.utils.errors import ConfigError
 from kagglecmr.utils.io import atomic_write_json
 
@@ -79,6 +83,8 @@ def validate_plan(plan, num_classes: int | None = None, *, source: str | os.Path
         raise ConfigError(f"{label}: a plan must be a JSON object mapping class -> rule, got {type(plan).__name__}")
     out: dict[str, dict] = {}
     for key, rule in plan.items():
+        if key == THRESHOLDS:  # task multilabel: each class's probability threshold
+            continue
         text = str(key).strip()
         if isinstance(key, bool) or not text.isdigit() or int(text) < 1:
             raise ConfigError(f"{label}: bad class key {key!r} (expected a foreground class number >= 1)")
@@ -88,7 +94,13 @@ def validate_plan(plan, num_classes: int | None = None, *, source: str | os.Path
         if str(cls) in out:
             raise ConfigError(f"{label}: class {cls} given twice")
         out[str(cls)] = _check_rule(rule, f"{label}: class {cls}")
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+    out = dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+    if THRESHOLDS in plan:
+        try:
+            out[THRESHOLDS] = check_thresholds(plan[THRESHOLDS], None if num_classes is None else num_classes - 1)
+        except ValueError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +136,7 @@ def apply_plan(labels: np.ndarray, plan: dict, num_classes: int = 4) -> np.ndarr
     out = labels.copy()
     batch = out[None] if out.ndim == 2 else out
     for key, rule in plan.items():
-        if rule["kind"] == "none":
+        if key == THRESHOLDS or rule["kind"] == "none":
             continue
         cls = int(key)
         is_cls = batch == cls
@@ -147,7 +159,10 @@ def rule_name(rule: dict) -> str:
 def describe_plan(plan: dict) -> str:
     """One line, e.g. ``1: largest, 2: none, 3: min_area 20``."""
     plan = validate_plan(plan)
-    return ", ".join(f"{k}: {rule_name(r)}" for k, r in plan.items()) or "(empty plan)"
+    text = ", ".join(f"{k}: {rule_name(r)}" for k, r in plan.items() if k != THRESHOLDS)
+    if THRESHOLDS in plan:
+        text += ("; " if text else "") + "thresholds " + ", ".join(f"{k}: {t:g}" for k, t in plan[THRESHOLDS].items())
+    return text or "(empty plan)"
 
 
 def candidate_rules(areas=DEFAULT_AREAS) -> list[dict]:

@@ -13,6 +13,10 @@ grey or RGB by ``data.in_channels``, mask values ``0..K-1``, ``data.size``.
 With a postprocessing plan (``load_ensemble(..., postprocess=...)``, ``predict --postprocess``; none by
 default), :meth:`Predictor.predict` applies it as ``ensemble`` does: the component rules at each image's own
 size and the empty-mask gates (:mod:`kagglecmr.engine.gating`) decided on the probabilities at the trained size.
+Overlapping classes (``task: multilabel``): the probabilities are sigmoids per class; a class's mask is where
+its probability is above its threshold, then its component rule, both from the run's ``postprocess.json``
+(written by ``ensemble --postprocess auto``; 0.5 and no rule without one), and ``predict`` writes one PNG per
+image and class, ``out/<class>/<stem>.png``.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from kagglecmr.data.loader import imread
 from kagglecmr.data.mask_values import labels_to_raw
 from kagglecmr.engine.ensembler import Run, _weights, check_compatible, latest_run, load_run, predict_images, tta_passes
 from kagglecmr.engine.gate_runs import gated, split_keep
+from kagglecmr.engine.multilabel_post import decode_plan
 from kagglecmr.engine.outputs import label_at_size
 from kagglecmr.engine.postprocess import apply_plan, load_plan
 from kagglecmr.engine.presence import runs_presence
+from kagglecmr.formats.multilabel import class_mask
 from kagglecmr.utils.errors import DataError, KaggleCMRError
 from kagglecmr.utils.io import atomic_path
 from kagglecmr.utils.naming import natural_sorted
@@ -62,8 +68,12 @@ def run_dataset(run: Run) -> dict:
         if not isinstance(saved, dict):
             raise KaggleCMRError(f"{f}: expected a JSON object")
         info.update({k: saved[k] for k in ("in_channels", "channels", "source_channels", "size", "mask_values",
-                                           "classes") if saved.get(k) is not None})
+                                           "classes", "task") if saved.get(k) is not None})
         break
+    if d.multilabel:  # each class's threshold and rule, as ensemble chose them on the OOF
+        info["task"] = "multilabel"
+        plan = run.path / "postprocess.json"
+        info["plan"] = load_plan(plan, d.num_classes + 1) if plan.is_file() else None
     if info["size"] is None:
         raise KaggleCMRError(f"{run.path}: neither the config nor dataset.json gives the trained input size")
     info["size"] = list(_size_hw(info["size"]))
@@ -154,6 +164,11 @@ class Predictor:
         return int(self.dataset["in_channels"])
 
     @property
+    def multilabel(self) -> bool:
+        """Overlapping classes: sigmoid probabilities, packed masks (:mod:`kagglecmr.formats.multilabel`)."""
+        return self.dataset.get("task") == "multilabel"
+
+    @property
     def keep(self) -> list[int] | None:
         """Source channels the dataset kept (RGB order), when ``dataset.json`` lists them."""
         ch = self.dataset.get("channels")
@@ -197,10 +212,15 @@ class Predictor:
         return out if out else np.zeros((0, self.num_classes, *self.size), np.float32)
 
     def predict(self, images) -> np.ndarray | list[np.ndarray]:
-        """uint8 class maps ``[N, H, W]`` (argmax of :meth:`predict_proba`, then the plan; a list when sizes differ)."""
-        if self.plan is not None:
+        """uint8 class maps ``[N, H, W]`` (argmax of :meth:`predict_proba`, then the plan; a list when sizes differ);
+        with overlapping classes packed maps (bit ``c - 1`` = class ``c``, the run's thresholds and rules)."""
+        if self.plan is not None and not self.multilabel:
             return self._planned(images)
         probs = self.predict_proba(images)
+        if self.multilabel:
+            plan = self.dataset.get("plan")
+            return decode_plan(probs, plan, self.num_classes) if isinstance(probs, np.ndarray) else \
+                [decode_plan(p, plan, self.num_classes) for p in probs]
         if isinstance(probs, np.ndarray):
             return probs.argmax(1).astype(np.uint8)
         return [p.argmax(0).astype(np.uint8) for p in probs]
@@ -221,8 +241,16 @@ class Predictor:
         return np.stack(out) if out and len({m.shape for m in out}) == 1 else out
 
     def to_raw(self, labels: np.ndarray) -> np.ndarray:
-        """Class maps -> the dataset's own mask values (``mask_values`` inverted, e.g. 0/255)."""
+        """Class maps -> the dataset's own mask values (``mask_values`` inverted, e.g. 0/255); with overlapping
+        classes ``[..., K, H, W]``: each class's own mask in the binary files' values."""
+        if self.multilabel:
+            value = labels_to_raw(np.array([1]), self.dataset["mask_values"], 2)
+            return np.stack([class_mask(labels, c) for c in range(1, self.num_classes + 1)], -3) * value[0]
         return labels_to_raw(labels, self.dataset["mask_values"], self.num_classes)
+
+    def mask_files(self, stem: str) -> list[str]:
+        """The file names of one image's masks: ``<stem>.png``, or one per class ``<class>/<stem>.png``."""
+        return [f"{c}/{stem}.png" for c in self.classes] if self.multilabel else [f"{stem}.png"]
 
 
 def load_ensemble(runs, *, tta: bool = False, tta_flips: list[str] | None = None, weights: list[float] | None = None,
@@ -308,14 +336,17 @@ def read_any_png(path: Path) -> np.ndarray:
 PALETTE = [(0, 255, 255), (255, 0, 255), (255, 255, 0), (0, 128, 255), (0, 255, 0), (255, 64, 64), (128, 0, 255)]
 
 
-def overlay_contours(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def overlay_contours(image: np.ndarray, labels: np.ndarray, multilabel: int | None = None) -> np.ndarray:
     """BGR picture of ``image`` (grey or RGB, drawn in its true colours) with each class's outline in a
-    bright colour from :data:`PALETTE` (BGR), on a dark edge so it reads on light and dark tissue."""
+    bright colour from :data:`PALETTE` (BGR), on a dark edge so it reads on light and dark tissue
+    (``multilabel``: the number of classes of a packed map, each class outlined on its own)."""
     img = to_uint8(np.asarray(image), "overlay")
     bgr = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else np.ascontiguousarray(img[:, :, ::-1])
     thick = max(1, round(min(labels.shape) / 256))
-    for k in [int(v) for v in np.unique(labels) if v > 0]:
-        contours, _ = cv2.findContours((labels == k).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    present = range(1, multilabel + 1) if multilabel else [int(v) for v in np.unique(labels) if v > 0]
+    for k in present:
+        inside = class_mask(labels, k) if multilabel else labels == k
+        contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(bgr, contours, -1, (0, 0, 0), thick + 2)
         cv2.drawContours(bgr, contours, -1, PALETTE[(k - 1) % len(PALETTE)], thick)
     return bgr
@@ -335,7 +366,7 @@ def predict_files(predictor: Predictor, inputs, out: Path, *, overlay: bool = Fa
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise KaggleCMRError(f"{out}: exists and is not a folder")
-    targets = [out / f"{f.stem}.png" for f in files]
+    targets = [out / name for f in files for name in predictor.mask_files(f.stem)]
     overlays = [out / f"{f.stem}_overlay.png" for f in files] if overlay else []
     if not force:
         clash = [t for t in targets + overlays if t.exists()]
@@ -344,10 +375,14 @@ def predict_files(predictor: Predictor, inputs, out: Path, *, overlay: bool = Fa
     images = [read_any_png(f) for f in files]
     labels = predictor.predict(images)
     out.mkdir(parents=True, exist_ok=True)
+    per = len(predictor.mask_files("x"))
     for k, lab in enumerate(labels):
-        _write_png(targets[k], predictor.to_raw(lab), force=True)
+        raw = predictor.to_raw(lab)
+        for j, target in enumerate(targets[k * per:(k + 1) * per]):
+            _write_png(target, raw[j] if predictor.multilabel else raw, force=True)
         if overlay:
-            _write_png(overlays[k], overlay_contours(images[k], lab), force=True)
+            _write_png(overlays[k], overlay_contours(images[k], lab, predictor.num_classes if predictor.multilabel
+                                                     else None), force=True)
     sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images})
     print(f"predict: {len(files)} images ({', '.join(sizes[:4])}{', ...' if len(sizes) > 4 else ''}) | "
           f"{predictor.n_models} models | TTA {'+'.join(predictor.passes)} -> {len(targets)} masks"

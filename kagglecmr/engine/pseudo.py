@@ -241,6 +241,9 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
     _, meta = load_best(model_file(runs[0] / "fold0"))
     ds = load_dataset(data_root)  # a folder or a dataset file, read like training read it
     cfg = apply_dataset(Config.model_validate(meta["config"]), ds)  # the teachers' size, channels and classes
+    if cfg.data.multilabel:
+        raise KaggleCMRError(f"{ds.path}: pseudo-label writes one softmax class per pixel; task multilabel "
+                             "(overlapping classes) is not supported yet")
     data = ds.load(split)  # with its masks when it has them: the pseudo labels are then scored against them
     copy_ok = ds.channels == list(range(len(ds.channels)))  # the file reads back as the same channels
     passes = list(cfg.infer.tta) if tta else ["none"]

@@ -30,6 +30,7 @@ import yaml
 from kagglecmr.cfg.config import Config
 from kagglecmr.data.loader import Split
 from kagglecmr.formats.competition_metric import Metric, MetricTable
+from kagglecmr.formats.multilabel import task_table
 from kagglecmr.utils.errors import KaggleCMRError
 from kagglecmr.utils.io import atomic_write_json, atomic_write_text
 from kagglecmr.utils.locks import LOCK_NAME
@@ -123,9 +124,10 @@ def read_oof_labels(files: list[Path]) -> tuple[list[str], list[np.ndarray]]:
     return ids, preds
 
 
-def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int, metric: Metric | None = None) -> dict | None:
+def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int, metric: Metric | None = None,
+                multilabel: bool = False) -> dict | None:
     """Score the run's out-of-fold predictions with ``metric`` (the dataset's; default Dice) once every fold
-    has one; writes ``oof.json``.
+    has one (packed maps with ``multilabel``); writes ``oof.json``.
 
     ``score``/``per_class``: each fold's best validation epoch (chosen on the fold it is scored on:
     optimistic); ``score_last``/``per_class_last``: the last epoch (a fixed rule: honest);
@@ -141,7 +143,7 @@ def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int, metr
         if not all(f.is_file() for f in files):
             continue
         ids, preds = read_oof_labels(files)
-        table = metric.table_labels(np.concatenate(preds), data.subset(ids).masks, num_classes)
+        table = task_table(np.concatenate(preds), data.subset(ids).masks, num_classes, multilabel, metric)
         result |= {f"score{suffix}": table.score, f"per_class{suffix}": per_class(table)}
         if not suffix:
             result |= {"images": len(ids), "rows": len(table) * len(table.classes), "metric": metric.to_dict()}

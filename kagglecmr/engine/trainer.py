@@ -42,8 +42,9 @@ from kagglecmr.engine.rundir import FULL, FoldResult, fold_dir, prepare_dir
 from kagglecmr.engine.tiles import needs_tiles
 from kagglecmr.engine.warm import step_state
 from kagglecmr.formats.competition_metric import VOID, Metric, MetricTable
+from kagglecmr.formats.multilabel import task_labels, task_table
 from kagglecmr.models.checkpoint import MODEL_FILES, load_best, load_last, save_best, save_last
-from kagglecmr.models.factory import build_model, count_parameters
+from kagglecmr.models.factory import build_model, count_parameters, probabilities
 from kagglecmr.utils.io import atomic_path, atomic_write_json
 from kagglecmr.utils.locks import FoldLock, FoldLocked
 from kagglecmr.utils.plots import plot_curves
@@ -82,6 +83,7 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     steps_per_epoch = max(1, len(tr) // bs_lab)  # drop the ragged last batch (BatchNorm on tiny batches)
     metric = described_metric(dataset)  # the dataset's metric picks the best epoch (Dice for old runs)
     mask_fill = VOID if dataset and dataset.get("ignore") else 0  # augmentation's border: void where there is one
+    ml = cfg.data.multilabel  # overlapping classes: sigmoid per class, packed masks (kagglecmr.formats.multilabel)
 
     # ---- model, optimiser, schedule, loss: the process's warm step state when the last fold had the same shapes
     fold_num = FULL_SEED_SLOT if fold == FULL else int(fold)
@@ -176,7 +178,8 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
                 else:
                     probs, vloss = _validate(eval_model, criterion, x_val, y_val, device, dtype,
                                              cfg.train.val_batch_size)
-                row |= {"val_loss": vloss} | validation_scores(probs.argmax(1), va.masks, metric, cfg.data.num_classes)
+                row |= {"val_loss": vloss} | validation_scores(task_labels(probs, ml), va.masks, metric,
+                                                               cfg.data.num_classes, ml)
                 improved = row["val_score"] > best_score
             else:
                 improved = True  # full fit: the last epoch is the model
@@ -241,11 +244,12 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     return FoldResult(fold, out_dir, best_score, best_epoch)
 
 
-def validation_scores(labels: np.ndarray, masks: np.ndarray, metric: Metric, num_classes: int) -> dict:
+def validation_scores(labels: np.ndarray, masks: np.ndarray, metric: Metric, num_classes: int,
+                      multilabel: bool = False) -> dict:
     """An epoch's validation numbers from argmax masks: ``val_score`` (``metric``'s score: what picks the best
     epoch), ``val_dice`` (mean Dice over the same rows, as before metrics were configurable) and ``dice_<k>``
     per scored class; void truth pixels left out of all."""
-    table = metric.table_labels(labels, masks, num_classes)
+    table = task_table(labels, masks, num_classes, multilabel, metric)
     dice = MetricTable(Metric(classes=table.classes), table.inter, table.psize, table.tsize, table.classes)
     return ({"val_dice": dice.score, "val_score": table.score}
             | {f"dice_{k}": float(v) for k, v in zip(table.classes, dice.per_class)})
@@ -262,8 +266,9 @@ def _save_oof(path: Path, model, x_val, va: Split, cfg: Config, device, dtype, m
         probs = _tiled_probs(model, va, cfg, device, dtype)
     else:
         probs = predict_proba(model, x_val, device, batch_size=cfg.train.val_batch_size, amp=dtype)
-    labels = probs.argmax(1).astype(np.uint8)  # from float32: float16 rounding can flip near-ties
-    table = metric.table_labels(labels, va.masks, cfg.data.num_classes)
+    ml = cfg.data.multilabel
+    labels = task_labels(probs, ml)  # from float32: float16 rounding can flip near-ties
+    table = task_table(labels, va.masks, cfg.data.num_classes, ml, metric)
     dice = Metric(classes=table.classes).from_counts(table.inter, table.psize, table.tsize)
     extra = {"presence": presence_tiled(model, va.images, device, tile=cfg.tile, batch_size=cfg.train.val_batch_size,
                                         amp=dtype)} if has_presence(model) else {}  # the cls head's, [N, K-1]
@@ -281,7 +286,7 @@ def _validate(model, criterion, x, y, device, dtype, batch_size) -> tuple[np.nda
         with autocast(device, dtype):
             logits = model(x[s:s + batch_size])
         losses.append(criterion(logits, y[s:s + batch_size]).item() * len(logits))
-        probs.append(torch.softmax(logits.float(), 1).cpu())
+        probs.append(probabilities(model, logits).cpu())
     return torch.cat(probs).numpy(), float(sum(losses) / x.shape[0])
 
 

@@ -37,6 +37,7 @@ from kagglecmr.engine.cudagraph import GraphedStep
 from kagglecmr.engine.optim import build_optimizer
 from kagglecmr.models.cls_head import part, with_presence
 from kagglecmr.models.losses import build_loss
+from kagglecmr.models.losses_multilabel import build_multilabel_loss
 from kagglecmr.utils.runtime import autocast
 
 WARM_ENV = "KAGGLECMR_WARM"  # "0": no reuse between folds
@@ -86,7 +87,8 @@ class StepState:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model, capturable=graphs)
         self.base_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
-        self.criterion = with_presence(build_loss(cfg.loss, cfg.data.num_classes), cfg).to(device)
+        loss = build_multilabel_loss if cfg.data.multilabel else build_loss  # packed targets, sigmoid per class
+        self.criterion = with_presence(loss(cfg.loss, cfg.data.num_classes), cfg).to(device)
         self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
         self.swa = torch.optim.swa_utils.AveragedModel(self.model) if cfg.train.swa_epochs > 0 else None
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model

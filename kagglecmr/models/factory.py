@@ -37,12 +37,15 @@ class SegModel(nn.Module):
     z-score per image, per image and channel, or a fixed ImageNet-like shift), optionally resizes them by
     ``input_scale`` (or to the square ``input_size``), pads H and W up to the encoder's required multiple
     (``multiple``, usually 32), and returns logits cropped and resized back to ``[B, K, H, W]``.
+    ``multilabel``: the K outputs are independent sigmoids (overlapping classes), else one softmax
+    (:func:`probabilities`).
     """
 
     def __init__(self, net: nn.Module, *, normalize: str = "image", input_size: int | None = None,
-                 input_scale: float | None = None, multiple: int = 1):
+                 input_scale: float | None = None, multiple: int = 1, multilabel: bool = False):
         super().__init__()
         self.net = net
+        self.multilabel = multilabel
         self.normalize = normalize
         self.input_size = input_size
         self.input_scale = input_scale
@@ -96,6 +99,13 @@ class SegModel(nn.Module):
         if not self.has_presence:
             raise ValueError("this model has no cls head (model.cls_head)")
         return self.net.classification_head(self.net.encoder(self._prepare(x)[0])[-1])
+
+
+def probabilities(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """``model``'s class probabilities from its logits ``[B, K, H, W]`` (float32): a softmax over the classes,
+    or with overlapping classes (``SegModel.multilabel``) a sigmoid per class."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if getattr(model, "multilabel", False) else torch.softmax(logits, dim=1)
 
 
 def required_multiple(net: nn.Module) -> int:
@@ -318,7 +328,7 @@ def build_model(cfg: Config, *, weights: str | None = None, check_size: bool = T
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"model: cannot build {m.arch} with encoder {m.encoder}: {first}") from None
     model = SegModel(net, normalize=m.normalize, input_size=m.input_size, input_scale=m.input_scale,
-                     multiple=required_multiple(net))
+                     multiple=required_multiple(net), multilabel=cfg.data.multilabel)
     if check_size:
         check_runs_at_size(model, cfg)
     return model
