@@ -296,10 +296,10 @@ def predict(images: list[str | Path] | str | Path, *, runs: list[str | Path] | s
             overlay: bool = False, force: bool = False, device: str = "auto", batch_size: int | None = None,
             full: bool = True, runs_dir: str | Path = "runs", select: str | None = None,
             postprocess: str | Path | None = None) -> PredictResult:
-    """PNG files or folders -> ``out/<stem>.png`` masks in the dataset's mask values at each image's own
+    """PNG, TIFF or JPEG files or folders -> ``out/<stem>.png`` masks in the dataset's mask values at each image's own
     size, plus ``<stem>_overlay.png`` with ``overlay`` (``kagglecmr predict``); ``postprocess`` as
     :func:`load_ensemble`'s."""
-    from kagglecmr.engine.predictor import predict_files
+    from kagglecmr.engine.mask_files import predict_files
 
     inputs = [images] if isinstance(images, (str, Path)) else list(images)
     pred = load_ensemble(runs, tta=tta, tta_flips=tta_flips, weights=weights, device=device, batch_size=batch_size,
@@ -333,7 +333,8 @@ def export(runs: list[str | Path] | str | Path | None = None, *, out: str | Path
 
 
 def load_export(path: str | Path) -> ExportedModel:
-    """An exported file loaded back: ``.predict_proba(uint8 [N, C, H, W])`` -> float32 ``[N, K, H, W]``."""
+    """An exported file loaded back: ``.predict_proba(uint8 [N, C, H, W])`` -> float32 ``[N, K, H, W]``; the export of
+    a tiled run takes any size and predicts it by the tiles its ``.tile`` records, as ``ensemble`` does."""
     from kagglecmr.engine.exporter import load_export as _load
 
     return _load(Path(path))

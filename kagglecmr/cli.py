@@ -208,7 +208,7 @@ FullOpt = typer.Option(True, "--full/--no-full", help="Add the full-fit model (t
 
 @app.command("predict")
 def predict(
-    images: list[Path] = typer.Argument(..., help="PNG files and/or folders of PNGs (any size, grey or colour)."),
+    images: list[Path] = typer.Argument(..., help="PNG, TIFF or JPEG files and/or folders of them (any size, grey or colour)."),
     out: Path = typer.Option(..., "--out", help="Folder for <name>.png masks (and overlays)."),
     runs: list[Path] | None = typer.Option(None, "--runs", help="Run folders (repeatable; default: the latest "
                                            "under --runs-dir), or one file written by export."),
@@ -225,7 +225,7 @@ def predict(
     postprocess: str = typer.Option("none", "--postprocess", help="none, auto (the run's postprocess.json written by "
                                     "ensemble: component rules and empty-mask gates) or a plan JSON."),
 ) -> None:
-    """Masks for any PNG images, in the dataset's own mask values, at each image's own size."""
+    """Masks for any PNG, TIFF or JPEG images, in the dataset's own mask values, at each image's own size."""
     api.predict(images, runs=runs, out=out, tta=tta, tta_flips=_flips(tta_flips), weights=weights, overlay=overlay,
                 force=force, device=device, batch_size=batch_size, full=full, runs_dir=runs_dir, select=select,
                 postprocess=postprocess)

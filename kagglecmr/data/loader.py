@@ -22,11 +22,13 @@ import cv2
 import numpy as np
 
 from kagglecmr.cfg.config import DataSpec
+from kagglecmr.data.image_formats import TIFF_SUFFIXES, check_pixels, header_size, is_tiff, read_tiff, to_uint8
 from kagglecmr.utils.errors import DataError
 from kagglecmr.utils.naming import natural_sorted
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png",)
+IMAGE_SUFFIXES = (".png", *TIFF_SUFFIXES, ".jpg", ".jpeg")  # what the folder layout and predict take as images
+MASK_SUFFIXES = (".png", *TIFF_SUFFIXES)  # ... and as masks (lossless only)
 MASK_SUFFIX = "_mask"
 
 
@@ -70,8 +72,15 @@ def mask_id(path: Path) -> str:
     return stem[: -len(MASK_SUFFIX)] if stem.endswith(MASK_SUFFIX) else stem
 
 
-def _pngs(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+def _files(folder: Path, suffixes=IMAGE_SUFFIXES) -> dict[str, Path]:
+    """``{stem: path}`` of the image files in ``folder``; two files of one stem (``a.png``, ``a.tif``) are an error."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."):
+            if p.stem in found:
+                raise DataError(f"{p}: same name as {found[p.stem].name} (one file per image)")
+            found[p.stem] = p
+    return found
 
 
 def _folder(root: str | Path) -> Path:
@@ -99,14 +108,16 @@ def discover(root: str | Path, split: str, *, labelled: bool | None = None) -> l
         raise DataError(f"{image_dir}: folder not found")
     if labelled is None:
         labelled = mask_dir.is_dir() and any(mask_dir.iterdir())
-    images = {p.stem: p for p in _pngs(image_dir)}
+    images = _files(image_dir)
     if not images:
-        raise DataError(f"{image_dir}: no PNG images in split '{split}'")
+        raise DataError(f"{image_dir}: no PNG images in split '{split}' (nor TIFF or JPEG)")
     masks: dict[str, Path] = {}
     if labelled:
         if not mask_dir.is_dir():
             raise DataError(f"{mask_dir}: folder not found (split '{split}' needs masks)")
-        for p in _pngs(mask_dir):
+        for p in _files(mask_dir, MASK_SUFFIXES).values():
+            if mask_id(p) in masks:
+                raise DataError(f"{p}: a second mask of image '{mask_id(p)}' ({masks[mask_id(p)].name})")
             masks[mask_id(p)] = p
         for i, p in natural_sorted(images.items(), key=lambda kv: kv[0]):
             if i not in masks:
@@ -118,14 +129,26 @@ def discover(root: str | Path, split: str, *, labelled: bool | None = None) -> l
 
 
 def imread(path: Path, flags: int) -> np.ndarray:
+    """Decode an image file as OpenCV does (colour in BGR(A) order, pixel type as stored); TIFF through
+    tifffile (:mod:`kagglecmr.data.image_formats`)."""
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
+    if is_tiff(path):
+        if flags != cv2.IMREAD_UNCHANGED:
+            raise ValueError("imread: TIFF files are read unchanged only")
+        img = read_tiff(path)
+        if img.ndim == 3 and img.shape[2] >= 3:  # the file's RGB(A) -> OpenCV's BGR(A)
+            img = np.ascontiguousarray(img[:, :, [2, 1, 0, 3][: img.shape[2]]])
+        return img
     raw = Path(path).read_bytes()
     if Path(path).suffix.lower() == ".png":
         png_size(path, raw)  # damaged files fail here once, before libpng prints its own complaints
     img = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), flags) if raw else None
     if img is None:
         kind = "PNG" if Path(path).suffix.lower() == ".png" else "image"
+        hw = header_size(path) if raw and kind == "image" else None
+        if hw is not None:
+            check_pixels(path, hw)  # (OpenCV refuses more than MAX_PIXELS silently)
         raise DataError(f"{path}: not a readable {kind} (corrupt or empty file)")
     return img
 
@@ -159,6 +182,7 @@ def png_size(path: Path, data: bytes | None = None) -> tuple[int, int]:
             if kind != b"IHDR" or length < 8:
                 raise DataError(f"{path}: not a readable PNG (no IHDR header)")
             size = int.from_bytes(data[pos + 12 : pos + 16], "big"), int.from_bytes(data[pos + 8 : pos + 12], "big")
+            check_pixels(path, size)
         if kind == b"IEND":
             return size
         pos = end
@@ -180,12 +204,7 @@ def _check_size(path: Path, arr: np.ndarray, spec: DataSpec, *, nearest: bool) -
 def read_image(path: str | Path, spec: DataSpec = DataSpec()) -> np.ndarray:
     """Decode an image to uint8 ``[H, W, C]`` with ``spec.in_channels`` channels."""
     path = Path(path)
-    img = imread(path, cv2.IMREAD_UNCHANGED)
-    if img.dtype != np.uint8:
-        if img.dtype == np.uint16:
-            img = (img / 257.0).round().astype(np.uint8)
-        else:
-            raise DataError(f"{path}: unsupported pixel type {img.dtype}")
+    img = to_uint8(imread(path, cv2.IMREAD_UNCHANGED), path)  # 16-bit: the image's min-max (image_formats)
     if img.ndim == 2:
         img = img[:, :, None]
     c = spec.in_channels
@@ -243,19 +262,16 @@ def concat(parts: list[Split]) -> Split:
 
 # ------------------------------------------------------------------- decoding for dataset files
 def decode_image(path: str | Path) -> np.ndarray:
-    """Any image cv2 reads (grey, RGB, RGBA; 8 or 16 bit) as uint8 ``[H, W, C]`` in RGB(A) order."""
+    """Any image cv2 or tifffile reads (grey, RGB, RGBA; 8 or 16 bit or deeper, scaled to uint8 by
+    :func:`kagglecmr.data.image_formats.to_uint8`) as uint8 ``[H, W, C]`` in RGB(A) order."""
     path = Path(path)
-    img = imread(path, cv2.IMREAD_UNCHANGED)
-    if img.dtype == np.uint16:
-        img = (img / 257.0).round().astype(np.uint8)
-    elif img.dtype != np.uint8:
-        raise DataError(f"{path}: unsupported pixel type {img.dtype}")
+    img = to_uint8(imread(path, cv2.IMREAD_UNCHANGED), path)
     if img.ndim == 2:
         return img[:, :, None]
     if img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)  # in place: a 100-Mpx photo is not copied
     elif img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+        cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA, dst=img)
     return np.ascontiguousarray(img)
 
 
@@ -275,8 +291,10 @@ def decode_mask(path: str | Path, *, to_grey: bool = False) -> np.ndarray:
             raise ColourMaskError(f"{path}: mask is a colour image; expected one channel of class labels "
                                   f"(colour-coded classes: describe them in a dataset file's mask_values)")
         m = m[:, :, 0]
+    if m.dtype not in (np.uint8, np.uint16) and m.dtype.kind in "iu" and m.size and m.min() >= 0 and m.max() <= 65535:
+        m = m.astype(np.uint16 if m.max() > 255 else np.uint8)  # e.g. a TIFF of int32 labels
     if m.dtype not in (np.uint8, np.uint16):
-        raise DataError(f"{path}: unsupported mask pixel type {m.dtype}")
+        raise DataError(f"{path}: unsupported mask pixel type {m.dtype} (expected integer class labels 0..65535)")
     return np.ascontiguousarray(m)
 
 
@@ -291,8 +309,14 @@ def resize_to(arr: np.ndarray, hw: tuple[int, int], *, nearest: bool) -> np.ndar
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """``(H, W)`` of an image: from the header for PNG, else by decoding it."""
+    """``(H, W)`` of an image: from the header (PNG, TIFF, JPEG, ...), else by decoding it."""
     path = Path(path)
     if path.suffix.lower() == ".png":
         return png_size(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    hw = header_size(path)
+    if hw is not None:
+        check_pixels(path, hw)
+        return hw
     return tuple(imread(path, cv2.IMREAD_UNCHANGED).shape[:2])

@@ -153,13 +153,13 @@ def predict_images(runs: list[Run], images: np.ndarray, device, passes, weights,
         if r.cfg.tile is not None and needs_tiles(images.shape[1:3], r.cfg.tile.size):  # windows (numpy side)
             p = predict_proba_tiled(list(r.models.values()), add_context(images, ctx), device, tile=r.cfg.tile,
                                     tta=passes, amp=amp_dtype(r.cfg.train.amp, device))
-            total = p * w if total is None else total + p * w
+            total = (p if w == 1 else p * w) if total is None else total + p * w  # (one run: no float64 copy)
             continue
         if ctx not in xs:
             xs[ctx] = to_tensor(add_context(images, ctx), device)
         p = predict_proba(list(r.models.values()), xs[ctx], device, tta=passes, batch_size=batch_size,
                           amp=amp_dtype(r.cfg.train.amp, device))
-        total = p * w if total is None else total + p * w
+        total = (p if w == 1 else p * w) if total is None else total + p * w
     return total
 
 

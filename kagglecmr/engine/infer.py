@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kagglecmr.data.batches import to_tensor
-from kagglecmr.engine.tiles import needs_tiles, predict_tiled
+from kagglecmr.engine.tiles import needs_tiles, predict_tiled_images
 from kagglecmr.models.factory import probabilities
 from kagglecmr.utils.runtime import autocast
 
@@ -82,11 +82,5 @@ def predict_proba_tiled(models, images: np.ndarray, device: torch.device, *, til
     kw = {"tta": tta, "amp": amp, "channels_last": channels_last, "weights": weights}
     if tile is None or not needs_tiles(images.shape[1:3], tile.size):
         return predict_proba(models, images, device, batch_size=batch_size, **kw)
-    out = None
-    for n, image in enumerate(images):
-        p = predict_tiled(lambda windows: predict_proba(models, windows, device, batch_size=tile.batch, **kw), image,
-                          tile.size, overlap=tile.overlap, weight=tile.weight, batch=tile.batch)
-        if out is None:
-            out = np.empty((len(images), *p.shape), np.float32)
-        out[n] = p
-    return out
+    return predict_tiled_images(lambda windows: predict_proba(models, windows, device, batch_size=tile.batch, **kw),
+                                images, tile)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kagglecmr.data.channels import channel_rule, to_channels
-from kagglecmr.data.loader import imread
+from kagglecmr.data.image_formats import to_uint8
 from kagglecmr.data.mask_values import labels_to_raw
 from kagglecmr.engine.ensembler import Run, _weights, check_compatible, latest_run, load_run, predict_images, tta_passes
 from kagglecmr.engine.gate_runs import gated, split_keep
@@ -40,11 +40,11 @@ from kagglecmr.engine.postprocess import apply_plan, load_plan
 from kagglecmr.engine.presence import runs_presence
 from kagglecmr.formats.multilabel import class_mask
 from kagglecmr.utils.errors import DataError, KaggleCMRError
-from kagglecmr.utils.io import atomic_path
-from kagglecmr.utils.naming import natural_sorted
 from kagglecmr.utils.runtime import resolve_device, setup_threads
 
 CHUNK = 256  # images uploaded to the device at once
+CHUNK_PIXELS = 1 << 24  # ... holding at most this many pixels at the trained size (a 12-Mpx image goes alone)
+READ_PIXELS = 1 << 26  # predict: files decoded (and their masks written) this many pixels at a time
 
 
 # ------------------------------------------------------------------------------ what a run expects
@@ -80,18 +80,11 @@ def run_dataset(run: Run) -> dict:
     return info
 
 
-def to_uint8(img: np.ndarray, where: str) -> np.ndarray:
-    if img.dtype == np.uint8:
-        return img
-    if img.dtype == np.uint16:
-        return (img / 257.0).round().astype(np.uint8)
-    raise DataError(f"{where}: pixel type {img.dtype} not supported (uint8 or uint16)")
-
-
 def prepare_image(img: np.ndarray, in_channels: int, size: tuple[int, int], where: str = "image",
                   keep: list[int] | None = None, source: int | None = None) -> np.ndarray:
-    """One image (``[H, W]`` or ``[H, W, C]``, grey or RGB in RGB order, uint8/uint16) -> uint8
-    ``[h, w, in_channels]`` at the trained ``size``, converted as :func:`kagglecmr.data.loader.read_image` does.
+    """One image (``[H, W]`` or ``[H, W, C]``, grey or RGB in RGB order, uint8, 16-bit or deeper: scaled by
+    :func:`kagglecmr.data.image_formats.to_uint8`) -> uint8 ``[h, w, in_channels]`` at the trained ``size``,
+    converted as :func:`kagglecmr.data.loader.decode_image` does.
     ``keep``: the source channels the dataset kept (``dataset.json`` ``channels``, RGB order), e.g. ``[0, 1]``
     when a dead blue channel was dropped; ``source``: the dataset's channel space (``source_channels``), with
     which any image is converted exactly as training converted its images
@@ -130,6 +123,16 @@ def _resize_probs(p: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
         return p
     hwk = cv2.resize(np.ascontiguousarray(p.transpose(1, 2, 0)), (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
     return np.ascontiguousarray(hwk.reshape(hw[0], hw[1], -1).transpose(2, 0, 1))
+
+
+def argmax_u8(p: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W]`` class map of float ``[K, H, W]`` probabilities, a block of rows at a time (no int64 map
+    of the whole image)."""
+    out = np.empty(p.shape[1:], np.uint8)
+    rows = max(1, (1 << 22) // max(1, p.shape[2]))
+    for a in range(0, p.shape[1], rows):
+        out[a:a + rows] = p[:, a:a + rows].argmax(0)
+    return out
 
 
 def _as_list(images) -> list[np.ndarray]:
@@ -196,47 +199,69 @@ class Predictor:
         probs = predict_images(self.runs, batch, self.device, self.passes, self.weights, self.batch_size)
         return probs.astype(np.float32, copy=False)  # (run weights are float64)
 
+    def _per_chunk(self) -> int:
+        """Images predicted at once: :data:`CHUNK`, fewer when they would hold over :data:`CHUNK_PIXELS` pixels."""
+        h, w = self.size
+        return max(1, min(CHUNK, CHUNK_PIXELS // (h * w)))
+
+    def _iter_probs(self, items: list[np.ndarray]):
+        """``(n, float32 [K, H, W])`` of each image at its own size, predicted a chunk at a time (at most
+        :data:`CHUNK` images and :data:`CHUNK_PIXELS` pixels at the trained size)."""
+        per = self._per_chunk()
+        for start in range(0, len(items), per):
+            batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep,
+                                            self.source)
+                              for i, im in enumerate(items[start:start + per])])
+            probs = self._probs(batch)
+            del batch
+            for i, p in enumerate(probs):
+                yield start + i, _resize_probs(p, items[start + i].shape[:2])
+
     def predict_proba(self, images) -> np.ndarray | list[np.ndarray]:
         """float32 probabilities ``[N, K, H, W]`` at each image's own size (a list when sizes differ)."""
         items = _as_list(images)
-        sizes = [im.shape[:2] for im in items]
-        out: list[np.ndarray] = []
-        for start in range(0, len(items), CHUNK):
-            batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep,
-                                            self.source)
-                              for i, im in enumerate(items[start:start + CHUNK])])
-            probs = self._probs(batch)
-            out += [_resize_probs(p, hw) for p, hw in zip(probs, sizes[start:start + CHUNK])]
-        if out and len(set(sizes)) == 1:
-            return np.stack(out)
-        return out if out else np.zeros((0, self.num_classes, *self.size), np.float32)
+        if not items:
+            return np.zeros((0, self.num_classes, *self.size), np.float32)
+        if len({im.shape[:2] for im in items}) > 1:
+            return [p for _, p in self._iter_probs(items)]
+        out = None
+        for n, p in self._iter_probs(items):
+            if len(items) == 1:
+                return p[None]
+            if out is None:
+                out = np.empty((len(items), *p.shape), np.float32)
+            out[n] = p
+        return out
 
     def predict(self, images) -> np.ndarray | list[np.ndarray]:
-        """uint8 class maps ``[N, H, W]`` (argmax of :meth:`predict_proba`, then the plan; a list when sizes differ);
-        with overlapping classes packed maps (bit ``c - 1`` = class ``c``, the run's thresholds and rules)."""
+        """uint8 class maps ``[N, H, W]`` (argmax of :meth:`predict_proba`, then the plan; a list when sizes differ),
+        a chunk of probabilities in memory at a time; with overlapping classes packed maps (bit ``c - 1`` = class
+        ``c``, the run's thresholds and rules)."""
         if self.plan is not None and not self.multilabel:
             return self._planned(images)
-        probs = self.predict_proba(images)
+        items = _as_list(images)
         if self.multilabel:
             plan = self.dataset.get("plan")
-            return decode_plan(probs, plan, self.num_classes) if isinstance(probs, np.ndarray) else \
-                [decode_plan(p, plan, self.num_classes) for p in probs]
-        if isinstance(probs, np.ndarray):
-            return probs.argmax(1).astype(np.uint8)
-        return [p.argmax(0).astype(np.uint8) for p in probs]
+            labels = [decode_plan(p, plan, self.num_classes) for _, p in self._iter_probs(items)]
+        else:
+            labels = [argmax_u8(p) for _, p in self._iter_probs(items)]
+        if labels and len({m.shape for m in labels}) == 1:
+            return np.stack(labels)
+        return labels if labels else np.zeros((0, *self.size), np.uint8)
 
     def _planned(self, images) -> np.ndarray | list[np.ndarray]:
         items = _as_list(images)
         out: list[np.ndarray] = []
-        for start in range(0, len(items), CHUNK):
+        per = self._per_chunk()
+        for start in range(0, len(items), per):
             batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep,
                                             self.source)
-                              for i, im in enumerate(items[start:start + CHUNK])])
+                              for i, im in enumerate(items[start:start + per])])
             probs = self._probs(batch)
             keep = split_keep(self.plan, probs, lambda b=batch: runs_presence(self.runs, b, self.device, self.passes,
                                                                                self.weights, self.batch_size))
             labels = [apply_plan(label_at_size(p, im.shape[:2]), self.plan, self.num_classes)
-                      for p, im in zip(probs, items[start:start + CHUNK])]
+                      for p, im in zip(probs, items[start:start + per])]
             out += gated(labels, keep)
         return np.stack(out) if out and len({m.shape for m in out}) == 1 else out
 
@@ -294,97 +319,3 @@ def read_plan(postprocess: str | None, runs: list[Path], num_classes: int | None
 
 
 # ------------------------------------------------------------------------------- kagglecmr predict
-def image_files(inputs) -> list[Path]:
-    """PNG files named directly or found (natural order) in folders; stems must be unique."""
-    files: list[Path] = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            found = natural_sorted([q for q in p.iterdir() if q.is_file() and q.suffix.lower() == ".png"],
-                                   key=lambda q: q.name)
-            if not found:
-                raise DataError(f"{p}: no PNG images in this folder")
-            files += found
-        elif not p.is_file():
-            raise DataError(f"{p}: file not found")
-        elif p.suffix.lower() != ".png":
-            raise DataError(f"{p}: not a PNG file")
-        else:
-            files.append(p)
-    if not files:
-        raise DataError("predict: no images given")
-    seen: dict[str, Path] = {}
-    for f in files:
-        if f.stem in seen:
-            raise DataError(f"{f}: same name as {seen[f.stem]} (masks are written as <name>.png)")
-        seen[f.stem] = f
-    return files
-
-
-def read_any_png(path: Path) -> np.ndarray:
-    """A PNG as grey ``[H, W]`` or RGB ``[H, W, 3]`` (RGB order), uint8 or uint16 as stored."""
-
-    img = imread(Path(path), cv2.IMREAD_UNCHANGED)
-    if img.ndim == 3 and img.shape[2] == 4:
-        img = img[:, :, :3]
-    if img.ndim == 3 and img.shape[2] == 3:
-        img = np.ascontiguousarray(img[:, :, ::-1])
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    return img
-
-
-PALETTE = [(0, 255, 255), (255, 0, 255), (255, 255, 0), (0, 128, 255), (0, 255, 0), (255, 64, 64), (128, 0, 255)]
-
-
-def overlay_contours(image: np.ndarray, labels: np.ndarray, multilabel: int | None = None) -> np.ndarray:
-    """BGR picture of ``image`` (grey or RGB, drawn in its true colours) with each class's outline in a
-    bright colour from :data:`PALETTE` (BGR), on a dark edge so it reads on light and dark tissue
-    (``multilabel``: the number of classes of a packed map, each class outlined on its own)."""
-    img = to_uint8(np.asarray(image), "overlay")
-    bgr = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else np.ascontiguousarray(img[:, :, ::-1])
-    thick = max(1, round(min(labels.shape) / 256))
-    present = range(1, multilabel + 1) if multilabel else [int(v) for v in np.unique(labels) if v > 0]
-    for k in present:
-        inside = class_mask(labels, k) if multilabel else labels == k
-        contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(bgr, contours, -1, (0, 0, 0), thick + 2)
-        cv2.drawContours(bgr, contours, -1, PALETTE[(k - 1) % len(PALETTE)], thick)
-    return bgr
-
-
-def _write_png(path: Path, arr: np.ndarray, force: bool) -> None:
-    with atomic_path(path, overwrite=force) as tmp:
-        if not cv2.imwrite(str(tmp), arr):
-            raise KaggleCMRError(f"{path}: cannot write PNG")
-
-
-def predict_files(predictor: Predictor, inputs, out: Path, *, overlay: bool = False,
-                  force: bool = False) -> dict:
-    """Masks ``out/<stem>.png`` (dataset mask values, each image's own size) and, with ``overlay``,
-    ``out/<stem>_overlay.png``.  Existing files are refused before anything is predicted unless ``force``."""
-    files = image_files(inputs)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KaggleCMRError(f"{out}: exists and is not a folder")
-    targets = [out / name for f in files for name in predictor.mask_files(f.stem)]
-    overlays = [out / f"{f.stem}_overlay.png" for f in files] if overlay else []
-    if not force:
-        clash = [t for t in targets + overlays if t.exists()]
-        if clash:
-            raise KaggleCMRError(f"{clash[0]}: already exists ({len(clash)} of the outputs do; use --force)")
-    images = [read_any_png(f) for f in files]
-    labels = predictor.predict(images)
-    out.mkdir(parents=True, exist_ok=True)
-    per = len(predictor.mask_files("x"))
-    for k, lab in enumerate(labels):
-        raw = predictor.to_raw(lab)
-        for j, target in enumerate(targets[k * per:(k + 1) * per]):
-            _write_png(target, raw[j] if predictor.multilabel else raw, force=True)
-        if overlay:
-            _write_png(overlays[k], overlay_contours(images[k], lab, predictor.num_classes if predictor.multilabel
-                                                     else None), force=True)
-    sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images})
-    print(f"predict: {len(files)} images ({', '.join(sizes[:4])}{', ...' if len(sizes) > 4 else ''}) | "
-          f"{predictor.n_models} models | TTA {'+'.join(predictor.passes)} -> {len(targets)} masks"
-          f"{' + overlays' if overlay else ''} in {out}", flush=True)
-    return {"masks": targets, "overlays": overlays, "labels": labels, "files": files}

@@ -10,7 +10,8 @@ windows whose probabilities are weighted and normalised by the summed weights (M
   centred on the window (clamped away from zero, as nnU-Net), so pixels near a window's border, where the
   model sees less context, count less; ``"constant"``: a plain average of the overlapping windows.
 * The stitched result is one image's ``[K, H, W]`` float32 accumulator and one ``[H, W]`` weight sum:
-  memory grows with one image, never with the number of windows or images.
+  memory grows with one image, never with the number of windows; :func:`predict_tiled_images` stitches each
+  image of a batch straight into its slot of the result.
 
 ``predict_window`` is any function ``uint8 [n, th, tw, C] -> float32 [n, K, th, tw]`` (e.g. the ensemble's
 softmax over folds and TTA passes, :func:`kagglecmr.engine.infer.predict_proba`); windows are passed to it
@@ -71,9 +72,10 @@ def window_weight(tile: tuple[int, int], kind: str = "gaussian") -> np.ndarray:
 
 
 def predict_tiled(predict_window: Callable[[np.ndarray], np.ndarray], image: np.ndarray, tile, *,
-                  overlap: float = 0.5, weight: str = "gaussian", batch: int = 8) -> np.ndarray:
+                  overlap: float = 0.5, weight: str = "gaussian", batch: int = 8,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """float32 ``[K, H, W]`` probabilities of one uint8 ``[H, W, C]`` image, predicted by overlapping windows
-    of ``tile`` (see the module docstring)."""
+    of ``tile`` (see the module docstring); accumulated in ``out`` (float32 ``[K, H, W]``) when given."""
     th, tw = as_hw(tile)
     if image.ndim != 3:
         raise ValueError(f"expected one image [H, W, C], got shape {image.shape}")
@@ -96,12 +98,33 @@ def predict_tiled(predict_window: Callable[[np.ndarray], np.ndarray], image: np.
         if probs.ndim != 4 or probs.shape[0] != len(chunk) or probs.shape[2:] != (th, tw):
             raise ValueError(f"predict_window returned shape {probs.shape}, expected [{len(chunk)}, K, {th}, {tw}]")
         if acc is None:
-            acc = np.zeros((probs.shape[1], ph, pw), np.float32)
+            direct = out is not None and (ph, pw) == (h, w) and out.shape == (probs.shape[1], h, w)
+            acc = out if direct else np.empty((probs.shape[1], ph, pw), np.float32)
+            acc[...] = 0
         for (y, x), p in zip(chunk, probs):
             acc[:, y:y + th, x:x + tw] += p * wt
             norm[y:y + th, x:x + tw] += wt
     acc /= norm
+    if out is not None and acc is not out:
+        out[...] = acc[:, :h, :w]
+        return out
     return acc[:, :h, :w]
+
+
+def predict_tiled_images(predict_window: Callable[[np.ndarray], np.ndarray], images: np.ndarray, tile) -> np.ndarray:
+    """float32 ``[N, K, H, W]`` of uint8 ``[N, H, W, C]`` images, each stitched by :func:`predict_tiled` with the
+    settings of ``tile`` (a :class:`~kagglecmr.cfg.config.TileConfig`: ``size, overlap, weight, batch``), straight
+    into the result: one image's weight sum besides it, never a second copy of the probabilities."""
+    kw = {"overlap": tile.overlap, "weight": tile.weight, "batch": tile.batch}
+    first = predict_tiled(predict_window, images[0], tile.size, **kw)
+    if len(images) == 1:
+        return first[None]
+    out = np.empty((len(images), *first.shape), np.float32)
+    out[0] = first
+    del first
+    for n in range(1, len(images)):
+        predict_tiled(predict_window, images[n], tile.size, out=out[n], **kw)
+    return out
 
 
 def needs_tiles(hw: tuple[int, int], tile) -> bool:
