@@ -204,14 +204,17 @@ class Predictor:
         h, w = self.size
         return max(1, min(CHUNK, CHUNK_PIXELS // (h * w)))
 
+    def _batches(self, items: list[np.ndarray]):
+        """``(start, uint8 [n, C, H, W])``: the images prepared for the model a chunk at a time."""
+        per = self._per_chunk()
+        for start in range(0, len(items), per):
+            yield start, np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep,
+                                                 self.source) for i, im in enumerate(items[start:start + per])])
+
     def _iter_probs(self, items: list[np.ndarray]):
         """``(n, float32 [K, H, W])`` of each image at its own size, predicted a chunk at a time (at most
         :data:`CHUNK` images and :data:`CHUNK_PIXELS` pixels at the trained size)."""
-        per = self._per_chunk()
-        for start in range(0, len(items), per):
-            batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep,
-                                            self.source)
-                              for i, im in enumerate(items[start:start + per])])
+        for start, batch in self._batches(items):
             probs = self._probs(batch)
             del batch
             for i, p in enumerate(probs):
@@ -252,16 +255,12 @@ class Predictor:
     def _planned(self, images) -> np.ndarray | list[np.ndarray]:
         items = _as_list(images)
         out: list[np.ndarray] = []
-        per = self._per_chunk()
-        for start in range(0, len(items), per):
-            batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep,
-                                            self.source)
-                              for i, im in enumerate(items[start:start + per])])
+        for start, batch in self._batches(items):
             probs = self._probs(batch)
             keep = split_keep(self.plan, probs, lambda b=batch: runs_presence(self.runs, b, self.device, self.passes,
                                                                                self.weights, self.batch_size))
             labels = [apply_plan(label_at_size(p, im.shape[:2]), self.plan, self.num_classes)
-                      for p, im in zip(probs, items[start:start + per])]
+                      for p, im in zip(probs, items[start:start + len(batch)])]
             out += gated(labels, keep)
         return np.stack(out) if out and len({m.shape for m in out}) == 1 else out
 
