@@ -61,7 +61,7 @@ class TrainResult:
 class EnsembleResult:
     out: Path  # the submission CSV written
     ids: list[str]
-    probs: np.ndarray  # float32 [N, K, H, W] averaged softmax (before postprocessing)
+    probs: np.ndarray | None  # float32 [N, K, H, W] averaged softmax (before postprocessing); None over 2 GB
     labels: np.ndarray | list  # uint8 [N, H, W] submitted masks (after postprocessing; a list when sizes differ)
     rows: int
     empty: dict[int, int]  # empty rows per class
@@ -234,7 +234,7 @@ def _ensemble_result(res: dict) -> EnsembleResult:
     if res["truth"] is not None and same and labels.shape == res["truth"].shape:
         from kagglecmr.formats.metric import dice_table
 
-        table = dice_table(res["labels"], res["truth"], res["probs"].shape[1])
+        table = dice_table(res["labels"], res["truth"], len(res["empty"]) + 1)  # probs may be None (a large split)
         result.score = float(table.mean())
         result.per_class = {str(k + 1): float(table[:, k].mean()) for k in range(table.shape[1])}
     return result

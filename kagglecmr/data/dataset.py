@@ -198,11 +198,11 @@ def _folder_items(root: Path) -> tuple[dict, dict]:
     return items, masked
 
 
-def _size(path: Path, items: dict, train_images, setting) -> tuple[tuple[int, int], bool]:
+def _size(path: Path, items: dict, known: dict, setting) -> tuple[tuple[int, int], bool]:
+    """``(size, resized)``: the setting, else the one size of every image (``known``: sizes already decoded)."""
     if setting != "auto":
         return ((setting, setting) if isinstance(setting, int) else tuple(setting)), True
     seen: dict[tuple[int, int], Path] = {}
-    known = {p: img.shape[:2] for p, img in train_images}
     for split in items.values():
         for _, ip, _ in split:
             hw = tuple(known[ip]) if ip in known else D.image_size(ip)
@@ -253,10 +253,17 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
         raise DataError(_no_labels(root))
     labelled = [ip for s in ("train", "val") if masked.get(s) for _, ip, _ in items[s]] or \
         [ip for _, ip, _ in items["train"]]
-    train_images = [(p, D.decode_image(p)) for p in labelled]
-    source, channels, notes = resolve_channels(path, train_images, spec.channels)
+    shapes: dict[Path, tuple[int, int]] = {}
+
+    def decoded():  # one image at a time: what resolve_channels keeps of each is a few numbers
+        for p in labelled:
+            img = D.decode_image(p)
+            shapes[p] = img.shape[:2]
+            yield p, img
+
+    source, channels, notes = resolve_channels(path, decoded(), spec.channels)
     try:
-        size, resized, size_error = *_size(path, items, train_images, spec.size), None
+        size, resized, size_error = *_size(path, items, shapes, spec.size), None
     except DataError as exc:  # the folder form may still be resized by a config (data.size + data.resize)
         if not folder:
             raise

@@ -160,6 +160,20 @@ def predict_images(runs: list[Run], images: np.ndarray, device, passes, weights,
     return total
 
 
+BLOCK_BYTES = 512 << 20  # a split's images are predicted in blocks whose float32 probabilities are at most this
+RESULT_PROBS_BYTES = 2 << 30  # a split's probabilities are returned (EnsembleResult.probs) up to this size, else None
+
+
+def predict_blocks(runs: list[Run], images, device, passes, weights, batch_size):
+    """``(start, probabilities)`` of ``images`` a block at a time (:data:`BLOCK_BYTES`, whole batches; one block
+    with partner context, whose partners are found among all the images)."""
+    per_image = runs[0].cfg.data.num_classes * int(np.prod(images.shape[1:3])) * 4
+    n = max(batch_size, BLOCK_BYTES // per_image // batch_size * batch_size)
+    n = len(images) if any(r.cfg.data.context != "none" for r in runs) else n
+    for s in range(0, len(images), max(n, 1)):
+        yield s, predict_images(runs, images[s:s + n], device, passes, weights, batch_size)
+
+
 def predict_oof(runs: list[Run], data: Split, device, passes, weights, batch_size) -> np.ndarray:
     """Each labelled image predicted only by the fold models that held it out."""
     out = np.zeros((len(data), runs[0].cfg.data.num_classes, *data.images.shape[1:3]), dtype=np.float32)
@@ -354,10 +368,17 @@ def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_prob
         if split != "test" and any(i in seen for i in images.ids):
             print(f"warning: the models trained on most '{split}' images; its score is optimistic "
                   f"(use --split oof for an honest estimate)", flush=True)
-        probs = predict_images(loaded, images.images, dev, passes, w, batch_size)
-    labels = [label_at_size(p, hw) for p, hw in zip(probs, images.sizes())]  # each image's own size
-    if plan is not None:
-        labels = [apply_plan(m, plan, k) for m in labels]
+    blocks = [(0, probs)] if split == "oof" else predict_blocks(loaded, images.images, dev, passes, w, batch_size)
+    keep = split == "oof" or len(images) * k * int(np.prod(images.images.shape[1:3])) * 4 <= RESULT_PROBS_BYTES
+    labels, preview, kept, sizes = [], [], [], images.sizes()
+    for start, p in blocks:  # a block of images at a time: labels at each image's own size, then postprocessing
+        labels += [label_at_size(q, hw) if plan is None else apply_plan(label_at_size(q, hw), plan, k)
+                   for q, hw in zip(p, sizes[start:start + len(p)])]
+        if save_masks is not None:
+            preview += [apply_plan(m, plan, k) if plan is not None else m for m in p.argmax(1).astype(np.uint8)]
+        kept += [p] if keep else []
+    if split != "oof":
+        probs = (kept[0] if len(kept) == 1 else np.concatenate(kept)) if keep and kept else None
     if split != "oof" and ds.has_masks(split):  # a labelled split (e.g. a holdout test set): score it
         truth = {i: ds.read_mask(mp, resize=False) for i, _, mp in ds.items(split)}
         print(score_report(split, dict(zip(images.ids, labels)), truth, ds), flush=True)
@@ -378,7 +399,6 @@ def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_prob
           f"(empty rows per class: {', '.join(f'{c}: {v}' for c, v in empty.items())}) in {time.time() - t0:.1f}s",
           flush=True)
     if save_masks is not None:
-        write_masks(save_masks, images.ids, labels, images.images, ds=ds,
-                    preview=[apply_plan(p, plan, k) if plan is not None else p for p in probs.argmax(1).astype(np.uint8)])
+        write_masks(save_masks, images.ids, labels, images.images, ds=ds, preview=preview)
     return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan, "ids": list(images.ids), "probs": probs,
             "labels": labels, "truth": images.masks, "tta": passes, "runs": [str(r.path) for r in loaded]}

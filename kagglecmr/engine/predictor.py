@@ -30,7 +30,8 @@ from kagglecmr.utils.io import atomic_path
 from kagglecmr.utils.naming import natural_sorted
 from kagglecmr.utils.runtime import resolve_device, setup_threads
 
-CHUNK = 256  # images uploaded to the device at once
+CHUNK = 256  # images uploaded to the device at once (at most)
+CHUNK_BYTES = 512 << 20  # ... and at most this many bytes of float32 probabilities at the trained size
 
 
 # ------------------------------------------------------------------------------ what a run expects
@@ -172,27 +173,37 @@ class Predictor:
         probs = predict_images(self.runs, batch, self.device, self.passes, self.weights, self.batch_size)
         return probs.astype(np.float32, copy=False)  # (run weights are float64)
 
+    def chunk(self) -> int:
+        """Images predicted at once: :data:`CHUNK`, fewer when their probabilities would pass
+        :data:`CHUNK_BYTES` (then whole batches)."""
+        n = CHUNK_BYTES // (self.num_classes * self.size[0] * self.size[1] * 4)
+        return min(CHUNK, n // self.batch_size * self.batch_size if n >= self.batch_size else max(1, n))
+
+    def _chunks(self, items: list[np.ndarray]):
+        """float32 probabilities ``[K, H, W]`` of each image at its own size, a chunk of images at a time."""
+        step = self.chunk()
+        for start in range(0, len(items), step):
+            batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep,
+                                            self.source)
+                              for i, im in enumerate(items[start:start + step])])
+            yield [_resize_probs(p, im.shape[:2]) for p, im in zip(self._probs(batch), items[start:start + step])]
+
     def predict_proba(self, images) -> np.ndarray | list[np.ndarray]:
         """float32 probabilities ``[N, K, H, W]`` at each image's own size (a list when sizes differ)."""
         items = _as_list(images)
-        sizes = [im.shape[:2] for im in items]
-        out: list[np.ndarray] = []
-        for start in range(0, len(items), CHUNK):
-            batch = np.stack([prepare_image(im, self.in_channels, self.size, f"images[{start + i}]", self.keep,
-                                            self.source)
-                              for i, im in enumerate(items[start:start + CHUNK])])
-            probs = self._probs(batch)
-            out += [_resize_probs(p, hw) for p, hw in zip(probs, sizes[start:start + CHUNK])]
-        if out and len(set(sizes)) == 1:
+        out = [p for probs in self._chunks(items) for p in probs]
+        if out and len({im.shape[:2] for im in items}) == 1:
             return np.stack(out)
         return out if out else np.zeros((0, self.num_classes, *self.size), np.float32)
 
     def predict(self, images) -> np.ndarray | list[np.ndarray]:
-        """uint8 class maps ``[N, H, W]`` (argmax of :meth:`predict_proba`; a list when sizes differ)."""
-        probs = self.predict_proba(images)
-        if isinstance(probs, np.ndarray):
-            return probs.argmax(1).astype(np.uint8)
-        return [p.argmax(0).astype(np.uint8) for p in probs]
+        """uint8 class maps ``[N, H, W]`` (argmax of :meth:`predict_proba`, a chunk at a time: the probabilities
+        of all images are never held at once; a list when sizes differ)."""
+        items = _as_list(images)
+        out = [p.argmax(0).astype(np.uint8) for probs in self._chunks(items) for p in probs]
+        if out and len({im.shape[:2] for im in items}) == 1:
+            return np.stack(out)
+        return out if out else np.zeros((0, *self.size), np.uint8)
 
     def to_raw(self, labels: np.ndarray) -> np.ndarray:
         """Class maps -> the dataset's own mask values (``mask_values`` inverted, e.g. 0/255)."""
@@ -298,14 +309,17 @@ def predict_files(predictor: Predictor, inputs, out: Path, *, overlay: bool = Fa
         clash = [t for t in targets + overlays if t.exists()]
         if clash:
             raise KaggleCMRError(f"{clash[0]}: already exists ({len(clash)} of the outputs do; use --force)")
-    images = [read_any_png(f) for f in files]
-    labels = predictor.predict(images)
     out.mkdir(parents=True, exist_ok=True)
-    for k, lab in enumerate(labels):
-        _write_png(targets[k], predictor.to_raw(lab), force=True)
-        if overlay:
-            _write_png(overlays[k], overlay_contours(images[k], lab), force=True)
-    sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images})
+    labels, shapes, step = [], set(), predictor.chunk()
+    for start in range(0, len(files), step):  # a chunk of files read, predicted and written at a time
+        images = [read_any_png(f) for f in files[start:start + step]]
+        for k, (img, lab) in enumerate(zip(images, predictor.predict(images)), start):
+            _write_png(targets[k], predictor.to_raw(lab), force=True)
+            if overlay:
+                _write_png(overlays[k], overlay_contours(img, lab), force=True)
+            labels.append(lab)
+            shapes.add(img.shape[:2])
+    sizes = sorted(f"{w}x{h}" for h, w in shapes)
     print(f"predict: {len(files)} images ({', '.join(sizes[:4])}{', ...' if len(sizes) > 4 else ''}) | "
           f"{predictor.n_models} models | TTA {'+'.join(predictor.passes)} -> {len(targets)} masks"
           f"{' + overlays' if overlay else ''} in {out}", flush=True)

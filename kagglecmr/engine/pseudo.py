@@ -207,6 +207,23 @@ def _replace_dir(new: Path, out: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+BLOCK_BYTES = 512 << 20  # float32 probabilities of at most this many bytes of images are held at once
+
+
+def _block(data, cfg: Config) -> int:
+    """Images pseudo-labelled at once: whole batches whose probabilities fit :data:`BLOCK_BYTES` (all of them with
+    partner context, whose partners are found among the split's images)."""
+    if cfg.data.context != "none":
+        return max(1, len(data))
+    per_image = cfg.data.num_classes * int(np.prod(data.images.shape[1:3])) * 4
+    return max(1, BLOCK_BYTES // per_image)
+
+
+def _mean(parts: list[tuple[float, int]]) -> float:
+    """The mean over blocks from each block's ``(mean, count)`` (one block: its mean exactly)."""
+    return parts[0][0] if len(parts) == 1 else sum(m * n for m, n in parts) / sum(n for _, n in parts)
+
+
 def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out: Path | None = None,
                  confidence: float = 0.9, tta: bool = False, force: bool = False, device: str = "auto",
                  batch_size: int | None = None, select: str | None = None) -> dict:
@@ -249,36 +266,43 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        per_fold = {}
-        for fold, probs, files in all_teacher_probs(runs, n_folds, data.images, dev, passes, bsz, select):
-            conf = probs.max(1)
-            labels = probs.argmax(1).astype(np.uint8)
-            labels[conf < confidence] = IGNORE
-            root = pseudo_fold_dir(tmp, fold)
-            stats, kept = {}, 0
-            for i, ip, img, m, c in zip(data.ids, data.image_paths, data.images, labels, conf):
-                ignored = float((m == IGNORE).mean())
-                stats[i] = {"mean_confidence": round(float(c.mean()), 5), "ignored_fraction": round(ignored, 5),
-                            "kept": ignored < 1.0}
-                if ignored >= 1.0:
-                    continue
-                kept += 1
-                dst = root / "train" / "image" / f"{i}.png"
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                if copy_ok and Path(ip).suffix.lower() == ".png" and png_size(ip) == img.shape[:2]:
-                    shutil.copyfile(ip, dst)
-                else:  # resized or channels picked on reading: store what the model saw
-                    _write_png(dst, _png_channels(img))
-                _write_png(root / "train" / "mask" / f"{i}_mask.png", m)
-            name = root.name
+        per_fold, tally = {}, {}
+        step = _block(data, cfg)
+        for start in range(0, len(data), step):  # a block of images at a time: its probabilities, never all
+            sub = slice(start, start + step)
+            images = data.images[sub]
+            for fold, probs, files in all_teacher_probs(runs, n_folds, images, dev, passes, bsz, select):
+                conf = probs.max(1)
+                labels = probs.argmax(1).astype(np.uint8)
+                labels[conf < confidence] = IGNORE
+                root = pseudo_fold_dir(tmp, fold)
+                t = tally.setdefault(root.name, {"stats": {}, "kept": 0, "conf": [], "ignored": [], "files": files})
+                for i, ip, img, m, c in zip(data.ids[sub], data.image_paths[sub], images, labels, conf):
+                    ignored = float((m == IGNORE).mean())
+                    t["stats"][i] = {"mean_confidence": round(float(c.mean()), 5), "ignored_fraction": round(ignored, 5),
+                                     "kept": ignored < 1.0}
+                    if ignored >= 1.0:
+                        continue
+                    t["kept"] += 1
+                    dst = root / "train" / "image" / f"{i}.png"
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    if copy_ok and Path(ip).suffix.lower() == ".png" and png_size(ip) == img.shape[:2]:
+                        shutil.copyfile(ip, dst)
+                    else:  # resized or channels picked on reading: store what the model saw
+                        _write_png(dst, _png_channels(img))
+                    _write_png(root / "train" / "mask" / f"{i}_mask.png", m)
+                t["conf"].append((float(conf.mean()), conf.size))
+                t["ignored"].append((float((labels == IGNORE).mean()), labels.size))
+        for name, t in tally.items():
+            mean_conf, ignored = _mean(t["conf"]), _mean(t["ignored"])
             per_fold[name] = {
                 "teachers": [{"run": str(f.parent.parent), "checkpoint": str(f), "sha256": sha256_file(f),
-                              "holdout": _holdout(f.parent)} for f in files],
-                "images": kept, "mean_confidence": float(conf.mean()),
-                "ignored_fraction": float((labels == IGNORE).mean()), "per_image": stats,
+                              "holdout": _holdout(f.parent)} for f in t["files"]],
+                "images": t["kept"], "mean_confidence": mean_conf, "ignored_fraction": ignored,
+                "per_image": t["stats"],
             }
-            print(f"{name}: {kept}/{len(data)} images, mean confidence {conf.mean():.4f}, "
-                  f"{(labels == IGNORE).mean():.1%} of pixels ignored, from {len(files)} model(s)", flush=True)
+            print(f"{name}: {t['kept']}/{len(data)} images, mean confidence {mean_conf:.4f}, "
+                  f"{ignored:.1%} of pixels ignored, from {len(t['files'])} model(s)", flush=True)
         manifest = {
             "split": split, "data": str(data_root), "confidence": confidence, "tta": passes,
             "select": select or "train.select",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from kagglecmr.models.checkpoint import MODEL_FILES, load_best, load_last, save_
 from kagglecmr.models.factory import build_model, count_parameters
 from kagglecmr.utils.io import atomic_path, atomic_write_json
 from kagglecmr.utils.locks import FoldLock, FoldLocked
+from kagglecmr.utils.npz import NpzWriter
 from kagglecmr.utils.plots import plot_curves
 from kagglecmr.utils.progress import Reporter, write_metrics
 from kagglecmr.utils.runtime import amp_dtype, autocast, environment, peak_memory_mb, seed_everything
@@ -94,8 +96,6 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
 
     batches = BatchMaker(cfg, tr.images, tr.masks, device)
     pseudo_batches = BatchMaker(cfg, pseudo.images, pseudo.masks, device) if n_pseudo else None
-    x_val = to_tensor(va.images, device, cfg.train.channels_last) if va else None
-    y_val = torch.from_numpy(va.masks).to(device).long() if va else None
 
     # ---- resume
     history, start_epoch, best_score, best_epoch = [], 0, -1.0, 0
@@ -168,12 +168,9 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
             row |= {f"dice_{k}": float("nan") for k in range(1, k_fg + 1)}
             eval_model = ema.model if ema is not None else model
             if va is not None:
-                if tiled:  # images larger than the tile: windows (data.patch / infer.tile), no whole-image loss
-                    probs, vloss = _tiled_probs(eval_model, va, cfg, device, dtype), float("nan")
-                else:
-                    probs, vloss = _validate(eval_model, criterion, x_val, y_val, device, dtype,
-                                             cfg.train.val_batch_size)
-                table = dice_table(probs.argmax(1), va.masks, cfg.data.num_classes)
+                # a block of images at a time; images larger than the tile: windows (data.patch / infer.tile),
+                # no whole-image loss
+                table, vloss = _validate(eval_model, criterion, va, cfg, device, dtype, tiled)
                 row |= {"val_loss": vloss, "val_dice": float(table.mean())}
                 row |= {f"dice_{k}": float(table[:, k - 1].mean()) for k in range(1, k_fg + 1)}
                 improved = row["val_dice"] > best_score
@@ -210,18 +207,22 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     eval_model = ema.model if ema is not None else model
     last_score = history[-1]["val_dice"] if history else float("nan")
     save_best(out_dir / MODEL_FILES["last"], eval_model, cfg, cfg.train.epochs, last_score)
-    if swa is not None:
-        x_tr = to_tensor(tr.images, device, cfg.train.channels_last)
+    if swa is not None:  # the training images uploaded a batch at a time
         with autocast(device, dtype):
-            torch.optim.swa_utils.update_bn([x_tr[s:s + bs] for s in range(0, len(tr), bs)], swa, device)
+            torch.optim.swa_utils.update_bn((to_tensor(tr.images[s:s + bs], device, cfg.train.channels_last)
+                                             for s in range(0, len(tr), bs)), swa, device)
         save_best(out_dir / MODEL_FILES["swa"], swa.module, cfg, cfg.train.epochs, float("nan"))
     if va is not None:
-        _save_oof(out_dir / "oof_last.npz", eval_model, x_val, va, cfg, device, dtype)
+        _save_oof(out_dir / "oof_last.npz", eval_model, va, cfg, device, dtype)
         if swa is not None:
-            _save_oof(out_dir / "oof_swa.npz", swa.module, x_val, va, cfg, device, dtype)
-        sd, _ = load_best(best_path)  # the best epoch last: loading it overwrites the last epoch's weights
-        model.load_state_dict(sd)
-        _save_oof(out_dir / "oof.npz", model, x_val, va, cfg, device, dtype)
+            _save_oof(out_dir / "oof_swa.npz", swa.module, va, cfg, device, dtype)
+        if history and best_epoch == history[-1]["epoch"]:  # best is the last epoch: the same weights and predictions
+            with atomic_path(out_dir / "oof.npz") as tmp:
+                shutil.copyfile(out_dir / "oof_last.npz", tmp)
+        else:
+            sd, _ = load_best(best_path)  # the best epoch last: loading it overwrites the last epoch's weights
+            model.load_state_dict(sd)
+            _save_oof(out_dir / "oof.npz", model, va, cfg, device, dtype)
     epochs_run = [r for r in history if r["epoch"] > start_epoch]
     summary = {
         "fold": fold, "best_score": None if math.isnan(best_score) else best_score, "best_epoch": best_epoch,
@@ -239,31 +240,64 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     return FoldResult(fold, out_dir, best_score, best_epoch)
 
 
-def _tiled_probs(model, va: Split, cfg: Config, device, dtype) -> np.ndarray:
-    return predict_proba_tiled(model, va.images, device, tile=cfg.tile, amp=dtype, channels_last=cfg.train.channels_last)
+VAL_BLOCK_BYTES = 256 << 20  # validation and OOF hold the float32 probabilities of this many bytes of images at once
 
 
-def _save_oof(path: Path, model, x_val, va: Split, cfg: Config, device, dtype) -> None:
-    if cfg.tile is not None and needs_tiles(va.images.shape[1:3], cfg.tile.size):
-        probs = _tiled_probs(model, va, cfg, device, dtype)
-    else:
-        probs = predict_proba(model, x_val, device, batch_size=cfg.train.val_batch_size, amp=dtype)
-    labels = probs.argmax(1).astype(np.uint8)  # from float32: float16 rounding can flip near-ties
-    table = dice_table(labels, va.masks, cfg.data.num_classes)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, ids=np.array(va.ids), probs=probs.astype(np.float16), labels=labels, dice=table)
+def _val_blocks(va: Split, cfg: Config):
+    """``(start, images, masks)`` of the validation images a block at a time: as many as have probabilities of
+    at most :data:`VAL_BLOCK_BYTES` (a small set is one block), whole batches of ``train.val_batch_size`` unless
+    the images are predicted by tiles."""
+    per_image = cfg.data.num_classes * int(np.prod(va.images.shape[1:3])) * 4
+    bs = 1 if cfg.tile is not None and needs_tiles(va.images.shape[1:3], cfg.tile.size) else cfg.train.val_batch_size
+    n = max(bs, VAL_BLOCK_BYTES // per_image // bs * bs)
+    for s in range(0, len(va), n):
+        yield s, va.images[s:s + n], np.asarray(va.masks[s:s + n])
+
+
+def _block_probs(model, images: np.ndarray, cfg: Config, device, dtype) -> np.ndarray:
+    """float32 probabilities of one block of images: by windows when larger than the tile."""
+    if cfg.tile is not None and needs_tiles(images.shape[1:3], cfg.tile.size):
+        return predict_proba_tiled(model, images, device, tile=cfg.tile, amp=dtype, channels_last=cfg.train.channels_last)
+    x = to_tensor(images, device, cfg.train.channels_last)
+    return predict_proba(model, x, device, batch_size=cfg.train.val_batch_size, amp=dtype)
+
+
+def _save_oof(path: Path, model, va: Split, cfg: Config, device, dtype) -> None:
+    """``ids``, float16 ``probs``, ``labels`` and the ``dice`` table of the fold's validation images, predicted and
+    written a block at a time (:class:`~kagglecmr.utils.npz.NpzWriter`)."""
+    n, (h, w), k = len(va), va.images.shape[1:3], cfg.data.num_classes
+    tables = []
+    with NpzWriter(path) as npz:
+        npz.add("ids", np.array(va.ids))
+        probs_out, labels_out = npz.array("probs", (n, k, h, w), np.float16), npz.array("labels", (n, h, w), np.uint8)
+        for _, images, masks in _val_blocks(va, cfg):
+            probs = _block_probs(model, images, cfg, device, dtype)
+            labels = probs.argmax(1).astype(np.uint8)  # from float32: float16 rounding can flip near-ties
+            tables.append(dice_table(labels, masks, k))
+            probs_out.write(probs.astype(np.float16))
+            labels_out.write(labels)
+        npz.add("dice", np.concatenate(tables))
 
 
 @torch.inference_mode()
-def _validate(model, criterion, x, y, device, dtype, batch_size) -> tuple[np.ndarray, float]:
+def _validate(model, criterion, va: Split, cfg: Config, device, dtype, tiled: bool) -> tuple[np.ndarray, float]:
+    """The per-image Dice table and the mean loss (nan when tiled) of the validation images, a block at a time."""
     model.eval()
-    probs, losses = [], []
-    for s in range(0, x.shape[0], batch_size):
-        with autocast(device, dtype):
-            logits = model(x[s:s + batch_size])
-        losses.append(criterion(logits, y[s:s + batch_size]).item() * len(logits))
-        probs.append(torch.softmax(logits.float(), 1).cpu())
-    return torch.cat(probs).numpy(), float(sum(losses) / x.shape[0])
+    tables, losses, bs, k = [], [], cfg.train.val_batch_size, cfg.data.num_classes
+    for _, images, masks in _val_blocks(va, cfg):
+        if tiled:
+            probs = _block_probs(model, images, cfg, device, dtype)
+        else:
+            x, y = to_tensor(images, device, cfg.train.channels_last), torch.from_numpy(masks).to(device).long()
+            probs = []
+            for s in range(0, x.shape[0], bs):
+                with autocast(device, dtype):
+                    logits = model(x[s:s + bs])
+                losses.append(criterion(logits, y[s:s + bs]).item() * len(logits))
+                probs.append(torch.softmax(logits.float(), 1).cpu())
+            probs = torch.cat(probs).numpy()
+        tables.append(dice_table(probs.argmax(1), masks, k))
+    return np.concatenate(tables), float(sum(losses) / len(va)) if not tiled else float("nan")
 
 
 def _plot(out_dir: Path, history: list[dict]) -> None:
