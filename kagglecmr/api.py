@@ -321,8 +321,8 @@ def pseudo_label(runs: list[str | Path], *, data: str | Path = "data", split: st
 
 
 def set_cache_dir(path: str | Path | None) -> None:
-    """Where decoded splits are cached as memory-mapped arrays for the rest of this process (``--cache-dir``):
-    a folder, ``"off"`` (decode into memory every time), or None (``$KAGGLECMR_CACHE``, else
+    """Where decoded splits are cached as arrays on disk (read a batch at a time) for the rest of this process
+    (``--cache-dir``): a folder, ``"off"`` (decode into memory every time), or None (``$KAGGLECMR_CACHE``, else
     ``~/.cache/kagglecmr``); see :mod:`kagglecmr.data.cache`."""
     from kagglecmr.data.cache import set_cache_dir as _set
 

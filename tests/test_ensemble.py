@@ -95,7 +95,7 @@ def ens_args(project, *extra, run=None) -> list:
 
 
 def demo_test_images(project) -> np.ndarray:
-    return load_dataset(project.data).load("test", labelled=False).images
+    return np.asarray(load_dataset(project.data).load("test", labelled=False).images)  # (the cache's lazy rows)
 
 
 # ------------------------------------------------------------------------------------ submission CSV

@@ -40,8 +40,10 @@ def test_lazy_rows_index_like_numpy(tmp_path):
                 (2, 1), (slice(0, 3), 0), ([1, 4], slice(None), 2)):
         assert np.array_equal(lazy[key], arr[key]), key
     assert np.array_equal(np.asarray(lazy), arr) and np.array_equal(np.stack(list(lazy)), arr)
+    assert lazy.max() == arr.max() and np.array_equal(lazy.astype(np.int16), arr)  # other ndarray methods: read all
+    assert not hasattr(lazy, "no_such_thing") and not hasattr(lazy, "__array_interface__")
     with pytest.raises(IndexError):
-        lazy[7]
+        lazy.__getitem__(7)
 
 
 def test_subset_and_concat_stay_on_disk_and_batches_read_the_same_rows(tmp_path):

@@ -16,7 +16,7 @@ DEVICE_SET_BYTES = 2 << 30  # augment.backend auto: a larger training set (uint8
 def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
     """uint8 ``[N,H,W,C]`` -> float ``[N,C,H,W]`` in [0, 1] on ``device``."""
     arr = np.ascontiguousarray(images)
-    if not arr.flags.writeable:  # a memory-mapped cache entry: torch wants memory it may write
+    if not arr.flags.writeable:  # a read-only array (e.g. memory-mapped): torch wants memory it may write
         arr = arr.copy()
     x = torch.from_numpy(arr).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)

@@ -135,7 +135,7 @@ class Dataset:
             raise DataError(f"{self.path}: split '{split}' has no masks")
         if use_masks and self.label_error:
             raise DataError(self.label_error)
-        if cache_root() is not None:  # decoded once into memory-mapped arrays on disk (kagglecmr.data.cache)
+        if cache_root() is not None:  # decoded once into arrays on disk, read lazily (kagglecmr.data.cache)
             return load_split(self, split, use_masks, self._finish)
         ids, images, masks, sizes = [], [], [], []
         for i, ip, mp in items:

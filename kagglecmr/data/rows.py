@@ -6,7 +6,8 @@ memory-mapped, so a row costs the process memory only while the caller holds it 
 every page ever touched in the process's resident set until the kernel reclaims it), and the OS page cache
 keeps a small dataset as fast as an in-memory one.
 
-``rows[i]``, ``rows[a:b]``, ``rows[[i, j]]`` and ``rows[bool_mask]`` return ndarrays, as numpy indexing does;
+``rows[i]``, ``rows[a:b]``, ``rows[[i, j]]`` and ``rows[bool_mask]`` return ndarrays, as numpy indexing does
+(other ndarray methods, ``rows.max()``..., read every row first);
 :func:`take` and :func:`concat` (what ``Split.subset`` and ``loader.concat`` use) return lazy rows again (an
 index into the files), and ``np.asarray(rows)`` reads everything.  Iterating yields one row at a time, read
 in blocks of about :data:`BLOCK_BYTES`; :func:`blocks` yields ``(start, ndarray)`` blocks of any array, lazy or
@@ -90,6 +91,12 @@ class LazyRows:
 
     def __repr__(self) -> str:
         return f"LazyRows(shape={self.shape}, dtype={self.dtype}, files={[str(f.path) for f in self.files]})"
+
+    def __getattr__(self, name: str):
+        """Any other ndarray attribute (``max``, ``mean``, ``astype``...) of all the rows, read for the call."""
+        if name.startswith("_") or not hasattr(np.ndarray, name):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(np.asarray(self), name)
 
     def __array__(self, dtype=None, copy=None):
         out = self._read(np.arange(len(self)))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kagglecmr.data.channels import channel_rule, to_channels
-from kagglecmr.data.loader import imread
+from kagglecmr.data.loader import imread, png_size
 from kagglecmr.data.mask_values import labels_to_raw
 from kagglecmr.engine.ensembler import Run, _weights, check_compatible, latest_run, load_run, predict_images, tta_passes
 from kagglecmr.utils.errors import DataError, KaggleCMRError
@@ -309,10 +309,13 @@ def predict_files(predictor: Predictor, inputs, out: Path, *, overlay: bool = Fa
         clash = [t for t in targets + overlays if t.exists()]
         if clash:
             raise KaggleCMRError(f"{clash[0]}: already exists ({len(clash)} of the outputs do; use --force)")
-    out.mkdir(parents=True, exist_ok=True)
+    for f in files:  # a damaged PNG fails here, before anything is written (files are decoded a chunk at a time)
+        if f.suffix.lower() == ".png":
+            png_size(f)
     labels, shapes, step = [], set(), predictor.chunk()
     for start in range(0, len(files), step):  # a chunk of files read, predicted and written at a time
         images = [read_any_png(f) for f in files[start:start + step]]
+        out.mkdir(parents=True, exist_ok=True)
         for k, (img, lab) in enumerate(zip(images, predictor.predict(images)), start):
             _write_png(targets[k], predictor.to_raw(lab), force=True)
             if overlay:

@@ -123,6 +123,9 @@ def read_oof_labels(files: list[Path]) -> tuple[list[str], list[np.ndarray]]:
     return ids, preds
 
 
+SCORE_BLOCK = 64  # images scored at once by oof_summary
+
+
 def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> dict | None:
     """Score the run's out-of-fold predictions once every fold has one; writes ``oof.json``.
 
@@ -137,8 +140,14 @@ def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int) -> d
         files = [run_dir / f"fold{k}" / name for k in range(n_folds)]
         if not all(f.is_file() for f in files):
             continue
-        ids, preds = read_oof_labels(files)
-        table = dice_table(np.concatenate(preds), data.subset(ids).masks, num_classes)
+        ids, tables = [], []
+        for f in files:  # one fold's labels at a time, scored a block of images at a time (per-image rows)
+            fold_ids, (labels,) = read_oof_labels([f])
+            masks = data.subset(fold_ids).masks
+            tables += [dice_table(labels[s:s + SCORE_BLOCK], masks[s:s + SCORE_BLOCK], num_classes)
+                       for s in range(0, len(fold_ids), SCORE_BLOCK)]
+            ids += fold_ids
+        table = np.concatenate(tables)
         result |= {f"score{suffix}": float(table.mean()),
                    f"per_class{suffix}": {str(k): float(table[:, k - 1].mean()) for k in range(1, num_classes)}}
         if not suffix:
