@@ -38,6 +38,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 
 H, W, CLASSES = 256, 1600, 5  # background + 4 defect classes, as Severstal
 LIMIT_GB = 3.0
@@ -158,18 +159,13 @@ def main() -> None:
         rows.append(run("make-folds", [*k, "make-folds", "--data", data, "--out", work / "folds.csv"], work, env, log))
 
         folds = work / "folds.csv"
-        if args.val:  # fold 0 cut to --val held-out images, the rest moved to fold 1
+        if args.val:  # fold 0 cut to about --val held-out images (whole groups), the rest of it moved to fold 1
             folds = work / f"folds-val{args.val}.csv"
-            lines = (work / "folds.csv").read_text().splitlines()
-            col, seen = lines[0].split(",").index("fold"), 0
-            for j, line in enumerate(lines[1:], 1):
-                cells = line.split(",")
-                if cells[col] == "0":
-                    seen += 1
-                    if seen > args.val:
-                        cells[col] = "1"
-                        lines[j] = ",".join(cells)
-            folds.write_text("\n".join(lines) + "\n")
+            df = pd.read_csv(work / "folds.csv")
+            zero = df[df["fold"] == 0].groupby("group", sort=False).size()
+            keep = zero.index[np.cumsum(zero.to_numpy()) - zero.to_numpy() < args.val]
+            df.loc[(df["fold"] == 0) & ~df["group"].isin(keep), "fold"] = 1
+            df.to_csv(folds, index=False)
         train = run("train", [*k, "train", "--config", "demo", "--data", data, "--folds", folds,
                               "--fold", "0", "--name", "scale", "--runs-dir", work / "runs", "--device", args.device,
                               "--set", "data.patch=[256,256]", "--set", f"train.max_steps={args.steps}", "--quiet"],
