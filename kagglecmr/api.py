@@ -61,7 +61,7 @@ class TrainResult:
 class EnsembleResult:
     out: Path  # the submission CSV written
     ids: list[str]
-    probs: np.ndarray  # float32 [N, K, H, W] averaged softmax (before postprocessing)
+    probs: np.ndarray | None  # float32 [N, K, H, W] averaged softmax (before postprocessing); None over 2 GB
     labels: np.ndarray | list  # uint8 [N, H, W] submitted masks (after postprocessing; a list when sizes differ)
     rows: int
     empty: dict[int, int]  # empty rows per class
@@ -256,8 +256,8 @@ def _ensemble_result(res: dict) -> EnsembleResult:
     if res["truth"] is not None and same and labels.shape == res["truth"].shape:
         from kagglecmr.formats.multilabel import task_table
 
-        table = task_table(res["labels"], res["truth"], res["probs"].shape[1], bool(res.get("multilabel")),
-                           res.get("metric"))  # the dataset's metric
+        table = task_table(res["labels"], res["truth"], res["num_classes"], bool(res.get("multilabel")),
+                           res.get("metric"))  # the dataset's metric; probs may be None (a large split)
         result.score = table.score
         result.per_class = {str(k): float(v) for k, v in zip(table.classes, table.per_class)}
     return result
@@ -353,8 +353,8 @@ def pseudo_label(runs: list[str | Path], *, data: str | Path = "data", split: st
 
 
 def set_cache_dir(path: str | Path | None) -> None:
-    """Where decoded splits are cached as memory-mapped arrays for the rest of this process (``--cache-dir``):
-    a folder, ``"off"`` (decode into memory every time), or None (``$KAGGLECMR_CACHE``, else
+    """Where decoded splits are cached as arrays on disk (read a batch at a time) for the rest of this process
+    (``--cache-dir``): a folder, ``"off"`` (decode into memory every time), or None (``$KAGGLECMR_CACHE``, else
     ``~/.cache/kagglecmr``); see :mod:`kagglecmr.data.cache`."""
     from kagglecmr.data.cache import set_cache_dir as _set
 

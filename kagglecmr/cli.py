@@ -28,8 +28,8 @@ app = typer.Typer(
 
 @app.callback()
 def _options(
-    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Where decoded splits are cached as memory-mapped "
-                                         "arrays (default $KAGGLECMR_CACHE, else ~/.cache/kagglecmr; off: no cache)."),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Where decoded splits are cached as arrays on "
+                                         "disk, read a batch at a time (default $KAGGLECMR_CACHE, else ~/.cache/kagglecmr; off: no cache)."),
 ) -> None:
     """Options of every command (before the command's name)."""
     api.set_cache_dir(cache_dir)

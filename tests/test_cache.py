@@ -13,6 +13,7 @@ import pytest
 from kagglecmr.data import cache
 from kagglecmr.data.dataset import load_dataset
 from kagglecmr.data.demo import make_demo_dataset
+from kagglecmr.data.rows import LazyRows
 
 
 @pytest.fixture()
@@ -27,15 +28,15 @@ def _entries(folder):
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
 
 
-def test_cached_split_equals_in_memory_and_is_memory_mapped(tmp_path, cache_dir, monkeypatch):
+def test_cached_split_equals_in_memory_and_is_read_lazily(tmp_path, cache_dir, monkeypatch):
     data = tmp_path / "d"
     make_demo_dataset(data, n_train=8, n_val=3, n_test=2, seed=1)
     cached = load_dataset(data).load("train")
-    assert isinstance(cached.images, np.memmap) or isinstance(cached.images.base, np.memmap)
+    assert isinstance(cached.images, LazyRows) and isinstance(cached.masks, LazyRows)
     assert len(_entries(cache_dir)) == 1
     monkeypatch.setenv(cache.ENV, "off")
     plain = load_dataset(data).load("train")
-    assert not isinstance(plain.images.base, np.memmap)
+    assert isinstance(plain.images, np.ndarray)
     assert cached.ids == plain.ids and cached.orig_sizes == plain.orig_sizes
     assert np.array_equal(cached.images, plain.images) and np.array_equal(cached.masks, plain.masks)
     assert _entries(cache_dir) and len(_entries(cache_dir)) == 1  # off: nothing written

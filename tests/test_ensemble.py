@@ -22,6 +22,7 @@ from kagglecmr.cfg.config import Config
 from kagglecmr.data.dataset import load_dataset
 from kagglecmr.data.loader import read_mask
 from kagglecmr.engine import ensembler as ensemble
+from kagglecmr.engine import ensemble_split
 from kagglecmr.engine.infer import TTA_FLIPS, TTA_PASSES, predict_proba, tta_apply, tta_undo
 from kagglecmr.engine.postprocess import apply_plan, load_plan, tune_plan
 from kagglecmr.formats.metric import dice_table
@@ -95,7 +96,7 @@ def ens_args(project, *extra, run=None) -> list:
 
 
 def demo_test_images(project) -> np.ndarray:
-    return load_dataset(project.data).load("test", labelled=False).images
+    return np.asarray(load_dataset(project.data).load("test", labelled=False).images)  # (the cache's lazy rows)
 
 
 # ------------------------------------------------------------------------------------ submission CSV
@@ -135,7 +136,7 @@ def test_default_name_within_one_second_gets_a_new_file(project, tmp_path, monke
         def now(cls, tz=None):
             return cls(2030, 1, 2, 3, 4, 5)
 
-    monkeypatch.setattr(ensemble, "datetime", Frozen)
+    monkeypatch.setattr(ensemble_split, "datetime", Frozen)  # where submission names are stamped
     monkeypatch.chdir(tmp_path)
     outs = [ensemble.run_ensemble(runs=[project.run], runs_dir=project.runs_dir, data_root=project.data,
                                   split="test", tta=False, tta_flips=None, out=None, save_masks=None,

@@ -453,6 +453,44 @@ def test_cut_complete_linkage_threshold_and_cap():
     assert groups.tolist() == [0] and cut == []
 
 
+def _mixed_images() -> np.ndarray:
+    """A chain of neighbours, a clique of 12 noisy copies of one texture, 3 pairs and 20 unrelated images, shuffled."""
+    rng = np.random.default_rng(3)
+    tex = cv2.GaussianBlur(rng.normal(0, 120, (48, 48)), (0, 0), 1.2) + 128
+    clique = [tex + rng.normal(0, 4, tex.shape) for _ in range(12)]
+    pairs = [b for a in [cv2.GaussianBlur(rng.normal(0, 120, (48, 48)), (0, 0), 1.2) + 128 for _ in range(3)]
+             for b in (a, a + rng.normal(0, 4, a.shape))]
+    loose = [rng.normal(128, 60, (48, 48)) for _ in range(20)]
+    images = np.concatenate([_chain_images(), np.clip(np.stack(clique + pairs + loose), 0, 255).astype(np.uint8)])
+    return images[rng.permutation(len(images))]
+
+
+@pytest.mark.parametrize("cap", [None, 2, 5])
+def test_blockwise_similarity_groups_equal_the_dense_linkage(cap, monkeypatch):
+    from kagglecmr.data import similarity
+
+    images = _mixed_images()
+    dense = cut_complete_linkage(image_similarity(images), SIMILARITY_THRESHOLD, cap)
+    monkeypatch.setattr(similarity, "BLOCK", 7)  # several blocks, components spread over them
+    groups, cut = similarity.similarity_clusters(images, max_size=cap)
+    assert groups.tolist() == dense[0].tolist() and cut == dense[1]
+    assert np.bincount(groups).max() == (cap or 12) and cut == ([12] if cap else [])  # the clique, cut by the cap
+
+
+def test_similarity_groups_never_hold_the_n_by_n_matrix():
+    import tracemalloc
+
+    images = np.random.default_rng(0).integers(0, 256, (4000, 16, 16), dtype=np.uint8)  # unrelated images
+    tracemalloc.start()
+    try:
+        groups = similarity_groups(images, side=16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(np.unique(groups)) > 3950  # (a few random pairs correlate by chance)
+    assert peak < 4000 * 4000 * 8 / 2, f"peak {peak / 1e6:.0f} MB"  # the dense matrix alone: 128 MB
+
+
 def test_similarity_cap():
     assert similarity_cap(1344, 5) == 67 and similarity_cap(100, 5) == 5 and similarity_cap(20, 5) == 2
 

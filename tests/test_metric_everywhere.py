@@ -71,9 +71,8 @@ def test_training_keeps_the_epoch_the_datasets_metric_prefers(tmp_path, monkeypa
     folds = pd.DataFrame({"id": data.ids, "fold": [0, 0] + [1] * 6})
     calls = iter(EPOCHS)
 
-    def fake_validate(model, criterion, x, y, device, dtype, batch_size):
-        labels = next(calls)
-        return np.stack([labels == 0, labels == 1], 1).astype(np.float32), 0.5
+    def fake_validate(model, criterion, va, cfg, device, dtype, tiled, metric):
+        return metric.table_labels(next(calls), np.asarray(va.masks), 2), 0.5
 
     monkeypatch.setattr(trainer, "_validate", fake_validate)
     desc = None if metric is None else {"metric": metric.to_dict(), "num_classes": 2, "classes": ["bg", "x"],

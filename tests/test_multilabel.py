@@ -232,8 +232,8 @@ def test_sigmoid_model_learns_both_classes_where_they_overlap(tmp_path):
 
     make_multilabel_demo(tmp_path / "d", n_train=16, n_val=0, n_test=1, size=32, seed=2)
     split = load_dataset(tmp_path / "d").labelled()
-    x = torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 255
-    y = torch.from_numpy(split.masks).long()
+    x = torch.from_numpy(np.asarray(split.images)).permute(0, 3, 1, 2).float() / 255  # rows read from the cache
+    y = torch.from_numpy(np.asarray(split.masks)).long()
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, 3, 1)
     model.multilabel = True  # as SegModel of a multilabel run: sigmoid probabilities

@@ -8,12 +8,15 @@ import torch
 from kagglecmr.cfg.config import Config
 from kagglecmr.data import augment as aug
 from kagglecmr.data import patches
+from kagglecmr.data.rows import is_lazy
+
+DEVICE_SET_BYTES = 2 << 30  # augment.backend auto: a larger training set (uint8) is augmented on the host
 
 
 def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
     """uint8 ``[N,H,W,C]`` -> float ``[N,C,H,W]`` in [0, 1] on ``device``."""
     arr = np.ascontiguousarray(images)
-    if not arr.flags.writeable:  # a memory-mapped cache entry: torch wants memory it may write
+    if not arr.flags.writeable:  # a read-only array (e.g. memory-mapped): torch wants memory it may write
         arr = arr.copy()
     x = torch.from_numpy(arr).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
@@ -24,7 +27,8 @@ class BatchMaker:
     """Augmented training batches from in-memory uint8 arrays.
 
     ``albumentations``: per-sample pipeline on the host, then one upload per batch.
-    ``torch``: the whole training set lives on the device and batches are augmented there.
+    ``torch``: the whole training set lives on the device and batches are augmented there (``auto`` picks the
+    host instead when the set, read from the cache, is larger than :data:`DEVICE_SET_BYTES`).
     """
 
     def __init__(self, cfg: Config, images: np.ndarray, masks: np.ndarray, device: torch.device, *, mask_fill: int = 0):
@@ -32,6 +36,8 @@ class BatchMaker:
         (0 = background; :data:`~kagglecmr.formats.competition_metric.VOID` for datasets with void labels)."""
         self.cfg, self.device = cfg, device
         self.backend = aug.resolve_backend(cfg.augment, device)
+        if self.backend == "torch" and cfg.augment.backend == "auto" and is_lazy(images) and images.nbytes > DEVICE_SET_BYTES:
+            self.backend = "albumentations"  # the set would not fit on the device: host batches read from the cache
         self.channels_last = cfg.train.channels_last
         self.patch = cfg.data.patch_hw  # random crops (data.patch) instead of whole images
         if self.patch is not None and tuple(self.patch) == tuple(images.shape[1:3]):
@@ -43,7 +49,7 @@ class BatchMaker:
         square = (self.patch or images.shape[1:3])[0] == (self.patch or images.shape[1:3])[1]
         if self.backend == "torch":
             self.x = to_tensor(images, device, channels_last=False)
-            self.y = torch.from_numpy(masks).to(device).long()
+            self.y = torch.from_numpy(np.asarray(masks)).to(device).long()
             self.torch_aug = aug.TorchAugment(cfg.augment, mask_fill=mask_fill)
             self.gen = torch.Generator(device=device)
         else:

@@ -2,8 +2,9 @@
 
 The first command that needs a split (at the model size) decodes it, in parallel threads with a progress
 line and an ETA, into ``images.npy`` (``[N, H, W, C]``) and ``masks.npy`` (``[N, H, W]``) under
-``<cache>/<key>/``, and every later command opens them with ``np.load(mmap_mode="r")``: RAM holds the pages in
-use, not the dataset, and the OS page cache keeps a small dataset as fast as an in-memory one.
+``<cache>/<key>/``, and every later command opens them as :class:`~kagglecmr.data.rows.LazyRows`, which read
+the rows indexed (a batch, a block) from the files: RAM holds the working set, not the dataset, and the OS page
+cache keeps a small dataset as fast as an in-memory one.
 
 ``<key>`` is the sha256 of the resolved dataset (its description: channels, value map, size, format...), the
 split, whether masks are read, and every image's and mask file's path, size and modification time: a changed,
@@ -23,14 +24,17 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from kagglecmr.data.loader import Split
+from kagglecmr.data.rows import LazyRows
 from kagglecmr.utils.errors import DataError
 from kagglecmr.utils.io import atomic_write_json
+from kagglecmr.utils.npz import NpyWriter
 
 ENV = "KAGGLECMR_CACHE"
 OFF = ("off", "none", "0", "")
@@ -94,8 +98,8 @@ def load_split(ds, split: str, masks: bool, decode_one) -> Split:
     if not (entry / "meta.json").is_file():
         _build(entry, ds, items, masks, decode_one)
     meta = json.loads((entry / "meta.json").read_text())
-    images = np.load(entry / "images.npy", mmap_mode="r")
-    mask_arr = np.load(entry / "masks.npy", mmap_mode="r") if masks else None
+    images = LazyRows.of_file(entry / "images.npy")
+    mask_arr = LazyRows.of_file(entry / "masks.npy") if masks else None
     return Split(ids=list(meta["ids"]), images=images, masks=mask_arr, splits=[split] * len(meta["ids"]),
                  image_paths=[ip for _, ip, _ in items], orig_sizes=[tuple(s) for s in meta["sizes"]])
 
@@ -105,9 +109,9 @@ def _build(entry: Path, ds, items, masks: bool, decode_one) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
         n, (h, w), c = len(items), ds.size, ds.in_channels
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, h, w, c))
-        mask_arr = np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, h, w)) \
-            if masks else None
+        # plain writes, not a memory map: its dirty pages would count in this process's memory
+        images = NpyWriter(tmp / "images.npy", (n, h, w, c), np.uint8)
+        mask_arr = NpyWriter(tmp / "masks.npy", (n, h, w), np.uint8) if masks else None
         sizes, t0 = [], time.time()
         shown = t0
         jobs = [(ds, ip, mp, masks) for _, ip, mp in items]
@@ -116,12 +120,13 @@ def _build(entry: Path, ds, items, masks: bool, decode_one) -> None:
         # dataset, no fork of a process with running torch threads (a deadlock) and no re-import of the user's script
         pool = ThreadPoolExecutor(workers) if workers > 1 else None
         try:
-            decoded = pool.map(_decode, jobs) if pool else map(_decode, jobs)
+            decoded = _in_order(pool, jobs, 4 * workers) if pool else map(_decode, jobs)
             for k, ((img, m), (_, ip, mp)) in enumerate(zip(decoded, items)):
                 sizes.append(list(img.shape[:2]))
-                images[k], mk = decode_one(img, m, ip, mp)
+                im, mk = decode_one(img, m, ip, mp)
+                images.write(np.reshape(im, (1, h, w, c)))
                 if masks:
-                    mask_arr[k] = mk
+                    mask_arr.write(np.reshape(mk, (1, h, w)))
                 if n >= PARALLEL_MIN and (time.time() - shown > 2 or k + 1 == n):
                     done, el = k + 1, time.time() - t0
                     print(f"cache: decoded {done}/{n} images ({done / max(el, 1e-9):.0f}/s, "
@@ -130,11 +135,9 @@ def _build(entry: Path, ds, items, masks: bool, decode_one) -> None:
         finally:
             if pool:
                 pool.shutdown(cancel_futures=True)
-        images.flush()
-        del images
-        if mask_arr is not None:
-            mask_arr.flush()
-            del mask_arr
+            images.close(sync=True)
+            if mask_arr is not None:
+                mask_arr.close(sync=True)
         atomic_write_json(tmp / "meta.json", {"ids": [i for i, _, _ in items], "sizes": sizes, "version": VERSION,
                                               "dataset": str(ds.path), "masks": masks})
         try:
@@ -145,3 +148,15 @@ def _build(entry: Path, ds, items, masks: bool, decode_one) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _in_order(pool, jobs, window: int):
+    """``pool.map(_decode, jobs)`` with at most ``window`` images decoded ahead of the writer (``map`` would
+    decode them all ahead when writing is slower: the whole split in memory)."""
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.submit(_decode, job))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

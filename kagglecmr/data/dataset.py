@@ -167,7 +167,7 @@ class Dataset:
             raise DataError(f"{self.path}: split '{split}' has no masks")
         if use_masks and self.label_error:
             raise DataError(self.label_error)
-        if cache_root() is not None:  # decoded once into memory-mapped arrays on disk (kagglecmr.data.cache)
+        if cache_root() is not None:  # decoded once into arrays on disk, read lazily (kagglecmr.data.cache)
             return load_split(self, split, use_masks, self._finish)
         ids, images, masks, sizes = [], [], [], []
         for i, ip, mp in items:
@@ -231,22 +231,6 @@ def _folder_items(root: Path) -> tuple[dict, dict]:
     return items, masked
 
 
-def _size(path: Path, items: dict, train_images, setting) -> tuple[tuple[int, int], bool]:
-    if setting != "auto":
-        return ((setting, setting) if isinstance(setting, int) else tuple(setting)), True
-    seen: dict[tuple[int, int], Path] = {}
-    known = {p: img.shape[:2] for p, img in train_images}
-    for split in items.values():
-        for _, ip, _ in split:
-            hw = tuple(known[ip]) if ip in known else D.image_size(ip)
-            seen.setdefault(hw, ip)
-            if len(seen) > 1:
-                (a, pa), (b, pb) = list(seen.items())[:2]
-                raise DataError(f"{path}: images differ in size ({pa.name} {a[1]}x{a[0]}, {pb.name} {b[1]}x{b[0]}); "
-                                f"set size: (e.g. size: {max(a[0], b[0])}) to resize them")
-    return next(iter(seen)), False
-
-
 def _submission_format(d: dict | None, num_classes: int, names: list[str], source: str, *, multilabel: bool = False):
     if multilabel:  # rows for classes 1..K of packed maps (kagglecmr.formats.multilabel)
         try:
@@ -291,10 +275,17 @@ def _resolve(path: Path, root: Path, spec: DatasetFile, *, folder: bool) -> Data
         raise DataError(_no_labels(root))
     labelled = [ip for s in ("train", "val") if masked.get(s) for _, ip, _ in items[s]] or \
         [ip for _, ip, _ in items["train"]]
-    train_images = [(p, D.decode_image(p)) for p in labelled]
-    source, channels, notes = resolve_channels(path, train_images, spec.channels)
+    shapes: dict[Path, tuple[int, int]] = {}
+
+    def decoded():  # one image at a time: what resolve_channels keeps of each is a few numbers
+        for p in labelled:
+            img = D.decode_image(p)
+            shapes[p] = img.shape[:2]
+            yield p, img
+
+    source, channels, notes = resolve_channels(path, decoded(), spec.channels)
     try:
-        size, resized, size_error = *_size(path, items, train_images, spec.size), None
+        size, resized, size_error = *D.common_size(path, items, shapes, spec.size), None
     except DataError as exc:  # the folder form may still be resized by a config (data.size + data.resize)
         if not folder:
             raise

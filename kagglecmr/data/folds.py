@@ -29,6 +29,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from kagglecmr.cfg.config import Config, DataConfig, DataSpec
 from kagglecmr.data.dataset import apply_dataset, load_dataset
 from kagglecmr.data.loader import Split
+from kagglecmr.data.rows import blocks
 from kagglecmr.data.similarity import (  # noqa: F401 (image_similarity, similarity_groups: re-exported)
     SIMILARITY_THRESHOLD,
     image_similarity,
@@ -91,12 +92,15 @@ def fold_features(masks: np.ndarray, num_classes: int = 4, *, n_folds: int = 5, 
     """
     if num_classes < 2:
         raise KaggleCMRError(f"num_classes must be at least 2 (got {num_classes})")
-    masks = np.asarray(masks)
-    flat = masks.reshape(len(masks), -1)
+    areas = np.zeros((len(masks), num_classes), np.int64)
+    for start, block in blocks(masks):  # a block of masks at a time (the cache's lazy rows stay on disk)
+        flat = np.asarray(block).reshape(len(block), -1)
+        for k in range(1, num_classes):
+            inside = (flat >> (k - 1)) & 1 == 1 if multilabel else flat == k
+            areas[start:start + len(block), k] = inside.sum(axis=1)
     feats: dict[str, np.ndarray] = {}
     for k in range(1, num_classes):
-        inside = (flat >> (k - 1)) & 1 == 1 if multilabel else flat == k
-        feats[f"area_{k}"] = inside.sum(axis=1).astype(np.int64)
+        feats[f"area_{k}"] = areas[:, k]
     for k in range(1, num_classes):
         feats[f"has_{k}"] = (feats[f"area_{k}"] > 0).astype(np.int64)
     size_col = "fg_area" if multilabel else _size_column(num_classes)

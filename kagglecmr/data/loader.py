@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from kagglecmr.cfg.config import DataSpec
+from kagglecmr.data import rows
 from kagglecmr.data.image_formats import TIFF_SUFFIXES, check_pixels, header_size, is_tiff, read_tiff, to_uint8
 from kagglecmr.utils.errors import DataError
 from kagglecmr.utils.naming import natural_sorted
@@ -37,7 +38,7 @@ class Split:
     """Decoded images (and masks) of one or more splits, in natural id order."""
 
     ids: list[str]
-    images: np.ndarray  # uint8 [N, H, W, C]
+    images: np.ndarray  # uint8 [N, H, W, C] (or the cache's LazyRows: read on indexing)
     masks: np.ndarray | None  # uint8 [N, H, W] with values < num_classes, or None (unlabelled)
     splits: list[str] = field(default_factory=list)  # split name of each image
     image_paths: list[Path] = field(default_factory=list)
@@ -54,8 +55,8 @@ class Split:
         idx = self.index(ids)
         return Split(
             ids=[self.ids[k] for k in idx],
-            images=self.images[idx],
-            masks=None if self.masks is None else self.masks[idx],
+            images=rows.take(self.images, idx),  # lazy rows of the cache stay on disk
+            masks=None if self.masks is None else rows.take(self.masks, idx),
             splits=[self.splits[k] for k in idx] if self.splits else [],
             image_paths=[self.image_paths[k] for k in idx] if self.image_paths else [],
             orig_sizes=[self.orig_sizes[k] for k in idx] if self.orig_sizes else [],
@@ -252,8 +253,8 @@ def concat(parts: list[Split]) -> Split:
     masks = [p.masks for p in parts]
     return Split(
         ids=[i for p in parts for i in p.ids],
-        images=np.concatenate([p.images for p in parts]),
-        masks=None if any(m is None for m in masks) else np.concatenate(masks),
+        images=rows.concat([p.images for p in parts]),
+        masks=None if any(m is None for m in masks) else rows.concat(masks),
         splits=[s for p in parts for s in p.splits],
         image_paths=[x for p in parts for x in p.image_paths],
         orig_sizes=[x for p in parts for x in p.sizes()],
@@ -320,3 +321,20 @@ def image_size(path: str | Path) -> tuple[int, int]:
         check_pixels(path, hw)
         return hw
     return tuple(imread(path, cv2.IMREAD_UNCHANGED).shape[:2])
+
+
+def common_size(path: Path, items: dict, known: dict, setting) -> tuple[tuple[int, int], bool]:
+    """``(size, resized)`` of a dataset (``path``) whose split ``items`` are ``(id, image, mask)``: the setting, else
+    the one size of every image (``known``: sizes already decoded)."""
+    if setting != "auto":
+        return ((setting, setting) if isinstance(setting, int) else tuple(setting)), True
+    seen: dict[tuple[int, int], Path] = {}
+    for split in items.values():
+        for _, ip, _ in split:
+            hw = tuple(known[ip]) if ip in known else image_size(ip)
+            seen.setdefault(hw, ip)
+            if len(seen) > 1:
+                (a, pa), (b, pb) = list(seen.items())[:2]
+                raise DataError(f"{path}: images differ in size ({pa.name} {a[1]}x{a[0]}, {pb.name} {b[1]}x{b[0]}); "
+                                f"set size: (e.g. size: {max(a[0], b[0])}) to resize them")
+    return next(iter(seen)), False

@@ -23,16 +23,17 @@ def class_locations(masks: np.ndarray, seed: int = 0) -> list[dict[int, np.ndarr
     :data:`MAX_LOCATIONS` each, a seeded subsample)."""
     rng = np.random.default_rng(seed)
     out = []
-    for m in masks:
-        flat = m.reshape(-1)
+    for m in masks:  # one mask at a time (the cache's lazy rows are read in blocks)
+        flat = np.asarray(m).reshape(-1)
         found = {}
-        for k in np.unique(flat):
+        present = np.flatnonzero(np.bincount(flat, minlength=1)) if flat.dtype == np.uint8 else np.unique(flat)
+        for k in present:
             if k == 0 or k == IGNORE:
                 continue
             where = np.flatnonzero(flat == k)
             if len(where) > MAX_LOCATIONS:
                 where = np.sort(rng.choice(where, MAX_LOCATIONS, replace=False))
-            found[int(k)] = where
+            found[int(k)] = where.astype(np.int32) if flat.size < 2**31 else where  # half the memory of int64
         out.append(found)
     return out
 

@@ -23,9 +23,12 @@ needlessly merged group.  Plain 24x24 correlation of the raw pixels separates fa
 (partners down to 0.74, unrelated images up to 0.77).  Since partners are far above and unrelated
 images far below the threshold, complete linkage finds the same 50 pairs as the connected components did.
 
-Memory: the ``[N, N]`` float64 similarity matrix (``8 * N**2`` bytes), then the condensed distances and the
-copy complete linkage works on (``4 * N**2`` bytes each); measured peak about 1.7 GB at N = 12,000 (13-21 s
-on two cores), 0.05 GB at N = 1,344 (0.4 s).
+Memory: :func:`similarity_clusters` never builds the ``[N, N]`` matrix.  It keeps each image's texture vector
+(about 1,650 float64, 13 KB: 0.16 GB at N = 12,000; images are read one at a time), finds the pairs that meet
+the threshold a block of :data:`BLOCK` rows at a time, and runs complete linkage separately on each connected
+component of those pairs (no cluster that meets the threshold spans two components, so the groups are the
+ones linkage on all images gives), in memory that grows with the largest component, not with N.  The dense
+:func:`image_similarity` / :func:`cut_complete_linkage` stay for small sets (and as the reference in tests).
 """
 
 from __future__ import annotations
@@ -33,23 +36,27 @@ from __future__ import annotations
 import cv2
 import numpy as np
 from scipy.cluster.hierarchy import linkage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
 
 SIMILARITY_THRESHOLD = 0.40
 SIMILARITY_SIDE = 48  # images are compared at this resolution (INTER_AREA)
 SIMILARITY_SIGMA = 1.0  # high-pass: subtract a Gaussian blur of this sigma (pixels at SIMILARITY_SIDE)
 SIMILARITY_CENTRE = 0.3  # ignore a central disc of this radius (fraction of the side): the beating heart
+BLOCK = 512  # rows of similarities computed at once by similarity_clusters
 
 
 def _texture_features(images: np.ndarray, side: int, sigma: float, centre: float) -> np.ndarray:
-    """Unit-norm, zero-mean vectors of each image's fine texture outside the central disc."""
-    imgs = np.asarray(images)
-    if imgs.ndim == 4:
-        imgs = imgs.mean(axis=3)
+    """Unit-norm, zero-mean vectors of each image's fine texture outside the central disc (images ``[N, H, W]``
+    or ``[N, H, W, C]``, an array or the cache's lazy rows, read one at a time)."""
     yy, xx = np.mgrid[:side, :side]
     keep = np.hypot(yy - (side - 1) / 2, xx - (side - 1) / 2) > centre * side
     rows = []
-    for img in imgs:
+    for img in images:
+        img = np.asarray(img)
+        if img.ndim == 3:
+            img = img.mean(axis=2)
         small = cv2.resize(np.sqrt(img.astype(np.float32)), (side, side), interpolation=cv2.INTER_AREA)
         rows.append((small - cv2.GaussianBlur(small, (0, 0), sigma))[keep])
     x = np.stack(rows).astype(np.float64)
@@ -100,8 +107,14 @@ def _distances(sim: np.ndarray) -> np.ndarray:
 
 
 def _cut(dist: np.ndarray, n: int, threshold: float, max_size: int | None) -> tuple[np.ndarray, list[int]]:
+    pairs, cut = _kept_pairs(dist, n, threshold, max_size)
+    return _components(n, pairs), cut
+
+
+def _kept_pairs(dist: np.ndarray, n: int, threshold: float, max_size: int | None) -> tuple[list, list[int]]:
+    """Pairs of items whose union-find gives the groups of the cut tree, and the sizes of the cut alike sets."""
     if n < 2:
-        return np.zeros(n, np.int64), []
+        return [], []
     tree = linkage(dist, method="complete")  # rows: (a, b, height, size), heights non-decreasing
     limit = 1.0 - threshold + 1e-12
     cap = n if max_size is None else max(int(max_size), 1)
@@ -122,7 +135,7 @@ def _cut(dist: np.ndarray, n: int, threshold: float, max_size: int | None) -> tu
                 cut.append(int(size[child]))
     if alike[2 * n - 2] and size[2 * n - 2] > cap:
         cut.append(n)
-    return _components(n, pairs), sorted(cut, reverse=True)
+    return pairs, sorted(cut, reverse=True)
 
 
 def cut_complete_linkage(sim: np.ndarray, threshold: float,
@@ -136,16 +149,55 @@ def cut_complete_linkage(sim: np.ndarray, threshold: float,
     return _cut(_distances(np.asarray(sim)), len(sim), threshold, max_size)
 
 
-def similarity_clusters(images: np.ndarray, threshold: float = SIMILARITY_THRESHOLD, max_size: int | None = None,
-                        **kwargs) -> tuple[np.ndarray, list[int]]:
-    """:func:`similarity_groups` and the sizes of the sets of alike images that ``max_size`` cut."""
+def similarity_clusters(images: np.ndarray, threshold: float = SIMILARITY_THRESHOLD, max_size: int | None = None, *,
+                        side: int = SIMILARITY_SIDE, sigma: float = SIMILARITY_SIGMA,
+                        centre: float = SIMILARITY_CENTRE) -> tuple[np.ndarray, list[int]]:
+    """:func:`similarity_groups` and the sizes of the sets of alike images that ``max_size`` cut (see the module
+    docstring for the memory it takes)."""
     n = len(images)
     if n == 0:
         return np.zeros(0, np.int64), []
-    sim = image_similarity(images, **kwargs)
-    dist = _distances(sim)
-    del sim  # the [N, N] matrix goes before linkage copies the condensed one
-    return _cut(dist, n, threshold, max_size)
+    x = _texture_features(images, side, sigma, centre)
+    limit = 1.0 - threshold + 1e-12  # as _kept_pairs: a distance 1 - similarity (clipped at 0) at most this links
+    links = []
+    for a in range(0, n, BLOCK):
+        d = _distances_block(x[a:a + BLOCK], x)
+        i, j = np.nonzero(d <= limit)
+        i += a
+        links.append(np.stack([i[j > i], j[j > i]], 1))
+    links = np.concatenate(links)
+    _, comp = connected_components(coo_matrix((np.ones(len(links)), (links[:, 0], links[:, 1])), shape=(n, n)),
+                                   directed=False)
+    pairs, cut = [], []
+    for members in np.split(np.argsort(comp, kind="stable"), np.flatnonzero(np.diff(np.sort(comp))) + 1):
+        if len(members) < 2:
+            continue
+        local, local_cut = _kept_pairs(_condensed(x[members]), len(members), threshold, max_size)
+        pairs += [(members[a], members[b]) for a, b in local]
+        cut += local_cut
+    return _components(n, pairs), sorted(cut, reverse=True)
+
+
+def _distances_block(rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``1 - rows @ x.T`` clipped at 0 (as :func:`_distances`)."""
+    d = rows @ x.T
+    np.subtract(1.0, d, out=d)
+    return np.clip(d, 0.0, None, out=d)
+
+
+def _condensed(x: np.ndarray) -> np.ndarray:
+    """The condensed distances of :func:`_distances` for feature rows ``x``, computed :data:`BLOCK` rows at a time."""
+    n = len(x)
+    out = np.empty(n * (n - 1) // 2)
+    pos = 0
+    for a in range(0, n, BLOCK):
+        block = x[a:a + BLOCK] @ x.T
+        for r, row in enumerate(block):
+            tail = row[a + r + 1:]
+            out[pos:pos + len(tail)] = tail
+            pos += len(tail)
+    np.subtract(1.0, out, out=out)
+    return np.clip(out, 0.0, None, out=out)
 
 
 def similarity_groups(images: np.ndarray, threshold: float = SIMILARITY_THRESHOLD, max_size: int | None = None,

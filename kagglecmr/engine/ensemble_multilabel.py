@@ -159,7 +159,7 @@ def _write_split(split: str, images: Split, probs: np.ndarray, plan, *, ds, load
                           preview=[decode_plan(p, plan, k) for p in probs])
     return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan, "ids": list(images.ids),
             "probs": probs, "labels": labels, "truth": images.masks, "runs": [str(r.path) for r in loaded],
-            "multilabel": True}
+            "multilabel": True, "metric": metric, "num_classes": k}
 
 
 def write_class_masks(folder: Path, ids: list[str], packed, ds, images: np.ndarray, *, preview=None) -> None:

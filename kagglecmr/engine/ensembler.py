@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from kagglecmr.data.context import add_context
 from kagglecmr.data.dataset import apply_dataset, load_dataset
 from kagglecmr.data.loader import Split
 from kagglecmr.engine.blend import blend_table, fit_weights, nested_estimate
+from kagglecmr.engine.ensemble_split import split_images, submission_path, write_split  # noqa: F401 (re-exported)
 from kagglecmr.engine.evaluator import truth_masks
 from kagglecmr.engine.gate_runs import choose_gating, gate_kinds, gated, presence_of, split_keep
 from kagglecmr.engine.infer import TTA_PASSES, TTA_TURNS, predict_proba, predict_proba_tiled
@@ -40,7 +40,6 @@ from kagglecmr.engine.postprocess import apply_plan, describe_plan, load_plan, s
 from kagglecmr.engine.rundir import check_same_folds, record_ensemble_oof
 from kagglecmr.engine.tiles import needs_tiles
 from kagglecmr.formats.competition_metric import Metric, MetricTable
-from kagglecmr.formats.submission_csv import write_submission
 from kagglecmr.models.checkpoint import load_best, model_file, selected_model_file
 from kagglecmr.models.factory import build_model
 from kagglecmr.utils.errors import ConfigError, KaggleCMRError
@@ -161,6 +160,19 @@ def predict_images(runs: list[Run], images: np.ndarray, device, passes, weights,
                           amp=amp_dtype(r.cfg.train.amp, device))
         total = (p if w == 1 else p * w) if total is None else total + p * w
     return total
+
+
+BLOCK_BYTES = 512 << 20  # a split's images are predicted in blocks whose float32 probabilities are at most this
+
+
+def predict_blocks(runs: list[Run], images, device, passes, weights, batch_size):
+    """``(start, probabilities)`` of ``images`` a block at a time (:data:`BLOCK_BYTES`, whole batches; one block
+    with partner context, whose partners are found among all the images)."""
+    per_image = runs[0].cfg.data.num_classes * int(np.prod(images.shape[1:3])) * 4
+    n = max(batch_size, BLOCK_BYTES // per_image // batch_size * batch_size)
+    n = len(images) if any(r.cfg.data.context != "none" for r in runs) else n
+    for s in range(0, len(images), max(n, 1)):
+        yield s, predict_images(runs, images[s:s + n], device, passes, weights, batch_size)
 
 
 def predict_oof(runs: list[Run], data: Split, device, passes, weights, batch_size) -> np.ndarray:
@@ -347,9 +359,10 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
     results = {}
     for s in splits:
         masks_dir = save_masks if save_masks is None or len(splits) == 1 else Path(save_masks) / s
-        results[s] = _write_split(s, loaded, labelled, oof_probs, plan, data_root=data_root, ds=ds, dev=dev,
-                                  passes=passes, w=w, batch_size=batch_size, out=out, save_masks=masks_dir, t0=t0,
-                                  oof_presence=oof_presence)
+        images = split_images(s, loaded, labelled, ds, data_root)
+        blocks = [(0, oof_probs)] if s == "oof" else predict_blocks(loaded, images.images, dev, passes, w, batch_size)
+        results[s] = write_split(s, loaded, images, blocks, plan, ds=ds, dev=dev, passes=passes, w=w,
+                                 batch_size=batch_size, out=out, save_masks=masks_dir, t0=t0, oof_presence=oof_presence)
         results[s]["weights"] = [float(x) for x in w]
         if blend is not None:
 
@@ -358,56 +371,3 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
             results[s]["blend"] = blend
             print(f"blend weights -> {wpath}", flush=True)
     return results[split] if isinstance(split, str) else results
-
-
-def submission_path(loaded: list[Run], split: str) -> Path:
-    """``submissions/<runs>-<split>-<time>.csv``, not yet taken."""
-    base = f"{'+'.join(r.name for r in loaded)}-{split}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    out, n = Path("submissions") / f"{base}.csv", 1
-    while out.exists():  # two runs within one second
-        n += 1
-        out = Path("submissions") / f"{base}-{n}.csv"
-    return out
-
-
-def _write_split(split: str, loaded: list[Run], labelled: Split | None, oof_probs, plan, *, data_root, ds, dev,
-                 passes, w, batch_size, out, save_masks, t0, oof_presence=None) -> dict:
-    """Predict one split (OOF probabilities come computed), resize to each image's own size, postprocess,
-    score it when it has masks, write its CSV in the dataset's format (and masks in its own values)."""
-
-    k = ds.num_classes
-    if split == "oof":
-        if labelled is None:
-            raise KaggleCMRError(f"{data_root}: --split oof needs labelled images (train/ or val/ with masks)")
-        images = labelled
-        probs = oof_probs
-    else:  # the split's folder was checked on entry
-        images = ds.load(split)
-        seen = {i for r in loaded for ids in r.holdout.values() for i in ids}
-        if split != "test" and any(i in seen for i in images.ids):
-            print(f"warning: the models trained on most '{split}' images; its score is optimistic "
-                  f"(use --split oof for an honest estimate)", flush=True)
-        probs = predict_images(loaded, images.images, dev, passes, w, batch_size)
-    labels = [label_at_size(p, hw) for p, hw in zip(probs, images.sizes())]  # each image's own size
-    keep = split_keep(plan, probs, presence_of(loaded, images, split == "oof", dev, passes, w, batch_size, oof_presence))
-    if plan is not None:
-        labels = gated([apply_plan(m, plan, k) for m in labels], keep)
-    if split != "oof" and ds.has_masks(split):  # a labelled split (e.g. a holdout test set): score it
-        truth = {i: ds.read_mask(mp, resize=False) for i, _, mp in ds.items(split)}
-        print(score_report(split, dict(zip(images.ids, labels)), truth, ds), flush=True)
-
-    fmt = ds.submission
-    rows = [row for i, m in zip(images.ids, labels) for row in fmt.rows(i, m, k)]
-    out = out or submission_path(loaded, split)
-    write_submission(rows, out, shape={i: m.shape for i, m in zip(images.ids, labels)}, overwrite=False, fmt=fmt)
-    empty = {c: int(sum(1 for m in labels if not (m == c).any())) for c in fmt.row_classes(k)}
-    print(f"wrote {len(rows)} rows for {len(images)} images to {out} "
-          f"(empty rows per class: {', '.join(f'{c}: {v}' for c, v in empty.items())}) in {time.time() - t0:.1f}s",
-          flush=True)
-    if save_masks is not None:
-        write_masks(save_masks, images.ids, labels, images.images, ds=ds,
-                    preview=gated([apply_plan(p, plan, k) if plan is not None else p
-                                   for p in probs.argmax(1).astype(np.uint8)], keep))
-    return {"out": str(out), "rows": len(rows), "empty": empty, "plan": plan, "ids": list(images.ids), "probs": probs,
-            "labels": labels, "truth": images.masks, "tta": passes, "runs": [str(r.path) for r in loaded],
-            "metric": ds.metric}

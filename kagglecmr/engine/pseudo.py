@@ -35,6 +35,7 @@ from kagglecmr.data.dataset import apply_dataset, load_dataset
 from kagglecmr.data.loader import Split, discover, png_size, read_image
 from kagglecmr.engine.infer import predict_proba_tiled
 from kagglecmr.engine.rundir import RUN_JSON, check_same_folds, run_info, sha256_file
+from kagglecmr.formats.competition_metric import MetricTable
 from kagglecmr.models.checkpoint import check_select, load_best, model_file, selected_model_file
 from kagglecmr.models.factory import build_model
 from kagglecmr.models.losses import IGNORE
@@ -209,6 +210,23 @@ def _replace_dir(new: Path, out: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+BLOCK_BYTES = 512 << 20  # float32 probabilities of at most this many bytes of images are held at once
+
+
+def _block(data, cfg: Config) -> int:
+    """Images pseudo-labelled at once: whole batches whose probabilities fit :data:`BLOCK_BYTES` (all of them with
+    partner context, whose partners are found among the split's images)."""
+    if cfg.data.context != "none":
+        return max(1, len(data))
+    per_image = cfg.data.num_classes * int(np.prod(data.images.shape[1:3])) * 4
+    return max(1, BLOCK_BYTES // per_image)
+
+
+def _mean(parts: list[tuple[float, int]]) -> float:
+    """The mean over blocks from each block's ``(mean, count)`` (one block: its mean exactly)."""
+    return parts[0][0] if len(parts) == 1 else sum(m * n for m, n in parts) / sum(n for _, n in parts)
+
+
 def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out: Path | None = None,
                  confidence: float = 0.9, tta: bool = False, force: bool = False, device: str = "auto",
                  batch_size: int | None = None, select: str | None = None) -> dict:
@@ -254,43 +272,53 @@ def pseudo_label(*, runs: list[Path], data_root: Path, split: str = "test", out:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        per_fold = {}
-        for fold, probs, files in all_teacher_probs(runs, n_folds, data.images, dev, passes, bsz, select):
-            conf = probs.max(1)
-            labels = probs.argmax(1).astype(np.uint8)
-            labels[conf < confidence] = IGNORE
-            root = pseudo_fold_dir(tmp, fold)
-            stats, kept = {}, 0
-            for i, ip, img, m, c in zip(data.ids, data.image_paths, data.images, labels, conf):
-                ignored = float((m == IGNORE).mean())
-                stats[i] = {"mean_confidence": round(float(c.mean()), 5), "ignored_fraction": round(ignored, 5),
-                            "kept": ignored < 1.0}
-                if ignored >= 1.0:
-                    continue
-                kept += 1
-                dst = root / "train" / "image" / f"{i}.png"
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                if copy_ok and Path(ip).suffix.lower() == ".png" and png_size(ip) == img.shape[:2]:
-                    shutil.copyfile(ip, dst)
-                else:  # resized or channels picked on reading: store what the model saw
-                    _write_png(dst, _png_channels(img))
-                _write_png(root / "train" / "mask" / f"{i}_mask.png", m)
-            name = root.name
+        per_fold, tally = {}, {}
+        step = _block(data, cfg)
+        for start in range(0, len(data), step):  # a block of images at a time: its probabilities, never all
+            sub = slice(start, start + step)
+            images = data.images[sub]
+            for fold, probs, files in all_teacher_probs(runs, n_folds, images, dev, passes, bsz, select):
+                conf = probs.max(1)
+                labels = probs.argmax(1).astype(np.uint8)
+                labels[conf < confidence] = IGNORE
+                root = pseudo_fold_dir(tmp, fold)
+                t = tally.setdefault(root.name, {"stats": {}, "kept": 0, "conf": [], "ignored": [], "files": files,
+                                                 "every": [], "sure": []})
+                if data.masks is not None:  # scored a block at a time (the tables keep counts, not pixels)
+                    truth, pred = data.masks[sub], probs.argmax(1)
+                    t["every"].append(ds.metric.table_labels(pred, truth, ds.num_classes))
+                    t["sure"].append(ds.metric.table_labels(pred, truth, ds.num_classes, ignore=conf < confidence))
+                for i, ip, img, m, c in zip(data.ids[sub], data.image_paths[sub], images, labels, conf):
+                    ignored = float((m == IGNORE).mean())
+                    t["stats"][i] = {"mean_confidence": round(float(c.mean()), 5), "ignored_fraction": round(ignored, 5),
+                                     "kept": ignored < 1.0}
+                    if ignored >= 1.0:
+                        continue
+                    t["kept"] += 1
+                    dst = root / "train" / "image" / f"{i}.png"
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    if copy_ok and Path(ip).suffix.lower() == ".png" and png_size(ip) == img.shape[:2]:
+                        shutil.copyfile(ip, dst)
+                    else:  # resized or channels picked on reading: store what the model saw
+                        _write_png(dst, _png_channels(img))
+                    _write_png(root / "train" / "mask" / f"{i}_mask.png", m)
+                t["conf"].append((float(conf.mean()), conf.size))
+                t["ignored"].append((float((labels == IGNORE).mean()), labels.size))
+        for name, t in tally.items():
+            mean_conf, ignored = _mean(t["conf"]), _mean(t["ignored"])
             per_fold[name] = {
                 "teachers": [{"run": str(f.parent.parent), "checkpoint": str(f), "sha256": sha256_file(f),
-                              "holdout": _holdout(f.parent)} for f in files],
-                "images": kept, "mean_confidence": float(conf.mean()),
-                "ignored_fraction": float((labels == IGNORE).mean()), "per_image": stats,
+                              "holdout": _holdout(f.parent)} for f in t["files"]],
+                "images": t["kept"], "mean_confidence": mean_conf, "ignored_fraction": ignored,
+                "per_image": t["stats"],
             }
             scored = ""
-            if data.masks is not None:  # a labelled split: how good are the pseudo labels, all and confident pixels
-                m = ds.metric
-                every = m.table_labels(probs.argmax(1), data.masks, ds.num_classes).score
-                sure = m.table_labels(probs.argmax(1), data.masks, ds.num_classes, ignore=conf < confidence).score
-                per_fold[name] |= {"metric": m.to_dict(), "score": every, "score_confident": sure}
-                scored = f"; {m.title} against the split's masks {every:.4f} (confident pixels only {sure:.4f})"
-            print(f"{name}: {kept}/{len(data)} images, mean confidence {conf.mean():.4f}, "
-                  f"{(labels == IGNORE).mean():.1%} of pixels ignored, from {len(files)} model(s){scored}", flush=True)
+            if t["every"]:  # a labelled split: how good are the pseudo labels, all and confident pixels
+                every, sure = MetricTable.concat(t["every"]).score, MetricTable.concat(t["sure"]).score
+                per_fold[name] |= {"metric": ds.metric.to_dict(), "score": every, "score_confident": sure}
+                scored = f"; {ds.metric.title} against the split's masks {every:.4f} (confident pixels only {sure:.4f})"
+            print(f"{name}: {t['kept']}/{len(data)} images, mean confidence {mean_conf:.4f}, "
+                  f"{ignored:.1%} of pixels ignored, from {len(t['files'])} model(s){scored}", flush=True)
         manifest = {
             "split": split, "data": str(data_root), "confidence": confidence, "tta": passes,
             "select": select or "train.select",

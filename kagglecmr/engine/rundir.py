@@ -124,6 +124,9 @@ def read_oof_labels(files: list[Path]) -> tuple[list[str], list[np.ndarray]]:
     return ids, preds
 
 
+SCORE_BLOCK = 64  # images scored at once by oof_summary
+
+
 def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int, metric: Metric | None = None,
                 multilabel: bool = False) -> dict | None:
     """Score the run's out-of-fold predictions with ``metric`` (the dataset's; default Dice) once every fold
@@ -142,8 +145,14 @@ def oof_summary(run_dir: Path, data: Split, n_folds: int, num_classes: int, metr
         files = [run_dir / f"fold{k}" / name for k in range(n_folds)]
         if not all(f.is_file() for f in files):
             continue
-        ids, preds = read_oof_labels(files)
-        table = task_table(np.concatenate(preds), data.subset(ids).masks, num_classes, multilabel, metric)
+        ids, tables = [], []
+        for f in files:  # one fold's labels at a time, scored a block of images at a time
+            fold_ids, (labels,) = read_oof_labels([f])
+            masks = data.subset(fold_ids).masks
+            tables += [task_table(labels[s:s + SCORE_BLOCK], masks[s:s + SCORE_BLOCK], num_classes, multilabel, metric)
+                       for s in range(0, len(fold_ids), SCORE_BLOCK)]
+            ids += fold_ids
+        table = MetricTable.concat(tables)
         result |= {f"score{suffix}": table.score, f"per_class{suffix}": per_class(table)}
         if not suffix:
             result |= {"images": len(ids), "rows": len(table) * len(table.classes), "metric": metric.to_dict()}

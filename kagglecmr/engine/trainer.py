@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from kagglecmr.models.checkpoint import MODEL_FILES, load_best, load_last, save_
 from kagglecmr.models.factory import build_model, count_parameters, probabilities
 from kagglecmr.utils.io import atomic_path, atomic_write_json
 from kagglecmr.utils.locks import FoldLock, FoldLocked
+from kagglecmr.utils.npz import NpzWriter
 from kagglecmr.utils.plots import plot_curves
 from kagglecmr.utils.progress import Reporter, write_metrics
 from kagglecmr.utils.runtime import amp_dtype, autocast, environment, peak_memory_mb, seed_everything
@@ -83,7 +85,6 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     steps_per_epoch = max(1, len(tr) // bs_lab)  # drop the ragged last batch (BatchNorm on tiny batches)
     metric = described_metric(dataset)  # the dataset's metric picks the best epoch (Dice for old runs)
     mask_fill = VOID if dataset and dataset.get("ignore") else 0  # augmentation's border: void where there is one
-    ml = cfg.data.multilabel  # overlapping classes: sigmoid per class, packed masks (kagglecmr.formats.multilabel)
 
     # ---- model, optimiser, schedule, loss: the process's warm step state when the last fold had the same shapes
     fold_num = FULL_SEED_SLOT if fold == FULL else int(fold)
@@ -99,8 +100,6 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
 
     batches = BatchMaker(cfg, tr.images, tr.masks, device, mask_fill=mask_fill)
     pseudo_batches = BatchMaker(cfg, pseudo.images, pseudo.masks, device, mask_fill=mask_fill) if n_pseudo else None
-    x_val = to_tensor(va.images, device, cfg.train.channels_last) if va else None
-    y_val = torch.from_numpy(va.masks).to(device).long() if va else None
 
     # ---- resume
     history, start_epoch, best_score, best_epoch = [], 0, -1.0, 0
@@ -173,13 +172,10 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
             row |= {f"dice_{k}": float("nan") for k in metric.scored(cfg.data.num_classes)}
             eval_model = ema.model if ema is not None else model
             if va is not None:
-                if tiled:  # images larger than the tile: windows (data.patch / infer.tile), no whole-image loss
-                    probs, vloss = _tiled_probs(eval_model, va, cfg, device, dtype), float("nan")
-                else:
-                    probs, vloss = _validate(eval_model, criterion, x_val, y_val, device, dtype,
-                                             cfg.train.val_batch_size)
-                row |= {"val_loss": vloss} | validation_scores(task_labels(probs, ml), va.masks, metric,
-                                                               cfg.data.num_classes, ml)
+                # a block of images at a time; images larger than the tile: windows (data.patch / infer.tile),
+                # no whole-image loss
+                table, vloss = _validate(eval_model, criterion, va, cfg, device, dtype, tiled, metric)
+                row |= {"val_loss": vloss} | table_scores(table)
                 improved = row["val_score"] > best_score
             else:
                 improved = True  # full fit: the last epoch is the model
@@ -214,18 +210,22 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
     eval_model = ema.model if ema is not None else model
     last_score = history[-1].get("val_score", history[-1]["val_dice"]) if history else float("nan")
     save_best(out_dir / MODEL_FILES["last"], eval_model, cfg, cfg.train.epochs, last_score)
-    if swa is not None:
-        x_tr = to_tensor(tr.images, device, cfg.train.channels_last)
+    if swa is not None:  # the training images uploaded a batch at a time
         with autocast(device, dtype):
-            torch.optim.swa_utils.update_bn([x_tr[s:s + bs] for s in range(0, len(tr), bs)], swa, device)
+            torch.optim.swa_utils.update_bn((to_tensor(tr.images[s:s + bs], device, cfg.train.channels_last)
+                                             for s in range(0, len(tr), bs)), swa, device)
         save_best(out_dir / MODEL_FILES["swa"], swa.module, cfg, cfg.train.epochs, float("nan"))
     if va is not None:
-        _save_oof(out_dir / "oof_last.npz", eval_model, x_val, va, cfg, device, dtype, metric)
+        _save_oof(out_dir / "oof_last.npz", eval_model, va, cfg, device, dtype, metric)
         if swa is not None:
-            _save_oof(out_dir / "oof_swa.npz", swa.module, x_val, va, cfg, device, dtype, metric)
-        sd, _ = load_best(best_path)  # the best epoch last: loading it overwrites the last epoch's weights
-        model.load_state_dict(sd)
-        _save_oof(out_dir / "oof.npz", model, x_val, va, cfg, device, dtype, metric)
+            _save_oof(out_dir / "oof_swa.npz", swa.module, va, cfg, device, dtype, metric)
+        if history and best_epoch == history[-1]["epoch"]:  # best is the last epoch: the same weights and predictions
+            with atomic_path(out_dir / "oof.npz") as tmp:
+                shutil.copyfile(out_dir / "oof_last.npz", tmp)
+        else:
+            sd, _ = load_best(best_path)  # the best epoch last: loading it overwrites the last epoch's weights
+            model.load_state_dict(sd)
+            _save_oof(out_dir / "oof.npz", model, va, cfg, device, dtype, metric)
     epochs_run = [r for r in history if r["epoch"] > start_epoch]
     summary = {
         "fold": fold, "best_score": None if math.isnan(best_score) else best_score, "best_epoch": best_epoch,
@@ -246,48 +246,89 @@ def train_fold(cfg: Config, data: Split, folds_df, fold, out_dir: Path, *, devic
 
 def validation_scores(labels: np.ndarray, masks: np.ndarray, metric: Metric, num_classes: int,
                       multilabel: bool = False) -> dict:
-    """An epoch's validation numbers from argmax masks: ``val_score`` (``metric``'s score: what picks the best
-    epoch), ``val_dice`` (mean Dice over the same rows, as before metrics were configurable) and ``dice_<k>``
-    per scored class; void truth pixels left out of all."""
-    table = task_table(labels, masks, num_classes, multilabel, metric)
+    """An epoch's validation numbers from argmax masks (:func:`table_scores` of their table)."""
+    return table_scores(task_table(labels, masks, num_classes, multilabel, metric))
+
+
+def table_scores(table: MetricTable) -> dict:
+    """``val_score`` (the table's metric: what picks the best epoch), ``val_dice`` (mean Dice over the same rows,
+    as before metrics were configurable) and ``dice_<k>`` per scored class; void truth pixels left out of all."""
     dice = MetricTable(Metric(classes=table.classes), table.inter, table.psize, table.tsize, table.classes)
     return ({"val_dice": dice.score, "val_score": table.score}
             | {f"dice_{k}": float(v) for k, v in zip(table.classes, dice.per_class)})
 
 
-def _tiled_probs(model, va: Split, cfg: Config, device, dtype) -> np.ndarray:
-    return predict_proba_tiled(model, va.images, device, tile=cfg.tile, amp=dtype, channels_last=cfg.train.channels_last)
+VAL_BLOCK_BYTES = 256 << 20  # validation and OOF hold the float32 probabilities of this many bytes of images at once
 
 
-def _save_oof(path: Path, model, x_val, va: Split, cfg: Config, device, dtype, metric: Metric) -> None:
-    """``ids``, float16 ``probs``, argmax ``labels``, the Dice rows ``dice`` and the metric's ``counts``
-    (``|A∩B|, |A|, |B|`` ``[n, classes, 3]`` of the scored ``classes``) and row ``scores``."""
-    if cfg.tile is not None and needs_tiles(va.images.shape[1:3], cfg.tile.size):
-        probs = _tiled_probs(model, va, cfg, device, dtype)
-    else:
-        probs = predict_proba(model, x_val, device, batch_size=cfg.train.val_batch_size, amp=dtype)
-    ml = cfg.data.multilabel
-    labels = task_labels(probs, ml)  # from float32: float16 rounding can flip near-ties
-    table = task_table(labels, va.masks, cfg.data.num_classes, ml, metric)
-    dice = Metric(classes=table.classes).from_counts(table.inter, table.psize, table.tsize)
-    extra = {"presence": presence_tiled(model, va.images, device, tile=cfg.tile, batch_size=cfg.train.val_batch_size,
-                                        amp=dtype)} if has_presence(model) else {}  # the cls head's, [N, K-1]
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, ids=np.array(va.ids), probs=probs.astype(np.float16), labels=labels, dice=dice,
-                            counts=np.stack([table.inter, table.psize, table.tsize], -1), classes=np.array(table.classes),
-                            scores=table.rows, **extra)
+def _val_blocks(va: Split, cfg: Config):
+    """``(start, images, masks)`` of the validation images a block at a time: as many as have probabilities of
+    at most :data:`VAL_BLOCK_BYTES` (a small set is one block), whole batches of ``train.val_batch_size`` unless
+    the images are predicted by tiles."""
+    per_image = cfg.data.num_classes * int(np.prod(va.images.shape[1:3])) * 4
+    bs = 1 if cfg.tile is not None and needs_tiles(va.images.shape[1:3], cfg.tile.size) else cfg.train.val_batch_size
+    n = max(bs, VAL_BLOCK_BYTES // per_image // bs * bs)
+    for s in range(0, len(va), n):
+        yield s, va.images[s:s + n], np.asarray(va.masks[s:s + n])
+
+
+def _block_probs(model, images: np.ndarray, cfg: Config, device, dtype) -> np.ndarray:
+    """float32 probabilities of one block of images: by windows when larger than the tile."""
+    if cfg.tile is not None and needs_tiles(images.shape[1:3], cfg.tile.size):
+        return predict_proba_tiled(model, images, device, tile=cfg.tile, amp=dtype, channels_last=cfg.train.channels_last)
+    x = to_tensor(images, device, cfg.train.channels_last)
+    return predict_proba(model, x, device, batch_size=cfg.train.val_batch_size, amp=dtype)
+
+
+def _save_oof(path: Path, model, va: Split, cfg: Config, device, dtype, metric: Metric | None = None) -> None:
+    """``ids``, float16 ``probs``, argmax ``labels``, the Dice rows ``dice``, the metric's ``counts``
+    (``|A∩B|, |A|, |B|`` ``[n, classes, 3]`` of the scored ``classes``) and row ``scores`` (and the cls head's
+    ``presence``) of the fold's validation images, predicted and written a block at a time
+    (:class:`~kagglecmr.utils.npz.NpzWriter`)."""
+    n, (h, w), ml = len(va), va.images.shape[1:3], cfg.data.multilabel
+    tables, out = [], {}
+    with NpzWriter(path) as npz:
+        npz.add("ids", np.array(va.ids))
+        for _, images, masks in _val_blocks(va, cfg):
+            probs = _block_probs(model, images, cfg, device, dtype)
+            if not out:  # the model's channels: classes, or foreground classes only (multilabel)
+                out = {"probs": npz.array("probs", (n, probs.shape[1], h, w), np.float16),
+                       "labels": npz.array("labels", (n, h, w), np.uint8)}
+            labels = task_labels(probs, ml)  # from float32: float16 rounding can flip near-ties
+            tables.append(task_table(labels, masks, cfg.data.num_classes, ml, metric))
+            out["probs"].write(probs.astype(np.float16))
+            out["labels"].write(labels)
+        table = MetricTable.concat(tables)
+        npz.add("dice", Metric(classes=table.classes).from_counts(table.inter, table.psize, table.tsize))
+        npz.add("counts", np.stack([table.inter, table.psize, table.tsize], -1))
+        npz.add("classes", np.array(table.classes))
+        npz.add("scores", table.rows)
+        if has_presence(model):  # the cls head's, [N, K-1]
+            npz.add("presence", presence_tiled(model, va.images, device, tile=cfg.tile,
+                                               batch_size=cfg.train.val_batch_size, amp=dtype))
 
 
 @torch.inference_mode()
-def _validate(model, criterion, x, y, device, dtype, batch_size) -> tuple[np.ndarray, float]:
+def _validate(model, criterion, va: Split, cfg: Config, device, dtype, tiled: bool,
+              metric: Metric | None = None) -> tuple[MetricTable, float]:
+    """The metric's table and the mean loss (nan when tiled) of the validation images, a block at a time."""
     model.eval()
-    probs, losses = [], []
-    for s in range(0, x.shape[0], batch_size):
-        with autocast(device, dtype):
-            logits = model(x[s:s + batch_size])
-        losses.append(criterion(logits, y[s:s + batch_size]).item() * len(logits))
-        probs.append(probabilities(model, logits).cpu())
-    return torch.cat(probs).numpy(), float(sum(losses) / x.shape[0])
+    tables, losses, bs = [], [], cfg.train.val_batch_size
+    for _, images, masks in _val_blocks(va, cfg):
+        if tiled:
+            probs = _block_probs(model, images, cfg, device, dtype)
+        else:
+            x, y = to_tensor(images, device, cfg.train.channels_last), torch.from_numpy(masks).to(device).long()
+            probs = []
+            for s in range(0, x.shape[0], bs):
+                with autocast(device, dtype):
+                    logits = model(x[s:s + bs])
+                losses.append(criterion(logits, y[s:s + bs]).item() * len(logits))
+                probs.append(probabilities(model, logits).cpu())
+            probs = torch.cat(probs).numpy()
+        tables.append(task_table(task_labels(probs, cfg.data.multilabel), masks, cfg.data.num_classes,
+                                 cfg.data.multilabel, metric))
+    return MetricTable.concat(tables), float(sum(losses) / len(va)) if not tiled else float("nan")
 
 
 def _plot(out_dir: Path, history: list[dict]) -> None:

@@ -335,8 +335,9 @@ def build_model(cfg: Config, *, weights: str | None = None, check_size: bool = T
 
 
 def check_runs_at_size(model: SegModel, cfg: Config) -> None:
-    """One tiny forward pass, so an architecture that cannot run at the image size fails before training."""
-    h, w = cfg.data.hw or (96, 96)
+    """One tiny forward pass, so an architecture that cannot run at the image size fails before training (at the
+    patch size with ``data.patch``: the model then sees patches and tiles, and a large image would cost GBs)."""
+    h, w = cfg.data.patch_hw or cfg.data.hw or (96, 96)
     k = cfg.data.num_classes or 4
     x = torch.rand(2, cfg.data.model_channels, h, w)
     was_training = model.training
