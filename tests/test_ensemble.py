@@ -21,8 +21,8 @@ from conftest import N_FOLDS, N_TEST, copy_run, tree_snapshot, truth_masks
 from kagglecmr.cfg.config import Config
 from kagglecmr.data.dataset import load_dataset
 from kagglecmr.data.loader import read_mask
-from kagglecmr.engine import ensembler as ensemble
 from kagglecmr.engine import ensemble_split
+from kagglecmr.engine import ensembler as ensemble
 from kagglecmr.engine.infer import TTA_FLIPS, TTA_PASSES, predict_proba, tta_apply, tta_undo
 from kagglecmr.engine.postprocess import apply_plan, load_plan, tune_plan
 from kagglecmr.formats.metric import dice_table
