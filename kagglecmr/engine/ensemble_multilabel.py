@@ -19,16 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kagglecmr.data.dataset import apply_dataset, load_dataset
+from kagglecmr.data.dataset import apply_dataset
 from kagglecmr.data.loader import Split
 from kagglecmr.data.mask_values import class_to_raw
 from kagglecmr.engine.ensembler import (
     Run,
     _weights,
-    check_compatible,
-    check_splits,
-    latest_run,
-    load_run,
+    open_ensemble,
     predict_images,
     predict_oof,
     submission_path,
@@ -38,13 +35,12 @@ from kagglecmr.engine.evaluator import truth_masks
 from kagglecmr.engine.multilabel_post import decode_plan, metric_of, tune_multilabel_plan
 from kagglecmr.engine.outputs import _bgr, contact_sheet_path, probs_at_size
 from kagglecmr.engine.postprocess import describe_plan, load_plan, save_plan
-from kagglecmr.engine.rundir import check_same_folds, record_ensemble_oof
+from kagglecmr.engine.rundir import record_ensemble_oof
 from kagglecmr.formats.multilabel import class_mask, table, table_of_maps
 from kagglecmr.formats.submission_csv import write_submission
 from kagglecmr.utils.errors import KaggleCMRError
 from kagglecmr.utils.io import atomic_path
 from kagglecmr.utils.plots import contact_sheet
-from kagglecmr.utils.runtime import resolve_device, setup_threads
 
 
 def score_line(t, names: list[str]) -> str:
@@ -57,25 +53,11 @@ def run_ensemble_multilabel(*, runs: list[Path] | None, runs_dir: Path, data_roo
                             with_full: bool = True, loaded: list[Run] | None = None, select: str | None = None) -> dict:
     """:func:`kagglecmr.engine.ensembler.run_ensemble` (same arguments and results) for a multilabel dataset."""
     t0 = time.time()
-    splits = check_splits(split, out)
-    ds = load_dataset(data_root)
-    for s in splits:
-        if s != "oof" and s not in ds.split_names():
-            raise KaggleCMRError(f"{data_root}: no split '{s}' (has {', '.join(ds.split_names())})")
-    has_labels = any(ds.has_masks(s) for s in ("train", "val"))
-    if "oof" in splits and not has_labels:
-        raise KaggleCMRError(f"{data_root}: --split oof needs labelled images (train/ or val/ with masks)")
     if weights == "auto":
         raise KaggleCMRError("--weights auto: not available for task multilabel yet (give the weights, e.g. "
                              "--weights 0.5,0.5)")
-    dev = resolve_device(device)
-    setup_threads(0)
-    if loaded is None:
-        run_paths = list(runs) if runs else [latest_run(runs_dir)]
-        check_same_folds(run_paths)
-        loaded = [load_run(p, dev, with_full=with_full and splits != ["oof"], select=select) for p in run_paths]
-    check_same_folds([r.path for r in loaded])
-    check_compatible(loaded)
+    splits, ds, dev, loaded = open_ensemble(runs, runs_dir, data_root, split, out, device, loaded, with_full, select)
+    has_labels = any(ds.has_masks(s) for s in ("train", "val"))
     for r in loaded:
         if not r.cfg.data.multilabel:
             raise KaggleCMRError(f"{r.path}: trained with one softmax over the classes, {ds.path} has task multilabel "

@@ -286,18 +286,10 @@ def check_splits(split: str | list[str], out: Path | None) -> list[str]:
     return splits
 
 
-def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str | list[str], tta: bool,
-                 tta_flips: list[str] | None, out: Path | None, save_masks: Path | None, postprocess: str,
-                 weights: list[float] | None, device: str, batch_size: int | None = None, with_full: bool = True,
-                 loaded: list[Run] | None = None, select: str | None = None, gate: str | None = None) -> dict:
-    """Ensemble ``split`` (one name -> its result dict) or several (a list -> ``{split: result}``, one
-    load of the models, one OOF pass; ``save_masks`` then gets a sub-folder per split).  ``loaded``:
-    runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored).
-    ``select``: best, last or swa for every fold instead of each fold's ``train.select`` (``last``/``swa``
-    make the OOF and a weight fit honest: no epoch chosen on the fold it scores).  ``gate``: empty-mask gating
-    tuned with ``postprocess="auto"`` (:mod:`kagglecmr.engine.gate_runs`)."""
-
-    t0 = time.time()
+def open_ensemble(runs, runs_dir: Path, data_root: Path, split, out, device: str, loaded, with_full: bool,
+                  select: str | None):
+    """``(splits, dataset, device, loaded runs)`` of an ensemble, every split and run checked (same folds,
+    compatible models) before anything is predicted."""
     splits = check_splits(split, out)
     ds = load_dataset(data_root)
     for s in splits:
@@ -313,6 +305,22 @@ def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, sp
         loaded = [load_run(p, dev, with_full=with_full and splits != ["oof"], select=select) for p in run_paths]
     check_same_folds([r.path for r in loaded])
     check_compatible(loaded)
+    return splits, ds, dev, loaded
+
+
+def run_ensemble(*, runs: list[Path] | None, runs_dir: Path, data_root: Path, split: str | list[str], tta: bool,
+                 tta_flips: list[str] | None, out: Path | None, save_masks: Path | None, postprocess: str,
+                 weights: list[float] | None, device: str, batch_size: int | None = None, with_full: bool = True,
+                 loaded: list[Run] | None = None, select: str | None = None, gate: str | None = None) -> dict:
+    """Ensemble ``split`` (one name -> its result dict) or several (a list -> ``{split: result}``, one
+    load of the models, one OOF pass; ``save_masks`` then gets a sub-folder per split).  ``loaded``:
+    runs already loaded with :func:`load_run` on ``device`` (``runs``/``runs_dir`` are then ignored).
+    ``select``: best, last or swa for every fold instead of each fold's ``train.select`` (``last``/``swa``
+    make the OOF and a weight fit honest: no epoch chosen on the fold it scores).  ``gate``: empty-mask gating
+    tuned with ``postprocess="auto"`` (:mod:`kagglecmr.engine.gate_runs`)."""
+
+    t0 = time.time()
+    splits, ds, dev, loaded = open_ensemble(runs, runs_dir, data_root, split, out, device, loaded, with_full, select)
     w = _weights(loaded, weights)
     passes = tta_passes(loaded, tta, tta_flips)
     cfg = loaded[0].cfg

@@ -43,14 +43,10 @@ def tta_undo(p: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_proba(models, images: np.ndarray | torch.Tensor, device: torch.device, *, tta=("none",),
-                  batch_size: int = 64, amp: torch.dtype | None = None, channels_last: bool = True,
-                  weights=None) -> np.ndarray:
-    """Mean probabilities (softmax, or sigmoid per class) over ``models`` (one or a list) and TTA passes:
-    float32 ``[N, K, H, W]``.
-
-    Each pass is undone on the output before averaging; ``weights`` weighs the models.
-    """
+def tta_mean(models, images: np.ndarray | torch.Tensor, device: torch.device, output, *, tta=("none",),
+             batch_size: int = 64, channels_last: bool = True, weights=None) -> np.ndarray:
+    """The mean of ``output(model, x, pass)`` (a float32 tensor of a batch ``x`` under one TTA pass) over
+    ``models`` (one or a list, weighed by ``weights``) and the passes ``tta``, a batch of images at a time."""
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     weights = np.ones(len(models)) if weights is None else np.asarray(weights, dtype=np.float64)
     weights = weights / weights.sum()
@@ -63,14 +59,27 @@ def predict_proba(models, images: np.ndarray | torch.Tensor, device: torch.devic
         acc = None
         for w, model in zip(weights, models):
             for name in tta:
-                xi = tta_apply(x, name)
-                with autocast(device, amp):
-                    logits = model(xi)
-                p = tta_undo(probabilities(model, logits), name)
-                p = p * (w / len(tta))
+                p = output(model, x, name) * (w / len(tta))
                 acc = p if acc is None else acc + p
         out.append(acc.cpu())
     return torch.cat(out).numpy()
+
+
+def predict_proba(models, images: np.ndarray | torch.Tensor, device: torch.device, *, tta=("none",),
+                  batch_size: int = 64, amp: torch.dtype | None = None, channels_last: bool = True,
+                  weights=None) -> np.ndarray:
+    """Mean probabilities (softmax, or sigmoid per class) over ``models`` (one or a list) and TTA passes:
+    float32 ``[N, K, H, W]``.
+
+    Each pass is undone on the output before averaging; ``weights`` weighs the models.
+    """
+    def output(model, x, name):
+        with autocast(device, amp):
+            logits = model(tta_apply(x, name))
+        return tta_undo(probabilities(model, logits), name)
+
+    return tta_mean(models, images, device, output, tta=tta, batch_size=batch_size, channels_last=channels_last,
+                    weights=weights)
 
 
 def predict_proba_tiled(models, images: np.ndarray, device: torch.device, *, tile, tta=("none",),

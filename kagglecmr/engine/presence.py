@@ -14,9 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kagglecmr.data.batches import to_tensor
 from kagglecmr.data.context import add_context
-from kagglecmr.engine.infer import tta_apply
+from kagglecmr.engine.infer import tta_apply, tta_mean
 from kagglecmr.engine.tiles import as_hw, needs_tiles, window_starts
 from kagglecmr.utils.runtime import amp_dtype, autocast
 
@@ -25,29 +24,17 @@ def has_presence(model) -> bool:
     return bool(getattr(model, "has_presence", False))
 
 
-@torch.inference_mode()
 def presence_proba(models, images: np.ndarray | torch.Tensor, device: torch.device, *, tta=("none",),
                    batch_size: int = 64, amp: torch.dtype | None = None, channels_last: bool = True,
                    weights=None) -> np.ndarray:
     """Mean sigmoid of the heads of ``models`` (one or a list) over TTA passes: float32 ``[N, K-1]``."""
-    models = list(models) if isinstance(models, (list, tuple)) else [models]
-    weights = np.ones(len(models)) if weights is None else np.asarray(weights, dtype=np.float64)
-    weights = weights / weights.sum()
-    for m in models:
-        m.eval()
-    x_all = images if isinstance(images, torch.Tensor) else to_tensor(images, device, channels_last)
-    out = []
-    for start in range(0, x_all.shape[0], batch_size):
-        x = x_all[start:start + batch_size]
-        acc = None
-        for w, model in zip(weights, models):
-            for name in tta:
-                with autocast(device, amp):
-                    logits = model.presence_logits(tta_apply(x, name))
-                p = torch.sigmoid(logits.float()) * (w / len(tta))
-                acc = p if acc is None else acc + p
-        out.append(acc.cpu())
-    return torch.cat(out).numpy()
+    def output(model, x, name):
+        with autocast(device, amp):
+            logits = model.presence_logits(tta_apply(x, name))
+        return torch.sigmoid(logits.float())
+
+    return tta_mean(models, images, device, output, tta=tta, batch_size=batch_size, channels_last=channels_last,
+                    weights=weights)
 
 
 def presence_tiled(models, images: np.ndarray, device: torch.device, *, tile, **kw) -> np.ndarray:
