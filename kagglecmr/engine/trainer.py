@@ -51,7 +51,7 @@ from kagglecmr.utils.locks import FoldLock, FoldLocked
 from kagglecmr.utils.npz import NpzWriter
 from kagglecmr.utils.plots import plot_curves
 from kagglecmr.utils.progress import Reporter, write_metrics
-from kagglecmr.utils.runtime import amp_dtype, autocast, environment, peak_memory_mb, seed_everything
+from kagglecmr.utils.runtime import amp_dtype, autocast, environment, peak_memory_mb, release_memory, seed_everything
 from kagglecmr.utils.tracking import Tracker
 
 FULL_SEED_SLOT = 1_000_000  # stands in for the fold number when seeding the full fit (seeds must be >= 0)
@@ -258,7 +258,7 @@ def table_scores(table: MetricTable) -> dict:
             | {f"dice_{k}": float(v) for k, v in zip(table.classes, dice.per_class)})
 
 
-VAL_BLOCK_BYTES = 256 << 20  # validation and OOF hold the float32 probabilities of this many bytes of images at once
+VAL_BLOCK_BYTES = 128 << 20  # validation and OOF hold the float32 probabilities of this many bytes of images at once
 
 
 def _val_blocks(va: Split, cfg: Config):
@@ -268,8 +268,10 @@ def _val_blocks(va: Split, cfg: Config):
     per_image = cfg.data.num_classes * int(np.prod(va.images.shape[1:3])) * 4
     bs = 1 if cfg.tile is not None and needs_tiles(va.images.shape[1:3], cfg.tile.size) else cfg.train.val_batch_size
     n = max(bs, VAL_BLOCK_BYTES // per_image // bs * bs)
+    release_memory()  # what the training steps freed
     for s in range(0, len(va), n):
         yield s, va.images[s:s + n], np.asarray(va.masks[s:s + n])
+        release_memory()  # the block's probabilities and windows, freed by the caller
 
 
 def _block_probs(model, images: np.ndarray, cfg: Config, device, dtype) -> np.ndarray:
