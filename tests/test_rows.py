@@ -42,6 +42,10 @@ def test_lazy_rows_index_like_numpy(tmp_path):
         assert np.array_equal(lazy[key], arr[key]), key
     assert np.array_equal(np.asarray(lazy), arr) and np.array_equal(np.stack(list(lazy)), arr)
     assert lazy.max() == arr.max() and np.array_equal(lazy.astype(np.int16), arr)  # other ndarray methods: read all
+    reflected = 5 == lazy  # noqa: SIM300 (the reflected operator is the point)
+    for got, want in ((lazy == 5, arr == 5), (reflected, arr == 5), (lazy > 3, arr > 3), (lazy + 1, arr + 1),
+                      (lazy >> 1, arr >> 1), (2 * lazy, 2 * arr), (~lazy, ~arr), (lazy != arr, arr != arr)):
+        assert isinstance(got, np.ndarray) and np.array_equal(got, want)  # operators too, never identity
     assert not hasattr(lazy, "no_such_thing") and not hasattr(lazy, "__array_interface__")
     with pytest.raises(IndexError):
         lazy.__getitem__(7)

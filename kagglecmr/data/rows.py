@@ -144,6 +144,22 @@ class LazyRows:
         return out
 
 
+def _on_all_rows(name: str):
+    def op(self, *args):
+        return getattr(np.asarray(self), name)(*args)
+    op.__name__ = name
+    return op
+
+
+# operators read every row, as the other ndarray methods do (``masks == k`` must not fall back to identity)
+for _name in ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__add__", "__radd__", "__sub__",
+              "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__",
+              "__mod__", "__pow__", "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__lshift__",
+              "__rshift__", "__neg__", "__pos__", "__abs__", "__invert__"):
+    setattr(LazyRows, _name, _on_all_rows(_name))
+LazyRows.__hash__ = None  # type: ignore[assignment]  (as ndarray: compared by value, not hashable)
+
+
 def is_lazy(arr) -> bool:
     return isinstance(arr, LazyRows)
 
