@@ -288,7 +288,7 @@ def _save_oof(path: Path, model, va: Split, cfg: Config, device, dtype, metric: 
     ``presence``) of the fold's validation images, predicted and written a block at a time
     (:class:`~kagglecmr.utils.npz.NpzWriter`)."""
     n, (h, w), ml = len(va), va.images.shape[1:3], cfg.data.multilabel
-    tables, out = [], {}
+    tables, out, presence = [], {}, []
     with NpzWriter(path) as npz:
         npz.add("ids", np.array(va.ids))
         for _, images, masks in _val_blocks(va, cfg):
@@ -300,14 +300,16 @@ def _save_oof(path: Path, model, va: Split, cfg: Config, device, dtype, metric: 
             tables.append(task_table(labels, masks, cfg.data.num_classes, ml, metric))
             out["probs"].write(probs.astype(np.float16))
             out["labels"].write(labels)
+            if has_presence(model):  # the cls head's [n, K-1], from the same block (never all images as one tensor)
+                presence.append(presence_tiled(model, images, device, tile=cfg.tile,
+                                               batch_size=cfg.train.val_batch_size, amp=dtype))
         table = MetricTable.concat(tables)
         npz.add("dice", Metric(classes=table.classes).from_counts(table.inter, table.psize, table.tsize))
         npz.add("counts", np.stack([table.inter, table.psize, table.tsize], -1))
         npz.add("classes", np.array(table.classes))
         npz.add("scores", table.rows)
-        if has_presence(model):  # the cls head's, [N, K-1]
-            npz.add("presence", presence_tiled(model, va.images, device, tile=cfg.tile,
-                                               batch_size=cfg.train.val_batch_size, amp=dtype))
+        if presence:
+            npz.add("presence", np.concatenate(presence))
 
 
 @torch.inference_mode()
